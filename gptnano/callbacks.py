@@ -1,0 +1,134 @@
+"""Callbacks the CLI adds: checkpoints, throughput, text samples, prediction output."""
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus: ``last.ckpt`` is also refreshed every
+    ``last_every_n_steps`` optimizer steps (not only at validation), and Ctrl-C
+    or SIGTERM stop training at the end of the current step and save
+    ``last.ckpt`` first, so an interrupted run resumes with ``--ckpt_path last``.
+    Lightning writes checkpoints atomically (temp file, then rename).
+
+    Args:
+        last_every_n_steps: Refresh last.ckpt every this many optimizer steps (0: only at validation).
+    """
+
+    def __init__(self, *args, last_every_n_steps: int = 100, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_every_n_steps = last_every_n_steps
+        self._previous_sigint = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+            def stop_after_step(signum, frame):  # a second Ctrl-C interrupts at once
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                trainer.received_sigterm = True  # Lightning stops at the end of this step
+
+            signal.signal(signal.SIGINT, stop_after_step)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._restore_sigint()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_steps
+        if self.save_last and n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._restore_sigint()
+
+
+class Throughput(L.Callback):
+    """Tokens per second (and model FLOPs utilisation when a peak is known) in the
+    progress bar and the logger, averaged over the last ``window`` steps."""
+
+    def __init__(self, window: int = 20, peak_flops: float | None = None):
+        self.window, self.peak_flops = window, peak_flops
+        self._times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._times.append(time.perf_counter())
+        self._times = self._times[-(self.window + 1):]
+        if len(self._times) < 2:
+            return
+        tokens = batch[0].numel() * trainer.world_size * (len(self._times) - 1)
+        tok_s = tokens / (self._times[-1] - self._times[0])
+        pl_module.log("tok_s", tok_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        if self.peak_flops:
+            mfu = tok_s * pl_module.net.flops_per_token() / (self.peak_flops * trainer.world_size)
+            pl_module.log("mfu", mfu, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._times.clear()  # validation time is not training throughput
+
+
+class TextSample(L.Callback):
+    """After each validation, generate a short text and log it to TensorBoard."""
+
+    def __init__(self, max_new_tokens: int = 200):
+        self.max_new_tokens = max_new_tokens
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero or pl_module.tokenizer is None:
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        rng = torch.get_rng_state()  # sampling must not disturb the training RNG stream
+        prompt = torch.zeros(1, 1, dtype=torch.long)
+        if "\n" in pl_module.tokenizer.stoi:
+            prompt[0, 0] = pl_module.tokenizer.stoi["\n"]
+        text = pl_module.sample(prompt, self.max_new_tokens)
+        torch.set_rng_state(rng)
+        # TensorBoard renders text as markdown: indent to keep line breaks.
+        experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Print each generated text and append it to ``predictions.txt`` in the run's log folder."""
+
+    def __init__(self, filename: str = "predictions.txt"):
+        super().__init__(write_interval="batch")
+        self.filename = filename
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        self.path = folder / self.filename
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("", encoding="utf-8")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not trainer.is_global_zero:
+            return
+        sys.stdout.write(prediction + "\n")
+        sys.stdout.flush()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(prediction + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(f"[gptnano] predictions written to {self.path}", file=sys.stderr)

@@ -1,0 +1,142 @@
+"""The `gptnano` command: LightningCLI with the defaults a user of this tool expects.
+
+What it adds to LightningCLI: checkpoints in a fixed folder per run
+(``checkpoints/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
+process, hyper-parameters and vocabulary read from ``--ckpt_path`` *before* the
+classes are built (so ``predict --ckpt_path X`` needs nothing else), and
+one-line errors instead of tracebacks for mistakes a user can fix.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+import gptnano.models  # noqa: F401  (registers every architecture for --model.net NAME)
+from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
+from gptnano.data import ShakespeareDataModule
+from gptnano.errors import UserError
+from gptnano.lit import LitLM
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint safely (no pickle code runs) or explain why it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle ...
+        raise UserError(f"{path} is not a readable gptnano checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "net" not in ckpt.get("hyper_parameters", {}):
+        raise UserError(f"{path} is not a gptnano checkpoint (no model hyper-parameters in it)")
+    return ckpt
+
+
+def _argv_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+class GPTNanoCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            LitLM,
+            ShakespeareDataModule,
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "gradient_clip_val": 1.0,
+                "max_steps": 2000,
+                "val_check_interval": 250,
+                "check_val_every_n_epoch": None,
+                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter()],
+            },
+            parser_kwargs={"description": "Train and sample small language models written from scratch."},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="Name of the run: checkpoints go to checkpoints/<run_name>/ and logs to "
+                                 "lightning_logs/<run_name>/ (default: the architecture's name, e.g. gpt).")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val_loss",
+            "checkpoint.filename": "best",
+            "checkpoint.save_top_k": 1,
+            "checkpoint.save_last": True,
+        })
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 10})
+        parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    # ----- a checkpoint supplies defaults, the command line still wins ------
+    def parse_arguments(self, parser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        subcommand = next((a for a in argv if a in self.subcommands()), None)
+        ckpt = _argv_value(argv, "--ckpt_path")
+        if subcommand and ckpt and ckpt not in ("last", "best"):
+            hparams = read_checkpoint(ckpt)["hyper_parameters"]
+            defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_")}
+            defaults["data.vocab"] = hparams.get("vocab") or None
+            parser._subcommands_action._name_parser_map[subcommand].set_defaults(defaults)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaced by ``parse_arguments`` above: Lightning's version lets the
+        checkpoint override what the user typed (``--model.max_new_tokens``)."""
+
+    # ----- run folders and --ckpt_path last/best ----------------------------
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.subcommand
+        cfg = self.config[sub]
+        name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
+        cfg.run_name = name
+        folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
+        cfg.checkpoint.dirpath = str(folder)
+        if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
+            cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                                           init_args=Namespace(save_dir="lightning_logs", name=name))
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            path = folder / f"{ckpt}.ckpt"
+            if not path.is_file():
+                action = "resume" if sub == "fit" else sub
+                raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
+            cfg.ckpt_path = str(path)
+        elif ckpt:
+            read_checkpoint(ckpt)
+        elif sub == "fit" and (folder / "last.ckpt").exists():
+            raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "
+                            f"or start a new one with --run_name NAME (or delete {folder})")
+
+
+def main(args=None) -> None:
+    """Entry point of the ``gptnano`` console script and ``python -m gptnano``."""
+    try:
+        GPTNanoCLI(args=args)
+    except UserError as e:
+        print(f"gptnano: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException:
+        print("gptnano: stopped by a signal after the current step; last.ckpt was saved: "
+              "resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

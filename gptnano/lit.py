@@ -1,0 +1,168 @@
+"""The one LightningModule: it trains any ``LanguageModel``.
+
+Nothing here knows which architecture it drives. It owns the loss, AdamW with
+weight-decay groups, warmup + cosine learning rate, the metrics (loss, bits per
+char, perplexity) and generation; Lightning's Trainer owns everything else.
+"""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from gptnano.data import CharTokenizer
+from gptnano.errors import UserError
+from gptnano.models.base import LanguageModel
+from gptnano.sampling import generate
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, cosine decay to ``min_ratio`` at ``decay_steps``, then flat."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+class LitLM(L.LightningModule):
+    """Trains, evaluates and samples any gptnano architecture.
+
+    Args:
+        net: The architecture (GPT, RNN, Backpack, CNN): give its class_path and init_args.
+        vocab: The characters of the vocabulary, linked from the data module and stored in
+            every checkpoint so a checkpoint alone can decode text. Do not set by hand.
+        learning_rate: Peak learning rate, reached after the warmup.
+        min_lr: Learning rate at the end of the cosine decay.
+        warmup_steps: Optimizer steps of linear warmup.
+        lr_decay_steps: Step at which the cosine decay reaches min_lr (default: trainer.max_steps).
+        weight_decay: AdamW weight decay, applied to weight matrices and embeddings only.
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        max_new_tokens: Characters to generate per prompt in `predict` (and for TensorBoard samples).
+        temperature: Sampling temperature; 0 picks the most likely character (greedy).
+        top_k: Sample only among the k most likely characters (None: all).
+        top_p: Sample only from the smallest set of characters whose probability adds up to top_p (None: all).
+        sample_seed: Seed for sampling, so `predict` is repeatable (None: the global seed).
+    """
+
+    def __init__(
+        self,
+        net: LanguageModel,
+        vocab: str = "",
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        max_new_tokens: int = 500,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        sample_seed: int | None = None,
+    ):
+        super().__init__()
+        if learning_rate <= 0 or min_lr < 0 or warmup_steps < 0:
+            raise UserError("need learning_rate > 0, min_lr >= 0 and warmup_steps >= 0")
+        if max_new_tokens < 0 or temperature < 0:
+            raise UserError("need max_new_tokens >= 0 and temperature >= 0")
+        if top_k is not None and top_k <= 0 or top_p is not None and not 0 < top_p <= 1:
+            raise UserError("need top_k > 0 and 0 < top_p <= 1")
+        self.save_hyperparameters()
+        if isinstance(self.hparams.get("net"), torch.nn.Module):
+            # Built in Python rather than by the CLI: keep checkpoints plain data
+            # (weights_only loading); the CLI stores the net's class_path/init_args.
+            self.hparams.pop("net")
+        self.net = net
+        self.tokenizer = CharTokenizer(vocab) if vocab else None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self._step_seed = None
+
+    # ----- training -------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Dropout is re-seeded at every step from (run seed, step, rank), so a run
+        # resumed from a checkpoint draws the same dropout masks as an unbroken one.
+        self._step_seed = torch.initial_seed() if self._step_seed is None else self._step_seed
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(hash((self._step_seed, self.global_step, self.global_rank)) % 2**63)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self.net(idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(*batch)
+        if not torch.isfinite(loss):
+            raise UserError(f"training stopped: the loss became {loss.item()} at step {self.global_step} "
+                            "(lower the learning rate?); the last good checkpoint is kept")
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        # Weight decay on every matrix (Linear weights and embeddings: the token
+        # embedding is also the output head, a matrix like any other), none on
+        # biases and LayerNorm gains, which only shift and scale.
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate, betas=(hp.beta1, hp.beta2),
+        )
+        decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
+        min_ratio = hp.min_lr / hp.learning_rate
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----- evaluation -----------------------------------------------------
+    def _eval_step(self, batch, metric: MeanMetric) -> None:
+        idx, targets = batch
+        n = (targets != -100).sum()
+        metric.update(self.loss(idx, targets, reduction="sum") / n, weight=n)
+
+    def _eval_end(self, metric: MeanMetric, prefix: str) -> None:
+        loss = metric.compute()  # token-weighted mean over every rank's windows
+        metric.reset()
+        self.log_dict({f"{prefix}_loss": loss, f"{prefix}_bpc": loss / math.log(2), f"{prefix}_ppl": loss.exp()},
+                      prog_bar=prefix == "val", sync_dist=False)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end(self.val_loss, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end(self.test_loss, "test")
+
+    # ----- generation -----------------------------------------------------
+    def sample(self, prompt: torch.Tensor, max_new_tokens: int | None = None) -> str:
+        """Continue the encoded ``prompt[1, T]`` and return prompt + continuation as text."""
+        hp = self.hparams
+        if self.tokenizer is None:
+            raise UserError("this model has no vocabulary to decode with (was it built outside the CLI?)")
+        generator = None
+        if hp.sample_seed is not None:
+            generator = torch.Generator(device=prompt.device).manual_seed(hp.sample_seed)
+        was_training = self.net.training
+        self.net.eval()
+        out = generate(self.net, prompt.to(self.device), hp.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                       temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, generator=generator)
+        self.net.train(was_training)
+        return self.tokenizer.decode(out[0].tolist())
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> str:
+        return self.sample(batch)
