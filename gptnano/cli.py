@@ -54,6 +54,7 @@ class GPTNanoCLI(LightningCLI):
             ShakespeareDataModule,
             seed_everything_default=1337,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # LitLM.configure_optimizers owns AdamW + schedule
             trainer_defaults={
                 "gradient_clip_val": 1.0,
                 "max_steps": 2000,
@@ -100,8 +101,8 @@ class GPTNanoCLI(LightningCLI):
 
     # ----- run folders and --ckpt_path last/best ----------------------------
     def before_instantiate_classes(self) -> None:
-        sub = self.config.subcommand
-        cfg = self.config[sub]
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         cfg.run_name = name
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small made-up text (tests never need the real corpus) and a
+helper that runs the real `gptnano` command in a fresh folder."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORDS = "the king queen my lord good sir thou art what say you come hither night day love death and of to".split()
+
+
+def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while sum(map(len, lines)) < n_chars:
+        speaker = rng.choice(["ROMEO", "JULIET", "KING HENRY"])
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        lines.append(f"{speaker}:\n{words.capitalize()}{rng.choice('.,!?')}\n\n")
+    return "".join(lines)[:n_chars]
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+# A model small enough that a CLI round trip takes seconds.
+TINY_GPT = [
+    "--model.net", "GPT",
+    "--model.net.block_size", "16", "--model.net.n_layer", "1",
+    "--model.net.n_head", "2", "--model.net.n_embd", "16",
+    "--data.batch_size", "4", "--data.eval_batch_size", "256",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):
+    """Run `python -m gptnano ARGS` in ``cwd``; return the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gptnano {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

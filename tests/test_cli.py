@@ -1,0 +1,68 @@
+"""The `gptnano` command, driven as a user drives it: fit -> resume -> validate -> predict."""
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptnano.cli import GPTNanoCLI
+from tests.conftest import TINY_GPT, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_builds(config, text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = GPTNanoCLI(args=["--config", str(ROOT / config), "--data.path", str(text_file)], run=False)
+    assert cli.model.net.vocab_size == cli.datamodule.vocab_size == len(set(text_file.read_text()))
+    assert cli.model.tokenizer.vocab == cli.datamodule.vocab
+    assert cli.trainer.max_steps > 0
+
+
+def test_round_trip_fit_resume_validate_predict(text_file, tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    data = ["--data.path", str(text_file)]
+    fit = ["fit", *TINY_GPT, *data, "--trainer.val_check_interval", "10", "--checkpoint.last_every_n_steps", "5"]
+    run_cli([*fit, "--trainer.max_steps", "10"], work)
+    last = work / "checkpoints" / "gpt" / "last.ckpt"
+    assert last.is_file() and (work / "checkpoints" / "gpt" / "best.ckpt").is_file()
+    assert glob.glob(str(work / "lightning_logs" / "gpt" / "version_0" / "events.out.tfevents.*"))
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+
+    # A second fit of the same run refuses to overwrite it ...
+    again = run_cli([*fit, "--trainer.max_steps", "10"], work, check=False)
+    assert again.returncode != 0 and "--ckpt_path last" in again.stderr
+    # ... and --ckpt_path last continues in a new process from step 10.
+    resumed = run_cli([*fit, "--trainer.max_steps", "20", "--ckpt_path", "last"], work)
+    assert "Restored all states" in resumed.stderr + resumed.stdout
+    assert torch.load(last, weights_only=True)["global_step"] == 20
+
+    val = run_cli(["validate", *TINY_GPT, *data, "--ckpt_path", "best"], work)
+    assert "val_loss" in val.stdout and "val_bpc" in val.stdout
+
+    # predict from the checkpoint alone: a folder with no text, no config, no network.
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    out = run_cli(["predict", "--ckpt_path", str(last), "--data.prompt", "ROMEO:", "--model.max_new_tokens", "40",
+                   "--trainer.enable_progress_bar", "false"], empty)
+    sample = out.stdout.strip()
+    assert sample.startswith("ROMEO:") and len(sample) >= len("ROMEO:") + 30
+    written = list(empty.glob("lightning_logs/gpt/version_*/predictions.txt"))
+    assert written and written[0].read_text().strip() == sample
+    assert not (empty / "data").exists()  # nothing was downloaded
+
+
+def test_print_config_shows_linked_model_and_defaults(text_file, tmp_path):
+    out = run_cli(["fit", "--config", str(ROOT / "configs" / "gpt.yaml"), "--data.path", str(text_file),
+                   "--print_config"], tmp_path)
+    assert "class_path: gptnano.models.GPT" in out.stdout
+    assert "save_last: true" in out.stdout and "monitor: val_loss" in out.stdout
+
+
+def test_help_shows_docstrings(tmp_path):
+    out = run_cli(["fit", "--help"], tmp_path)
+    assert "Peak learning rate" in out.stdout and "GPTNANO_DATA" in out.stdout
