@@ -1,5 +1,6 @@
 """Callbacks the CLI adds: checkpoints, throughput, text samples, prediction output."""
 
+import os
 import signal
 import sys
 import threading
@@ -35,7 +36,7 @@ class Checkpoint(ModelCheckpoint):
 
             def stop_after_step(signum, frame):  # a second Ctrl-C interrupts at once
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                trainer.received_sigterm = True  # Lightning stops at the end of this step
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the end of this step
 
             signal.signal(signal.SIGINT, stop_after_step)
 
@@ -59,6 +60,8 @@ class Checkpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if trainer.is_global_zero:
+                print(f"gptnano: stopped at step {trainer.global_step}, saved {self.last_model_path}", file=sys.stderr)
         self._restore_sigint()
 
 
@@ -109,28 +112,29 @@ class TextSample(L.Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Print each generated text and append it to ``predictions.txt`` in the run's log folder."""
+    """Print the generated texts, in prompt order, and write them to
+    ``predictions.txt`` in the run's log folder. Under DDP each rank generates
+    for its share of the prompts and rank 0 gathers and writes them once."""
 
     def __init__(self, filename: str = "predictions.txt"):
-        super().__init__(write_interval="batch")
+        super().__init__(write_interval="epoch")
         self.filename = filename
         self.path: Path | None = None
 
-    def on_predict_start(self, trainer, pl_module) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        self.path = folder / self.filename
-        if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("", encoding="utf-8")
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        mine = list(predictions)  # (prompt number, text) pairs from LitLM.predict_step
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, mine)
+            mine = [pair for rank_pairs in gathered for pair in rank_pairs]
         if not trainer.is_global_zero:
             return
-        sys.stdout.write(prediction + "\n")
+        texts = [text for _, text in sorted(dict(mine).items())]  # the sampler may pad with repeats
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / self.filename
+        self.path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+        for t in texts:
+            sys.stdout.write(t + "\n")
         sys.stdout.flush()
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(prediction + "\n")
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            print(f"[gptnano] predictions written to {self.path}", file=sys.stderr)
+        print(f"gptnano: predictions written to {self.path}", file=sys.stderr)

@@ -7,17 +7,17 @@ classes are built (so ``predict --ckpt_path X`` needs nothing else), and
 one-line errors instead of tracebacks for mistakes a user can fix.
 """
 
-import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import gptnano.models  # noqa: F401  (registers every architecture for --model.net NAME)
+from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
 from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
@@ -47,6 +47,26 @@ def _argv_value(args: list[str], flag: str) -> str | None:
     return None
 
 
+class Parser(LightningArgumentParser):
+    def print_usage(self, file=None) -> None:
+        # The full usage runs to a hundred lines and buries the error under it.
+        (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
+
+
+def _architecture_names(argv: list[str]) -> list[str]:
+    """Let ``--model.net rnn`` mean the registered class; refuse unknown short names clearly."""
+    argv = list(argv)
+    for i, a in enumerate(argv[:-1]):
+        name = argv[i + 1]
+        if a == "--model.net" and name.isidentifier():
+            cls = MODELS.get(name.lower())
+            if cls is None:
+                known = ", ".join(c.__name__ for c in MODELS.values())
+                raise UserError(f"unknown architecture {name!r}: choose one of {known} (or give a class path)")
+            argv[i + 1] = cls.__name__
+    return argv
+
+
 class GPTNanoCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -62,7 +82,9 @@ class GPTNanoCLI(LightningCLI):
                 "check_val_every_n_epoch": None,
                 "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter()],
             },
-            parser_kwargs={"description": "Train and sample small language models written from scratch."},
+            parser_class=Parser,
+            parser_kwargs={"prog": "gptnano",
+                           "description": "Train and sample small language models written from scratch."},
             args=args,
             run=run,
         )
@@ -85,7 +107,9 @@ class GPTNanoCLI(LightningCLI):
 
     # ----- a checkpoint supplies defaults, the command line still wins ------
     def parse_arguments(self, parser, args) -> None:
-        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        if isinstance(args, dict):
+            return super().parse_arguments(parser, args)
+        argv = _architecture_names(sys.argv[1:] if args is None else args)
         subcommand = next((a for a in argv if a in self.subcommands()), None)
         ckpt = _argv_value(argv, "--ckpt_path")
         if subcommand and ckpt and ckpt not in ("last", "best"):
@@ -93,7 +117,7 @@ class GPTNanoCLI(LightningCLI):
             defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_")}
             defaults["data.vocab"] = hparams.get("vocab") or None
             parser._subcommands_action._name_parser_map[subcommand].set_defaults(defaults)
-        super().parse_arguments(parser, args)
+        self.config = parser.parse_args(argv)
 
     def _parse_ckpt_path(self) -> None:
         """Replaced by ``parse_arguments`` above: Lightning's version lets the
@@ -126,14 +150,16 @@ class GPTNanoCLI(LightningCLI):
 
 def main(args=None) -> None:
     """Entry point of the ``gptnano`` console script and ``python -m gptnano``."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch/lightning version skew
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # predicting from another folder
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices")  # predict_step returns them
     try:
         GPTNanoCLI(args=args)
     except UserError as e:
         print(f"gptnano: error: {e}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:
-        print("gptnano: stopped by a signal after the current step; last.ckpt was saved: "
-              "resume with --ckpt_path last", file=sys.stderr)
+        print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)

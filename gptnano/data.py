@@ -288,5 +288,5 @@ class ShakespeareDataModule(L.LightningDataModule):
         return prompts or ["\n"]
 
     def predict_dataloader(self) -> DataLoader:
-        encoded = [self.tokenizer.encode(p)[None, :] for p in self.prompt_texts()]
+        encoded = [(i, self.tokenizer.encode(p)[None, :]) for i, p in enumerate(self.prompt_texts())]
         return DataLoader(encoded, batch_size=None)

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input (a missing file, a wrong argument): its message says what to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """An impossible hyper-parameter (a ValueError to Python code, a one-line error to the CLI)."""

@@ -164,5 +164,7 @@ class LitLM(L.LightningModule):
         self.net.train(was_training)
         return self.tokenizer.decode(out[0].tolist())
 
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> str:
-        return self.sample(batch)
+    def predict_step(self, batch: tuple[int, torch.Tensor], batch_idx: int) -> tuple[int, str]:
+        """``batch`` is (prompt number, encoded prompt[1, T]); returns (prompt number, text)."""
+        number, prompt = batch
+        return int(number), self.sample(prompt)

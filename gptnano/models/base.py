@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptnano.errors import ConfigError
+
 
 class LanguageModel(nn.Module):
     """Base class of all architectures: ``forward(idx[B, T]) -> logits[B, T, vocab_size]``.
@@ -72,9 +74,9 @@ def check_positive(**sizes: int) -> None:
     """Raise a clear ValueError for the first size that is not a positive int."""
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_dropout(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")

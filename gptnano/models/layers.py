@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptnano.errors import ConfigError
+
 
 def init_gpt2(module: nn.Module, n_layer: int) -> None:
     """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and residual output
@@ -70,7 +72,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, use_sdpa: bool = True):
         super().__init__()
         if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+            raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
         self.use_sdpa = use_sdpa
         self.dropout = dropout

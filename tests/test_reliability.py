@@ -1,0 +1,156 @@
+"""Promises about failure: exact resume, crash safety, the NaN guard, safe loading,
+and determinism. Each test drives the real `gptnano` command in a subprocess."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptnano.models import MODELS
+from tests.conftest import TINY_GPT, run_cli
+
+TINY = {
+    "gpt": TINY_GPT,
+    "rnn": [a if a != "GPT" else "RNN" for a in TINY_GPT if a not in ("--model.net.n_head", "2")],
+}
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    losses = {}
+    for events in sorted(run_dir.glob("lightning_logs/*/version_*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "train_loss" in acc.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in acc.Scalars("train_loss")})
+    return losses
+
+
+def _state(path: Path) -> dict:
+    ckpt = torch.load(path, weights_only=True)
+    return {"global_step": ckpt["global_step"], "state_dict": ckpt["state_dict"],
+            "optimizer": ckpt["optimizer_states"], "scheduler": ckpt["lr_schedulers"]}
+
+
+def _assert_equal_state(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY if a in MODELS])
+def test_resume_is_bit_exact(arch, text_file, tmp_path):
+    """N steps in one go == k steps, stop, then --ckpt_path last to N in a new process.
+
+    Dropout is on, and k falls between two validations."""
+    common = ["fit", *TINY[arch], "--model.net.dropout", "0.2", "--data.path", str(text_file),
+              "--model.lr_decay_steps", "16", "--trainer.val_check_interval", "6",
+              "--trainer.log_every_n_steps", "1", "--checkpoint.last_every_n_steps", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    run_cli([*common, "--trainer.max_steps", "16"], straight)
+    run_cli([*common, "--trainer.max_steps", "9"], split)
+    run_cli([*common, "--trainer.max_steps", "16", "--ckpt_path", "last"], split)
+
+    a, b = (_state(d / "checkpoints" / arch / "last.ckpt") for d in (straight, split))
+    assert a["global_step"] == b["global_step"] == 16
+    _assert_equal_state(a, b)
+    la, lb = _train_losses(straight), _train_losses(split)
+    after = [s for s in la if s >= 9]
+    assert after and all(la[s] == lb[s] for s in after), (la, lb)
+
+
+def _start_fit(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
+    return subprocess.Popen([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_training_then_resume(text_file, tmp_path):
+    args = ["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "100000",
+            "--trainer.val_check_interval", "50", "--checkpoint.last_every_n_steps", "1"]
+    last = tmp_path / "checkpoints" / "gpt" / "last.ckpt"
+    rng = random.Random()
+    for _ in range(3):  # kill at random moments of checkpoint-heavy training
+        proc = _start_fit(args + (["--ckpt_path", "last"] if last.exists() else []), tmp_path)
+        _wait_for(last, proc)
+        time.sleep(rng.uniform(0.5, 2.0))
+        proc.kill()
+        proc.wait()
+        step = torch.load(last, weights_only=True)["global_step"]  # never truncated
+        assert step > 0
+    run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", str(step + 5),
+             "--trainer.val_check_interval", "50", "--ckpt_path", "last"], tmp_path)
+    assert torch.load(last, weights_only=True)["global_step"] == step + 5
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_the_step_reached(sig, text_file, tmp_path):
+    args = ["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "100000",
+            "--trainer.val_check_interval", "50", "--checkpoint.last_every_n_steps", "0"]
+    last = tmp_path / "checkpoints" / "gpt" / "last.ckpt"
+    proc = _start_fit(args, tmp_path)
+    _wait_for(last, proc)  # the first validation (step 50) wrote one
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err[-3000:]
+    line = next(l for l in err.splitlines() if l.startswith("gptnano: stopped at step"))
+    reached = int(line.split("step ")[1].split(",")[0])
+    assert reached > 50 and torch.load(last, weights_only=True)["global_step"] == reached
+
+
+def test_non_finite_loss_stops_with_one_line(text_file, tmp_path):
+    proc = run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "50",
+                    "--model.learning_rate", "1e30", "--model.warmup_steps", "0",
+                    "--trainer.gradient_clip_val", "0", "--checkpoint.last_every_n_steps", "1"],
+                   tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = next(l for l in proc.stderr.splitlines() if "training stopped" in l)
+    step = int(line.split(" at step ")[1].split()[0])
+    ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] <= step  # no checkpoint was written after the bad step
+
+
+def test_checkpoints_load_with_weights_only(text_file, tmp_path):
+    run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "3"], tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["net"]["class_path"] == "gptnano.models.GPT"
+    assert hp["vocab"] == "".join(sorted(set(text_file.read_text())))
+
+
+def test_same_seed_same_run_other_seed_other_run(text_file, tmp_path):
+    def train(folder, seed):
+        folder.mkdir()
+        run_cli(["fit", *TINY_GPT, "--model.net.dropout", "0.1", "--data.path", str(text_file),
+                 "--trainer.max_steps", "5", "--seed_everything", str(seed),
+                 "--trainer.deterministic", "true"], folder)
+        return _state(folder / "checkpoints" / "gpt" / "last.ckpt")["state_dict"]
+    a, b, c = train(tmp_path / "a", 1), train(tmp_path / "b", 1), train(tmp_path / "c", 2)
+    _assert_equal_state(a, b)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
