@@ -11,31 +11,17 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
+from gptnano.checkpoint import read_checkpoint
 from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
 from gptnano.lit import LitLM
-
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint safely (no pickle code runs) or explain why it is not one."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle ...
-        raise UserError(f"{path} is not a readable gptnano checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "net" not in ckpt.get("hyper_parameters", {}):
-        raise UserError(f"{path} is not a gptnano checkpoint (no model hyper-parameters in it)")
-    return ckpt
 
 
 def _argv_value(args: list[str], flag: str) -> str | None:
@@ -83,8 +69,8 @@ class GPTNanoCLI(LightningCLI):
                 "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter()],
             },
             parser_class=Parser,
-            parser_kwargs={"prog": "gptnano",
-                           "description": "Train and sample small language models written from scratch."},
+            parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
+                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, v in TOOLS.items()) + "."},
             args=args,
             run=run,
         )
@@ -134,6 +120,8 @@ class GPTNanoCLI(LightningCLI):
         if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
             cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
                                            init_args=Namespace(save_dir="lightning_logs", name=name))
+        if sub == "predict":
+            cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
         ckpt = cfg.get("ckpt_path")
         if ckpt in ("last", "best"):
             path = folder / f"{ckpt}.ckpt"
@@ -148,13 +136,30 @@ class GPTNanoCLI(LightningCLI):
                             f"or start a new one with --run_name NAME (or delete {folder})")
 
 
+def _tool(name: str):
+    """Commands beside Lightning's four: they read checkpoints or logs, they train nothing."""
+    if name == "senses":
+        from gptnano.senses import main as run
+    else:
+        from gptnano.plot import main as run
+    return run
+
+
+TOOLS = {"senses": "print what each sense of a Backpack predicts; generate with a sense removed",
+         "plot": "plot validation loss vs time and step for several runs, with a table"}
+
+
 def main(args=None) -> None:
     """Entry point of the ``gptnano`` console script and ``python -m gptnano``."""
+    argv = list(sys.argv[1:] if args is None else args)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch/lightning version skew
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # predicting from another folder
     warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices")  # predict_step returns them
     try:
-        GPTNanoCLI(args=args)
+        if argv and argv[0] in TOOLS:
+            _tool(argv[0])(argv[1:])
+        else:
+            GPTNanoCLI(args=argv)
     except UserError as e:
         print(f"gptnano: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,91 @@
+"""`gptnano plot`: validation loss against wall-clock time and against step, for
+several runs, as one PNG and a markdown table, read from TensorBoard logs.
+
+    gptnano plot lightning_logs/gpt lightning_logs/rnn --out compare.png
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+from gptnano.errors import UserError
+
+
+def read_run(folder: Path) -> dict:
+    """Scalars of every version_* under ``folder`` (a resumed run spans several), in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    versions = sorted(folder.glob("version_*")) or [folder]
+    series: dict[str, list] = {}
+    for version in versions:
+        acc = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
+    if "val_loss" not in series:
+        raise UserError(f"no val_loss logged under {folder}")
+    for values in series.values():
+        values.sort(key=lambda e: e[1])
+    start = min(e[0] for values in series.values() for e in values)
+    return {"name": folder.name, "series": series, "start": start}
+
+
+def summary(run: dict) -> dict:
+    val = run["series"]["val_loss"]
+    best = min(v for _, _, v in val)
+    tok = [v for _, _, v in run["series"].get("tok_s", [])]
+    mfu = [v for _, _, v in run["series"].get("mfu", [])]
+    row = {
+        "run": run["name"],
+        "best val_loss": f"{best:.4f}",
+        "bpc": f"{best / math.log(2):.3f}",
+        "steps": val[-1][1],
+        "wall (s)": round(val[-1][0] - run["start"]),
+        "tok/s": round(sorted(tok)[len(tok) // 2]) if tok else "",
+        "MFU": f"{100 * sorted(mfu)[len(mfu) // 2]:.1f}%" if mfu else "",
+    }
+    return row
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for run in runs:
+        val = run["series"]["val_loss"]
+        by_time.plot([t - run["start"] for t, _, _ in val], [v for *_, v in val], marker=".", label=run["name"])
+        by_step.plot([s for _, s, _ in val], [v for *_, v in val], marker=".", label=run["name"])
+    by_time.set(xlabel="wall-clock time (s)", ylabel="validation loss (nats/char)", title="validation loss vs time")
+    by_step.set(xlabel="optimizer step", title="validation loss vs step")
+    for ax in (by_time, by_step):
+        ax.grid(alpha=0.3)
+    by_step.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="gptnano plot", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folders: lightning_logs/<run_name> (or one version_N folder)")
+    ap.add_argument("--out", default="val_loss.png", help="PNG to write (default: val_loss.png)")
+    args = ap.parse_args(argv)
+    folders = [Path(r) for r in args.runs]
+    for f in folders:
+        if not f.is_dir():
+            raise UserError(f"not a folder: {f}")
+    runs = [read_run(f) for f in folders]
+    plot(runs, Path(args.out))
+    print(markdown([summary(r) for r in runs]))
+    print(f"\nwrote {args.out}")
