@@ -29,6 +29,18 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test tensors are tiny, so a second thread buys nothing; on a busy machine it
+    costs milliseconds per operation waiting for the other thread to be scheduled."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # A model small enough that a CLI round trip takes seconds.
 TINY_GPT = [
     "--model.net", "GPT",
