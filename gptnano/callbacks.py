@@ -65,13 +65,38 @@ class Checkpoint(ModelCheckpoint):
         self._restore_sigint()
 
 
+def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
+                       device: str = "cpu") -> float:
+    """Best FLOP/s of an n x n matrix product here: the peak that MFU is measured against."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
 class Throughput(L.Callback):
-    """Tokens per second (and model FLOPs utilisation when a peak is known) in the
-    progress bar and the logger, averaged over the last ``window`` steps."""
+    """Tokens per second and model FLOPs utilisation (MFU) in the progress bar and
+    the logger, averaged over the last ``window`` steps. MFU compares the model's
+    training FLOPs (``net.flops_per_token()``) with the matrix-product peak of
+    this very machine, measured at the start of training in the run's precision."""
 
     def __init__(self, window: int = 20, peak_flops: float | None = None):
         self.window, self.peak_flops = window, peak_flops
         self._times: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.peak_flops is None and pl_module.device.type in ("cpu", "cuda"):
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            self.peak_flops = measure_peak_flops(dtype, device=pl_module.device.type)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._times.append(time.perf_counter())
