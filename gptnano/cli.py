@@ -16,12 +16,12 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
-from gptnano.checkpoint import read_checkpoint
 from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
+from gptnano.checkpoint import read_checkpoint
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
 from gptnano.lit import LitLM
+from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
 
 
 def _argv_value(args: list[str], flag: str) -> str | None:
@@ -97,7 +97,7 @@ class GPTNanoCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = _architecture_names(sys.argv[1:] if args is None else args)
         subcommand = next((a for a in argv if a in self.subcommands()), None)
-        ckpt = _argv_value(argv, "--ckpt_path")
+        ckpt = self._checked_ckpt = _argv_value(argv, "--ckpt_path")
         if subcommand and ckpt and ckpt not in ("last", "best"):
             hparams = read_checkpoint(ckpt)["hyper_parameters"]
             defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_")}
@@ -129,7 +129,7 @@ class GPTNanoCLI(LightningCLI):
                 action = "resume" if sub == "fit" else sub
                 raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
             cfg.ckpt_path = str(path)
-        elif ckpt:
+        elif ckpt and ckpt != getattr(self, "_checked_ckpt", None):  # given in a config file
             read_checkpoint(ckpt)
         elif sub == "fit" and (folder / "last.ckpt").exists():
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "

@@ -55,7 +55,7 @@ def _generate(step: Callable, idx: torch.Tensor, max_new_tokens: int, **sampling
     return torch.cat(out, dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: LanguageModel,
     idx: torch.Tensor,
@@ -73,7 +73,7 @@ def generate(
     return _generate(model.forward_cached, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_naive(
     model: LanguageModel,
     idx: torch.Tensor,

@@ -41,6 +41,23 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def scrambled(model):
+    """Weights drawn far from their near-zero init, so a mistake shows up as a large
+    difference instead of hiding under tiny logits; returned in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def random_tokens(vocab: int, B: int, T: int, seed: int = 1):
+    import torch
+
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
 # A model small enough that a CLI round trip takes seconds.
 TINY_GPT = [
     "--model.net", "GPT",

@@ -8,23 +8,18 @@ import torch.nn.functional as F
 
 from gptnano.models.backpack import Backpack
 from gptnano.sampling import generate, generate_naive
+from tests.conftest import random_tokens, scrambled
 
 VOCAB, BLOCK, SENSES = 11, 12, 4
 
 
 def small_backpack(seed: int = 0) -> Backpack:
-    """A tiny Backpack with weights far from their near-zero init, so a mistake
-    shows up as a large difference instead of hiding under tiny logits."""
     torch.manual_seed(seed)
-    model = Backpack(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, n_senses=SENSES)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    return scrambled(Backpack(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, n_senses=SENSES))
 
 
 def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(VOCAB, B, T, seed)
 
 
 def test_alpha_rows_are_causal_softmaxes():

@@ -9,24 +9,19 @@ from torch import nn
 
 from gptnano.models.cnn import CNN, CausalConv1d, dilation_schedule
 from gptnano.sampling import generate, generate_naive
+from tests.conftest import random_tokens, scrambled
 
 VOCAB, BLOCK = 11, 16
 
 
 def small_cnn(kernel_size: int = 2, n_layer: int = 4, tie_weights: bool = True, seed: int = 0) -> CNN:
-    """A tiny CNN with weights far from their near-zero init, so mistakes show."""
     torch.manual_seed(seed)
-    model = CNN(
-        vocab_size=VOCAB, block_size=BLOCK, n_layer=n_layer, n_embd=16, kernel_size=kernel_size, tie_weights=tie_weights
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    return scrambled(CNN(vocab_size=VOCAB, block_size=BLOCK, n_layer=n_layer, n_embd=16, kernel_size=kernel_size,
+                         tie_weights=tie_weights))
 
 
 def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(VOCAB, B, T, seed)
 
 
 @pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (2, 1), (2, 4), (3, 1), (3, 5)])

@@ -6,6 +6,7 @@ import torch
 from gptnano.models.backpack import Backpack
 from gptnano.models.gpt import GPT
 from gptnano.senses import inspect_senses, show_char
+from tests.conftest import scrambled
 
 VOCAB = "\n !abcdeXYZ\t"  # whitespace included on purpose: it must print visibly
 SENSES, K = 4, 3
@@ -14,11 +15,7 @@ SENSES, K = 4, 3
 @pytest.fixture
 def model() -> Backpack:
     torch.manual_seed(0)
-    model = Backpack(vocab_size=len(VOCAB), block_size=8, n_layer=1, n_head=2, n_embd=16, n_senses=SENSES)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return scrambled(Backpack(vocab_size=len(VOCAB), block_size=8, n_layer=1, n_head=2, n_embd=16, n_senses=SENSES))
 
 
 def rows(table: str) -> list[list[str]]:

@@ -133,8 +133,7 @@ class Backpack(LanguageModel):
         return F.linear(o, self.wte.weight)  # tied output head: (B, Tq, vocab_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.size(1) > self.block_size:
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.block_size}")
+        self.check_length(idx)
         return self._logits(self.sense_weights(idx), self.sense_vectors(idx))
 
     def forward_cached(

@@ -39,6 +39,11 @@ class LanguageModel(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_length(self, idx: torch.Tensor) -> None:
+        """Fixed-context models cannot read more than ``max_context`` tokens at once."""
+        if self.max_context is not None and idx.size(1) > self.max_context:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.max_context}")
+
     def forward_cached(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits for the token after ``idx``, given a cache of everything before it.
 

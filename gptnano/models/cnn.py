@@ -53,8 +53,14 @@ class CausalConv1d(nn.Module):
         if cache is None:
             cache = x.new_zeros(x.size(0), self.pad, x.size(2))
         window = torch.cat([cache, x], dim=1)  # (B, pad + T, C_in)
-        y = F.conv1d(window.transpose(1, 2), self.weight, self.bias, dilation=self.dilation)
-        return y.transpose(1, 2), window[:, window.size(1) - self.pad :]
+        if x.size(1) == 1:
+            # One new token: the kernel's K taps are every dilation-th row of the window,
+            # so the step is one small matmul (F.conv1d's setup costs ~10x more here).
+            taps = window[:, :: self.dilation].flatten(1)  # (B, K * C_in)
+            y = F.linear(taps, self.weight.permute(0, 2, 1).flatten(1), self.bias)[:, None]  # (B, 1, C_out)
+        else:
+            y = F.conv1d(window.transpose(1, 2), self.weight, self.bias, dilation=self.dilation).transpose(1, 2)
+        return y, window[:, window.size(1) - self.pad :]
 
 
 class ConvBlock(nn.Module):
@@ -139,8 +145,7 @@ class CNN(LanguageModel):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.size(1) > self.block_size:
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.block_size}")
+        self.check_length(idx)
         x = self.drop(self.wte(idx))  # (B, T, C)
         for block in self.blocks:
             x = block(x)

@@ -63,9 +63,7 @@ class GPT(LanguageModel):
         return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.size(1)
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        self.check_length(idx)
         x = self._embed(idx, 0)
         for block in self.blocks:
             x = block(x)

@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmark scripts: the corpus, configs, peak FLOP/s, results."""
+
+import importlib
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+import yaml
+
+from gptnano.callbacks import measure_peak_flops  # noqa: F401  re-exported for the scripts
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def corpus_path() -> str:
+    """tiny Shakespeare: $GPTNANO_DATA, else the shared copy beside the repository, else data/."""
+    for candidate in (os.environ.get("GPTNANO_DATA"), SHARED_TEXT, ROOT / "data" / "tinyshakespeare" / "input.txt"):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise SystemExit("tiny Shakespeare not found: set GPTNANO_DATA=/path/to/input.txt")
+
+
+def load_config(arch: str, folder: str = "configs") -> dict:
+    return yaml.safe_load((ROOT / folder / f"{arch}.yaml").read_text())
+
+
+def build_net(arch: str, vocab_size: int, **overrides):
+    """The architecture of configs/<arch>.yaml, built directly (no Lightning)."""
+    cfg = load_config(arch)["model"]["net"]
+    module, name = cfg["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{**cfg.get("init_args", {}), "vocab_size": vocab_size, **overrides})
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        **payload,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(out)

@@ -1,0 +1,77 @@
+"""The LightningModule's own pieces: schedule, optimizer groups, clipping, metrics."""
+
+import pytest
+import torch
+
+from gptnano.lit import LitLM, warmup_cosine
+from gptnano.models import GPT
+from gptnano.models.layers import CausalSelfAttention
+
+
+def test_warmup_then_cosine_to_min():
+    f = lambda s: warmup_cosine(s, warmup_steps=10, decay_steps=110, min_ratio=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.5 * 0.9)  # half way down the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+
+
+class _Trainer:
+    max_steps, precision = 100, "bf16-mixed"
+
+
+def _lit(**kw):
+    lit = LitLM(GPT(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8), vocab="abcdefghij", **kw)
+    lit._trainer = _Trainer()
+    return lit
+
+
+def test_weight_decay_only_on_matrices_and_fused_adamw():
+    lit = _lit(weight_decay=0.3)
+    opt = lit.configure_optimizers()["optimizer"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(lit.parameters()))
+    assert opt.defaults["fused"]
+
+
+def test_fp16_gets_an_unfused_optimizer():
+    lit = _lit()
+    lit._trainer.precision = "16-mixed"
+    assert not lit.configure_optimizers()["optimizer"].defaults.get("fused")
+
+
+def test_gradient_clipping_with_the_fused_optimizer():
+    lit = _lit()
+    opt = lit.configure_optimizers()["optimizer"]
+    for p in lit.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    lit.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in lit.parameters()))
+    assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_loss_ignores_masked_targets():
+    lit = _lit()
+    idx = torch.randint(10, (2, 8))
+    y = torch.randint(10, (2, 8))
+    masked = y.clone()
+    masked[:, :4] = -100
+    full = lit.loss(idx, y, reduction="none").view(2, 8)
+    assert lit.loss(idx, masked, reduction="sum").item() == pytest.approx(full[:, 4:].sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_attention_runs_in_fp32_under_bf16_autocast(sdpa):
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, use_sdpa=sdpa)
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = attn._heads(x)
+        assert q.dtype == torch.bfloat16
+        y = attn._attend(q, k, v, causal_offset=0)
+    assert y.dtype == torch.float32  # the attention arithmetic itself stayed fp32
+    exact = attn._attend(q.float(), k.float(), v.float(), causal_offset=0)
+    torch.testing.assert_close(y, exact)
