@@ -41,6 +41,12 @@ def test_round_trip_fit_resume_validate_predict(text_file, tmp_path):
     assert "Restored all states" in resumed.stderr + resumed.stdout
     assert torch.load(last, weights_only=True)["global_step"] == 20
 
+    # gptnano plot reads the run's TensorBoard logs (both versions: the run and its resume).
+    plotted = run_cli(["plot", "lightning_logs/gpt", "--out", "curves.png"], work)
+    assert (work / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    row = next(line for line in plotted.stdout.splitlines() if line.startswith("| gpt"))
+    assert row.split("|")[4].strip() == "19"  # the last validation's step, read across both versions
+
     val = run_cli(["validate", *TINY_GPT, *data, "--ckpt_path", "best"], work)
     assert "val_loss" in val.stdout and "val_bpc" in val.stdout
 
