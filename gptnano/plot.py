@@ -48,7 +48,10 @@ def summary(run: dict) -> dict:
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("gptnano plot needs matplotlib: pip install 'gptnano[plot]' (or pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
