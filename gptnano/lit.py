@@ -88,7 +88,8 @@ class LitLM(L.LightningModule):
     def on_train_start(self) -> None:
         # Dropout is re-seeded at every step from (run seed, step, rank), so a run
         # resumed from a checkpoint draws the same dropout masks as an unbroken one.
-        self._step_seed = torch.initial_seed() if self._step_seed is None else self._step_seed
+        if self._step_seed is None:  # the run's seed, read once (per-step re-seeding changes initial_seed)
+            self._step_seed = torch.initial_seed()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         seed = hash((self._step_seed, self.global_step, self.global_rank)) % 2**63
