@@ -6,6 +6,7 @@ char, perplexity) and generation; Lightning's Trainer owns everything else.
 """
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -15,6 +16,7 @@ from torchmetrics import MeanMetric
 from gptnano.data import CharTokenizer
 from gptnano.errors import UserError
 from gptnano.models.base import LanguageModel
+from gptnano.optim import MuonAdamW, muon_matrices
 from gptnano.sampling import generate
 
 
@@ -42,6 +44,12 @@ class LitLM(L.LightningModule):
         weight_decay: AdamW weight decay, applied to weight matrices and embeddings only.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
+        optimizer: "adamw" trains every parameter with AdamW; "muon" trains the weight
+            matrices inside the network (every nn.Linear but the output head) with Muon and
+            the rest (embeddings, biases, norms, conv kernels) with AdamW. See gptnano/optim.py.
+        muon_lr: Muon's peak learning rate (the schedule scales it like learning_rate).
+        muon_momentum: Muon's momentum.
+        muon_weight_decay: Muon's decoupled weight decay.
         max_new_tokens: Characters to generate per prompt in `predict` (and for TensorBoard samples).
         temperature: Sampling temperature; 0 picks the most likely character (greedy).
         top_k: Sample only among the k most likely characters (None: all).
@@ -60,6 +68,10 @@ class LitLM(L.LightningModule):
         weight_decay: float = 0.1,
         beta1: float = 0.9,
         beta2: float = 0.99,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
         max_new_tokens: int = 500,
         temperature: float = 0.8,
         top_k: int | None = None,
@@ -69,6 +81,8 @@ class LitLM(L.LightningModule):
         super().__init__()
         if learning_rate <= 0 or min_lr < 0 or warmup_steps < 0:
             raise UserError("need learning_rate > 0, min_lr >= 0 and warmup_steps >= 0")
+        if muon_lr <= 0 or not 0 <= muon_momentum < 1 or muon_weight_decay < 0:
+            raise UserError("need muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0")
         if max_new_tokens < 0 or temperature < 0:
             raise UserError("need max_new_tokens >= 0 and temperature >= 0")
         if top_k is not None and top_k <= 0 or top_p is not None and not 0 < top_p <= 1:
@@ -115,17 +129,25 @@ class LitLM(L.LightningModule):
         # embedding is also the output head, a matrix like any other), none on
         # biases and LayerNorm gains, which only shift and scale.
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
         hp = self.hparams
+        muon = [p for p in muon_matrices(self.net) if p.requires_grad] if hp.optimizer == "muon" else []
+        in_muon = {id(p) for p in muon}
+        rest = [p for p in params if id(p) not in in_muon]
+        groups = [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if muon:
+            groups.append({"params": muon, "muon": True, "lr": hp.muon_lr, "weight_decay": hp.muon_weight_decay})
         # The fused kernel updates every tensor in one pass (CPU and CUDA): ~1.5 ms of a
         # ~25 ms CPU step saved at the default size.
         # (Not with fp16's loss scaling: a fused step would see still-scaled gradients when clipping.)
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and not str(self.trainer.precision).startswith("16")
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None,
-        )
+        if muon:
+            optimizer = MuonAdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2),
+                                  momentum=hp.muon_momentum, fused=fused)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
         decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
         min_ratio = hp.min_lr / hp.learning_rate
         schedule = torch.optim.lr_scheduler.LambdaLR(

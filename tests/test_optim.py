@@ -1,0 +1,90 @@
+"""Muon + AdamW in one optimizer (gptnano/optim.py): the orthogonalisation, the
+update rules against torch's own optimizers, and which parameters go where."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gptnano.models import MODELS
+from gptnano.optim import MuonAdamW, muon_matrices, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (3, 24, 24)])
+def test_orthogonalize_keeps_singular_vectors_and_flattens_singular_values(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = orthogonalize(g).double()
+    assert out.shape == g.shape and out.dtype == g.dtype
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    # In g's own singular basis the result is (close to) diagonal, with values near 1:
+    # same singular vectors, singular values flattened into roughly [0.7, 1.2].
+    core = u.mT @ out @ vh.mT
+    diag = torch.diagonal(core, dim1=-2, dim2=-1)
+    assert diag.min() > 0.6 and diag.max() < 1.3, diag
+    off = core - torch.diag_embed(diag)
+    assert off.abs().max() < 0.05
+    assert s.max() / s.min() > 3  # the input was far from orthogonal
+
+
+def _copies(n, shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(*s, generator=gen) for s in shapes]
+    return [[nn.Parameter(t.clone()) for t in base] for _ in range(n)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_steps_equal_torch_muon_and_adamw(fused):
+    """Matrices in the Muon group step exactly like torch.optim.Muon; the rest exactly like torch.optim.AdamW."""
+    mats_a, mats_b = _copies(2, [(24, 8), (8, 24), (24, 8), (8, 8)])
+    vecs_a, vecs_b = _copies(2, [(8,), (24, 8)], seed=1)
+    ours = MuonAdamW([{"params": mats_a, "muon": True, "lr": 0.02, "weight_decay": 0.01},
+                      {"params": vecs_a, "weight_decay": 0.1}], lr=1e-3, betas=(0.9, 0.99), fused=fused)
+    muon = torch.optim.Muon(mats_b, lr=0.02, weight_decay=0.01, momentum=0.95)
+    adamw = torch.optim.AdamW(vecs_b, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    for step in range(4):
+        for params in (mats_a + vecs_a, mats_b + vecs_b):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (step + 1) + i)
+        ours.step(), muon.step(), adamw.step()
+    for a, b in zip(mats_a + vecs_a, mats_b + vecs_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(mats_a[0], _copies(1, [(24, 8)])[0][0])  # it did move
+
+
+def test_state_dict_round_trip_continues_identically():
+    (a,), (b,) = _copies(2, [(16, 8)])
+    (va,), (vb,) = _copies(2, [(8,)], seed=1)
+    opt_a = MuonAdamW([{"params": [a], "muon": True}, {"params": [va]}], lr=0.01)
+    opt_b = MuonAdamW([{"params": [b], "muon": True}, {"params": [vb]}], lr=0.01)
+    for p in (a, va):
+        p.grad = torch.ones_like(p)
+    opt_a.step()
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as if read back from a checkpoint
+    b.data.copy_(a), vb.data.copy_(va)
+    for p in (a, va, b, vb):
+        p.grad = torch.cos(p.detach())
+    opt_a.step(), opt_b.step()
+    assert torch.equal(a, b) and torch.equal(va, vb)
+
+
+def test_muon_groups_take_matrices_only():
+    with pytest.raises(ValueError, match="matrices"):
+        MuonAdamW([{"params": [nn.Parameter(torch.zeros(3))], "muon": True}])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_muon_gets_hidden_matrices_never_embeddings_or_head(name):
+    net = MODELS[name](vocab_size=11, block_size=8, n_layer=3, n_embd=16)
+    chosen = muon_matrices(net)
+    ids = {id(p) for p in chosen}
+    assert chosen and len(ids) == len(chosen)
+    assert all(p.dim() == 2 for p in chosen)
+    for m in net.modules():
+        if isinstance(m, nn.Embedding):
+            assert id(m.weight) not in ids
+    head = getattr(net, "lm_head", None)
+    if head is not None:
+        assert id(head.weight) not in ids
+    blocks = [p for n, m in net.named_modules() if isinstance(m, nn.Linear) and "blocks" in n for p in [m.weight]]
+    assert blocks and all(id(p) in ids for p in blocks)
