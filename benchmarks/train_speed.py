@@ -5,8 +5,11 @@ segments of
   * plain: the same network in fp32, a hand-written loop (AdamW, grad clipping,
     batches from the same windows) -- what a user would write instead;
   * ours:  `gptnano fit --config configs/<arch>.yaml` as built by the CLI (Lightning
-    Trainer, its precision, callbacks and all), timed between consecutive steps;
-and reports median tokens/s of each, the ratio, and model FLOPs utilisation
+    Trainer, its precision, callbacks and all), timed between consecutive steps,
+    once with the optimizer the config names (Muon + AdamW) and once with AdamW
+    alone, the plain loop's optimizer (Muon buys fewer steps to a given loss with
+    extra work per step: benchmarks/time_to_loss.py measures what that nets);
+and reports median tokens/s of each, the ratios, and model FLOPs utilisation
 against matrix-product peaks measured here. Writes benchmarks/results/train_speed.json.
 
     python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3]
@@ -39,8 +42,8 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def build_ours(arch: str, steps: int, folder: str):
-    cli = GPTNanoCLI(args=["--config", str(ROOT / "configs" / f"{arch}.yaml"), "--data.path", corpus_path(),
+def build_ours(arch: str, steps: int, folder: str, extra: tuple[str, ...] = ()):
+    cli = GPTNanoCLI(args=[*extra, "--config", str(ROOT / "configs" / f"{arch}.yaml"), "--data.path", corpus_path(),
                            "--trainer.max_steps", str(steps),
                            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -48,11 +51,11 @@ def build_ours(arch: str, steps: int, folder: str):
     return cli
 
 
-def ours_segment(arch: str, steps: int, state: dict | None):
+def ours_segment(arch: str, steps: int, state: dict | None, extra: tuple[str, ...] = ()):
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)  # logs and checkpoints go to the temporary folder
-        cli = build_ours(arch, steps, folder)
+        cli = build_ours(arch, steps, folder, extra)
         if state is not None:
             cli.model.net.load_state_dict(state)
         timer = StepTimer()
@@ -103,24 +106,29 @@ def main():
         windows = TrainWindows(data.splits["train"], net0.block_size, data.batch_size, 0, 0, lambda: 0)
         plain_net = copy.deepcopy(net0)
         state = copy.deepcopy(net0.state_dict())
-        plain, ours = [], []
+        plain, ours, ours_adamw = [], [], []
         for _ in range(args.rounds):
             plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate)
             speeds, cli = ours_segment(arch, args.steps, state)
             ours += speeds
+            ours_adamw += ours_segment(arch, args.steps, state, ("--model.optimizer", "adamw"))[0]
         precision = str(cli.trainer.precision)
         peak = peak16 if "bf16" in precision else peak32
         fpt = net0.flops_per_token()
         row = {
             "arch": arch, "params": net0.num_params(), "precision": precision,
+            "optimizer": probe.model.hparams.optimizer,
             "plain tok/s": round(median(plain)), "ours tok/s": round(median(ours)),
             "ours/plain": round(median(ours) / median(plain), 2),
+            "ours AdamW tok/s": round(median(ours_adamw)),
+            "ours AdamW/plain": round(median(ours_adamw) / median(plain), 2),
             "MFU plain (fp32 peak)": f"{100 * median(plain) * fpt / peak32:.1f}%",
             "MFU ours": f"{100 * median(ours) * fpt / peak:.1f}% of {'bf16' if peak is peak16 else 'fp32'}",
         }
         rows.append(row)
         print(f"{arch}: plain {row['plain tok/s']} tok/s, ours {row['ours tok/s']} tok/s "
-              f"({row['ours/plain']}x), precision {precision}, {row['MFU ours']}", flush=True)
+              f"({row['ours/plain']}x), ours with AdamW {row['ours AdamW tok/s']} tok/s ({row['ours AdamW/plain']}x), "
+              f"precision {precision}, {row['MFU ours']}", flush=True)
     cols = list(rows[0])
     print()
     print(markdown_table(rows, cols))

@@ -1,0 +1,80 @@
+"""Wall-clock time to a validation loss: how long `gptnano fit` takes, from the
+moment the command is launched (imports, data, validations and all), until a
+validation pass first reports a loss at or below the target (default 1.88, the
+loss nanoGPT documents for its CPU recipe on tiny Shakespeare).
+
+Runs, one after another on the same machine:
+  * default: `gptnano fit --config configs/gpt.yaml` as a user runs it;
+  * recipe:  the same GPT trained with nanoGPT's documented CPU recipe (fp32,
+             batch 12, lr 1e-3 -> 1e-4, 2000 steps, validation every 250 steps);
+and reports for each the time to the target, the step it was seen at, the best
+validation loss and the total wall time. Writes benchmarks/results/time_to_loss.json.
+
+    python -m benchmarks.time_to_loss [--target 1.88] [--runs default recipe]
+                                      [--extra ARGS...]   # appended to every run, e.g. a sweep
+"""
+
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ROOT, corpus_path, markdown_table, write_result
+from gptnano.plot import read_run
+
+RUNS = {
+    "default": [],
+    "recipe": ["--trainer.precision", "32-true", "--data.batch_size", "12", "--model.learning_rate", "1e-3",
+               "--model.min_lr", "1e-4", "--trainer.max_steps", "2000"],
+}
+
+
+def time_to_target(name: str, args: list[str], target: float, folder: Path) -> dict:
+    cmd = [sys.executable, "-m", "gptnano", "fit", "--config", str(ROOT / "configs" / "gpt.yaml"),
+           "--data.path", corpus_path(), "--run_name", name, "--trainer.enable_progress_bar", "false", *args]
+    print("$ " + shlex.join(cmd[1:]), flush=True)
+    start = time.time()
+    with open(folder / f"{name}.log", "w") as log:
+        status = subprocess.call(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    total = time.time() - start
+    if status != 0:
+        raise SystemExit(f"{name}: gptnano fit failed, see {folder / f'{name}.log'}")
+    val = read_run(folder / "lightning_logs" / name)["series"]["val_loss"]
+    hit = next(((t, s, v) for t, s, v in val if v <= target), None)
+    return {
+        "run": name,
+        f"time to {target} (s)": round(hit[0] - start, 1) if hit else "not reached",
+        "at step": hit[1] + 1 if hit else "",  # Lightning logs validation at global_step - 1
+        "best val_loss": round(min(v for *_, v in val), 4),
+        "total wall (s)": round(total, 1),
+        "args": " ".join(args),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--extra", default="", help="extra `gptnano fit` arguments for every run, as one string")
+    ap.add_argument("--keep", help="folder for the runs' logs and checkpoints (default: a temporary one)")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.runs:
+            row = time_to_target(name, RUNS[name] + shlex.split(args.extra), args.target, folder)
+            print(row, flush=True)
+            rows.append(row)
+    print()
+    print(markdown_table(rows, list(rows[0])))
+    if not args.extra:
+        path = write_result("time_to_loss", {"target": args.target, "rows": rows})
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
