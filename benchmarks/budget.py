@@ -17,6 +17,7 @@ benchmarks/results/budget.json, budget.md and budget.png.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ def train(arch: str, minutes: float, out: Path) -> dict:
     cmd = [sys.executable, "-m", "gptnano", "fit", "--config", str(ROOT / "configs" / f"{arch}.yaml"),
            "--data.path", corpus_path(), "--run_name", f"budget-{arch}", "--trainer.max_time", limit,
            "--trainer.enable_progress_bar", "false"]
+    for old in (out / "checkpoints" / f"budget-{arch}", out / "lightning_logs" / f"budget-{arch}"):
+        shutil.rmtree(old, ignore_errors=True)  # a fresh run, not a refused second fit into last.ckpt
     steps = planned_steps(arch, minutes)
     if steps:
         cmd += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(max(50, steps // 10))]

@@ -43,11 +43,11 @@ class StepTimer(L.Callback):
 
 
 def build_ours(arch: str, steps: int, folder: str, extra: tuple[str, ...] = ()):
-    cli = GPTNanoCLI(args=[*extra, "--config", str(ROOT / "configs" / f"{arch}.yaml"), "--data.path", corpus_path(),
+    cli = GPTNanoCLI(args=["--config", str(ROOT / "configs" / f"{arch}.yaml"), "--data.path", corpus_path(),
                            "--trainer.max_steps", str(steps),
                            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                           "--checkpoint.dirpath", folder, "--checkpoint.last_every_n_steps", "0"], run=False)
+                           "--checkpoint.dirpath", folder, "--checkpoint.last_every_n_steps", "0", *extra], run=False)
     return cli
 
 

@@ -65,7 +65,7 @@ class Checkpoint(ModelCheckpoint):
         self._restore_sigint()
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, seconds: float = 0.6, device: str = "cpu") -> float:
+def measure_peak_flops(dtype: torch.dtype = torch.float32, seconds: float = 0.3, device: str = "cpu") -> float:
     """Best FLOP/s of a matrix product here, over square and model-like shapes:
     the peak that MFU is measured against (this machine's, not a datasheet's)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

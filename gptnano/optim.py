@@ -100,8 +100,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        # Matrices of one shape are orthogonalised together: one batched product
-        # per Newton-Schulz step instead of one per matrix.
+        # Matrices of one shape are orthogonalised together, tall ones transposed to
+        # join the wide ones of the same size (orthogonalising X^T gives the transpose
+        # of orthogonalising X): one batched product per Newton-Schulz step and shape.
         by_shape = defaultdict(list)
         for p in group["params"]:
             if p.grad is None:
@@ -111,12 +112,14 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum"] = torch.zeros_like(p)
             buf = state["momentum"]
             buf.lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * grad
-            by_shape[tuple(p.shape)].append((p, p.grad.lerp(buf, mu)))  # Nesterov look-ahead
-        for (rows, cols), pairs in by_shape.items():
-            updates = orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
-            scale = lr * math.sqrt(max(1.0, rows / cols))
-            for (p, _), u in zip(pairs, updates):
-                p.mul_(1 - lr * wd).add_(u, alpha=-scale)
+            update = p.grad.lerp(buf, mu)  # Nesterov look-ahead
+            tall = p.size(0) > p.size(1)
+            by_shape[tuple(sorted(p.shape))].append((p, update.mT if tall else update, tall))
+        for stack in by_shape.values():
+            updates = orthogonalize(torch.stack([u for _, u, _ in stack]), group["ns_steps"])
+            for (p, _, tall), u in zip(stack, updates):
+                rows, cols = p.shape
+                p.mul_(1 - lr * wd).add_(u.mT if tall else u, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
 
     def _adamw_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
