@@ -6,6 +6,7 @@ import torch
 from gptnano.lit import LitLM, warmup_cosine
 from gptnano.models import GPT
 from gptnano.models.layers import CausalSelfAttention
+from gptnano.optim import MuonAdamW, muon_matrices
 
 
 def test_warmup_then_cosine_to_min():
@@ -35,6 +36,22 @@ def test_weight_decay_only_on_matrices_and_fused_adamw():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(lit.parameters()))
     assert opt.defaults["fused"]
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    lit = _lit(optimizer="muon", muon_lr=0.05, learning_rate=1e-3, min_lr=1e-4, weight_decay=0.3)
+    out = lit.configure_optimizers()
+    opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, MuonAdamW)
+    decay, no_decay, muon = opt.param_groups
+    assert muon["muon"] and not decay["muon"] and not no_decay["muon"]
+    assert {id(p) for p in muon["params"]} == {id(p) for p in muon_matrices(lit.net)}
+    assert decay["weight_decay"] == 0.3 and id(lit.net.wte.weight) in {id(p) for p in decay["params"]}
+    every = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in lit.parameters())  # each parameter exactly once
+    for _ in range(100):  # the schedule scales both learning rates alike, down to min_lr's ratio
+        schedule.step()
+    assert muon["lr"] == pytest.approx(0.05 * 0.1) and decay["lr"] == pytest.approx(1e-3 * 0.1)
 
 
 def test_fp16_gets_an_unfused_optimizer():
