@@ -130,6 +130,10 @@ class LitLM(L.LightningModule):
         # biases and LayerNorm gains, which only shift and scale.
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
+        if hp.optimizer == "muon" and "fsdp" in type(self.trainer.strategy).__name__.lower():
+            # FSDP hands the optimizer flat shards; Muon must see whole matrices.
+            raise UserError("--model.optimizer muon does not work with FSDP (it needs whole matrices): "
+                            "use --model.optimizer adamw")
         muon = [p for p in muon_matrices(self.net) if p.requires_grad] if hp.optimizer == "muon" else []
         in_muon = {id(p) for p in muon}
         rest = [p for p in params if id(p) not in in_muon]

@@ -72,7 +72,8 @@ class MuonAdamW(torch.optim.Optimizer):
     decoupled in both rules: ``p -= lr * weight_decay * p``.
 
     Args:
-        params: parameter groups (dicts); each needs ``muon: bool`` and may set ``lr`` and ``weight_decay``.
+        params: parameter groups (dicts); ``muon=True`` marks a Muon group (default False);
+            any group may set its own ``lr`` and ``weight_decay``.
         lr, betas, eps, weight_decay: AdamW's settings (the defaults of every group).
         momentum: Muon's momentum; the step is taken along the Nesterov look-ahead.
         ns_steps: Newton-Schulz iterations per Muon step.

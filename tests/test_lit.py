@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gptnano.errors import UserError
 from gptnano.lit import LitLM, warmup_cosine
 from gptnano.models import GPT
 from gptnano.models.layers import CausalSelfAttention
@@ -19,7 +20,7 @@ def test_warmup_then_cosine_to_min():
 
 
 class _Trainer:
-    max_steps, precision = 100, "bf16-mixed"
+    max_steps, precision, strategy = 100, "bf16-mixed", None
 
 
 def _lit(**kw):
@@ -52,6 +53,16 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     for _ in range(100):  # the schedule scales both learning rates alike, down to min_lr's ratio
         schedule.step()
     assert muon["lr"] == pytest.approx(0.05 * 0.1) and decay["lr"] == pytest.approx(1e-3 * 0.1)
+
+
+def test_muon_refuses_fsdp_shards():
+    class FSDPStrategy:  # stands in for Lightning's: FSDP hands the optimizer flat shards
+        pass
+
+    lit = _lit(optimizer="muon")
+    lit._trainer.strategy = FSDPStrategy()
+    with pytest.raises(UserError, match="FSDP"):
+        lit.configure_optimizers()
 
 
 def test_fp16_gets_an_unfused_optimizer():
