@@ -12,7 +12,10 @@ segments of
 and reports median tokens/s of each, the ratios, and model FLOPs utilisation
 against matrix-product peaks measured here. Writes benchmarks/results/train_speed.json.
 
-    python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3]
+    python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3] [--compile]
+
+--compile adds a third gptnano segment trained through torch.compile (--model.compile true;
+its compile time is not counted: the first steps are warm-up).
 """
 
 import argparse
@@ -90,6 +93,8 @@ def main():
     ap.add_argument("--archs", nargs="+", default=["gpt", "rnn", "backpack", "cnn"])
     ap.add_argument("--steps", type=int, default=60, help="steps per segment")
     ap.add_argument("--rounds", type=int, default=3, help="alternating plain/ours segments per architecture")
+    ap.add_argument("--compile", action="store_true", help="also time ours with --model.compile true")
+    ap.add_argument("--name", default="train_speed", help="result file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     L.seed_everything(0, verbose=False)
 
@@ -106,12 +111,14 @@ def main():
         windows = TrainWindows(data.splits["train"], net0.block_size, data.batch_size, 0, 0, lambda: 0)
         plain_net = copy.deepcopy(net0)
         state = copy.deepcopy(net0.state_dict())
-        plain, ours, ours_adamw = [], [], []
+        plain, ours, ours_adamw, ours_compiled = [], [], [], []
         for _ in range(args.rounds):
             plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate)
             speeds, cli = ours_segment(arch, args.steps, state)
             ours += speeds
             ours_adamw += ours_segment(arch, args.steps, state, ("--model.optimizer", "adamw"))[0]
+            if args.compile:
+                ours_compiled += ours_segment(arch, args.steps, state, ("--model.compile", "true"))[0]
         precision = str(cli.trainer.precision)
         peak = peak16 if "bf16" in precision else peak32
         fpt = net0.flops_per_token()
@@ -122,6 +129,8 @@ def main():
             "ours/plain": round(median(ours) / median(plain), 2),
             "ours AdamW tok/s": round(median(ours_adamw)),
             "ours AdamW/plain": round(median(ours_adamw) / median(plain), 2),
+            **({"ours compiled tok/s": round(median(ours_compiled)),
+                "ours compiled/plain": round(median(ours_compiled) / median(plain), 2)} if ours_compiled else {}),
             "MFU plain (fp32 peak)": f"{100 * median(plain) * fpt / peak32:.1f}%",
             "MFU ours": f"{100 * median(ours) * fpt / peak:.1f}% of {'bf16' if peak is peak16 else 'fp32'}",
         }
@@ -132,7 +141,7 @@ def main():
     cols = list(rows[0])
     print()
     print(markdown_table(rows, cols))
-    path = write_result("train_speed", {"peak_flops": {"fp32": peak32, "bf16": peak16}, "steps": args.steps,
+    path = write_result(args.name, {"peak_flops": {"fp32": peak32, "bf16": peak16}, "steps": args.steps,
                                         "rounds": args.rounds, "rows": rows})
     print(f"\nwrote {path}")
 

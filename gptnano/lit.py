@@ -55,6 +55,9 @@ class LitLM(L.LightningModule):
         top_k: Sample only among the k most likely characters (None: all).
         top_p: Sample only from the smallest set of characters whose probability adds up to top_p (None: all).
         sample_seed: Seed for sampling, so `predict` is repeatable (None: the global seed).
+        compile: Train through torch.compile (validation and generation stay eager). It
+            compiles on the first step (~20 s for the CPU GPT, a few seconds when cached)
+            and then trains ~15 % faster on the CPU: worth it for long runs only.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class LitLM(L.LightningModule):
         top_k: int | None = None,
         top_p: float | None = None,
         sample_seed: int | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         if learning_rate <= 0 or min_lr < 0 or warmup_steps < 0:
@@ -97,6 +101,7 @@ class LitLM(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._step_seed = None
+        self._train_forward = None  # the compiled forward, built on the first training step
 
     # ----- training -------------------------------------------------------
     def on_train_start(self) -> None:
@@ -113,7 +118,14 @@ class LitLM(L.LightningModule):
             torch.manual_seed(seed)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        logits = self.net(idx)
+        forward = self.net
+        if self.hparams.get("compile") and self.training:
+            if self._train_forward is None:
+                # A compiled *function*, not a module attribute: the checkpoint keeps
+                # the plain state_dict keys of self.net.
+                self._train_forward = torch.compile(self.net.forward)
+            forward = self._train_forward
+        logits = forward(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

