@@ -56,8 +56,9 @@ class LitLM(L.LightningModule):
         top_p: Sample only from the smallest set of characters whose probability adds up to top_p (None: all).
         sample_seed: Seed for sampling, so `predict` is repeatable (None: the global seed).
         compile: Train through torch.compile (validation and generation stay eager). It
-            compiles on the first step (~20 s for the CPU GPT, a few seconds when cached)
-            and then trains ~15 % faster on the CPU: worth it for long runs only.
+            compiles on the first step (~20 s for the CPU GPT, a few seconds when cached);
+            measured on a 2-core CPU: +4 % tok/s for the GPT with Muon, +15 % with AdamW.
+            Worth it for long runs only.
     """
 
     def __init__(
@@ -137,9 +138,10 @@ class LitLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        # Weight decay on every matrix (Linear weights and embeddings: the token
-        # embedding is also the output head, a matrix like any other), none on
-        # biases and LayerNorm gains, which only shift and scale.
+        # AdamW's weight decay on every matrix it trains (Linear weights and embeddings:
+        # the token embedding is also the output head, a matrix like any other), none
+        # on biases and LayerNorm gains, which only shift and scale. With Muon, the
+        # matrices inside the network move to Muon's own group (muon_weight_decay).
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
         if hp.optimizer == "muon" and "fsdp" in type(self.trainer.strategy).__name__.lower():
