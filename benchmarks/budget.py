@@ -1,8 +1,8 @@
 """Quality at a fixed wall-clock budget: every architecture trains for the same
 time (default 5 minutes) through the real `gptnano fit`, one after another on
 the same machine, each with its own configs/<arch>.yaml; max_steps is set so
-the run (and its learning-rate decay) fits the budget at the throughput that
-benchmarks/train_speed.py measured, and --trainer.max_time enforces it.
+the run (and its learning-rate decay) fits the budget at the throughput a short
+probe measures just before, and --trainer.max_time enforces it.
 
 Records per run: best validation loss, bits per char, steps reached, median
 training tok/s and MFU (from TensorBoard), peak resident memory of the process,
@@ -23,22 +23,22 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, corpus_path, load_config, markdown_table, write_result
+from benchmarks.common import RESULTS, ROOT, corpus_path, markdown_table, median, write_result
 from gptnano.plot import plot, read_run, summary
 
 
-def planned_steps(arch: str, minutes: float) -> int | None:
-    """Steps that fit the budget at the throughput train_speed.py measured (90 % of it,
-    leaving time for validation), so the learning rate finishes its decay in time."""
-    speed = RESULTS / "train_speed.json"
-    if not speed.exists():
-        return None
-    row = next((r for r in json.loads(speed.read_text())["rows"] if r["arch"] == arch), None)
-    if row is None:
-        return None
-    cfg = load_config(arch)
-    tokens_per_step = cfg["data"]["batch_size"] * cfg["model"]["net"]["init_args"]["block_size"]
-    return int(0.9 * minutes * 60 * row["ours tok/s"] / tokens_per_step)
+def planned_steps(arch: str, minutes: float) -> int:
+    """Steps that fit the budget at the throughput measured right now (a short probe of
+    the same training path, as in train_speed.py: a shared machine's speed drifts), 90 %
+    of it to leave time for start-up and validation, so the learning rate finishes its
+    decay in time."""
+    from benchmarks.train_speed import ours_segment
+
+    speeds, cli = ours_segment(arch, 40, None)
+    tokens_per_step = cli.datamodule.batch_size * cli.model.net.block_size
+    steps = int(0.9 * minutes * 60 * median(speeds) / tokens_per_step)
+    print(f"  probe: {median(speeds):.0f} tok/s -> {steps} steps", flush=True)
+    return steps
 
 
 def train(arch: str, minutes: float, out: Path) -> dict:
@@ -50,8 +50,7 @@ def train(arch: str, minutes: float, out: Path) -> dict:
     for old in (out / "checkpoints" / f"budget-{arch}", out / "lightning_logs" / f"budget-{arch}"):
         shutil.rmtree(old, ignore_errors=True)  # a fresh run, not a refused second fit into last.ckpt
     steps = planned_steps(arch, minutes)
-    if steps:
-        cmd += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(max(50, steps // 10))]
+    cmd += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(max(50, steps // 10))]
     start = time.time()
     with open(out / f"budget-{arch}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=out, stdout=log, stderr=subprocess.STDOUT)
