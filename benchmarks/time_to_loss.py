@@ -61,16 +61,10 @@ def time_to_target(name: str, args: list[str], target: float, folder: Path) -> d
 
 def recipe_pace(steps: int = 150) -> float:
     """Seconds per iteration of nanoGPT's CPU recipe (fp32, batch 12) in a plain PyTorch loop."""
-    from benchmarks.train_speed import build_ours, plain_segment
-    from gptnano.data import TrainWindows
+    from benchmarks.train_speed import plain_segment, plain_setup
 
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = build_ours("gpt", 1, tmp)
-    data = probe.datamodule
-    data.block_size = probe.model.net.block_size
-    data.setup("fit")
-    windows = TrainWindows(data.splits["train"], data.block_size, 12, 0, 0, lambda: 0)
-    tokens = 12 * data.block_size
+    probe, windows = plain_setup("gpt", batch_size=12)
+    tokens = 12 * probe.model.net.block_size
     return tokens / median(plain_segment(probe.model.net, windows, steps, 1e-3))
 
 

@@ -70,6 +70,17 @@ def ours_segment(arch: str, steps: int, state: dict | None, extra: tuple[str, ..
         return [tokens / (b - a) for a, b in zip(t, t[1:])], cli
 
 
+def plain_setup(arch: str, batch_size: int | None = None):
+    """The CLI-built model of configs/<arch>.yaml and the plain loop's training windows
+    (the config's batch size unless ``batch_size``); returns (cli, windows)."""
+    probe = build_ours(arch, 1, tempfile.mkdtemp())  # only its model and data are used
+    data = probe.datamodule
+    data.block_size = probe.model.net.block_size
+    data.setup("fit")
+    windows = TrainWindows(data.splits["train"], data.block_size, batch_size or data.batch_size, 0, 0, lambda: 0)
+    return probe, windows
+
+
 def plain_segment(net, windows: TrainWindows, steps: int, lr: float):
     """The loop a user writes by hand: fp32, AdamW, clip, step."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
@@ -103,12 +114,8 @@ def main():
     print(f"matmul peak here: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
     rows = []
     for arch in args.archs:
-        probe = build_ours(arch, 1, tempfile.mkdtemp())  # only its model and data are used
+        probe, windows = plain_setup(arch)
         net0 = probe.model.net
-        data = probe.datamodule
-        data.block_size = net0.block_size
-        data.setup("fit")
-        windows = TrainWindows(data.splits["train"], net0.block_size, data.batch_size, 0, 0, lambda: 0)
         plain_net = copy.deepcopy(net0)
         state = copy.deepcopy(net0.state_dict())
         plain, ours, ours_adamw, ours_compiled = [], [], [], []
