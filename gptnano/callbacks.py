@@ -47,6 +47,10 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
+        # Training that ends between two saves (max_steps past the last validation or
+        # last_every_n_steps point) must still leave last.ckpt at its final step.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._restore_sigint()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

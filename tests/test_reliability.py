@@ -90,6 +90,14 @@ def _wait_for(path: Path, proc, timeout=120):
         time.sleep(0.05)
 
 
+def test_last_checkpoint_holds_the_final_step(text_file, tmp_path):
+    """max_steps between two saves (validation every 5, last.ckpt every 100): the end of
+    training still writes last.ckpt at step 7, so `--ckpt_path last` and predict see it."""
+    run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "7",
+             "--trainer.val_check_interval", "5"], tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)["global_step"] == 7
+
+
 def test_sigkill_mid_training_then_resume(text_file, tmp_path):
     args = ["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "100000",
             "--trainer.val_check_interval", "50", "--checkpoint.last_every_n_steps", "1"]
