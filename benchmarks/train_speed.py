@@ -14,8 +14,8 @@ against matrix-product peaks measured here. Writes benchmarks/results/train_spee
 
     python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3] [--compile]
 
---compile adds a third gptnano segment trained through torch.compile (--model.compile true;
-its compile time is not counted: the first steps are warm-up).
+--compile adds gptnano segments trained through torch.compile (--model.compile true), with
+the config's optimizer and with AdamW; compile time is not counted (the first steps are warm-up).
 """
 
 import argparse
@@ -118,7 +118,7 @@ def main():
         net0 = probe.model.net
         plain_net = copy.deepcopy(net0)
         state = copy.deepcopy(net0.state_dict())
-        plain, ours, ours_adamw, ours_compiled = [], [], [], []
+        plain, ours, ours_adamw, ours_compiled, ours_compiled_adamw = [], [], [], [], []
         for _ in range(args.rounds):
             plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate)
             speeds, cli = ours_segment(arch, args.steps, state)
@@ -126,6 +126,8 @@ def main():
             ours_adamw += ours_segment(arch, args.steps, state, ("--model.optimizer", "adamw"))[0]
             if args.compile:
                 ours_compiled += ours_segment(arch, args.steps, state, ("--model.compile", "true"))[0]
+                ours_compiled_adamw += ours_segment(arch, args.steps, state,
+                                                    ("--model.compile", "true", "--model.optimizer", "adamw"))[0]
         precision = str(cli.trainer.precision)
         peak = peak16 if "bf16" in precision else peak32
         fpt = net0.flops_per_token()
@@ -137,14 +139,20 @@ def main():
             "ours AdamW tok/s": round(median(ours_adamw)),
             "ours AdamW/plain": round(median(ours_adamw) / median(plain), 2),
             **({"ours compiled tok/s": round(median(ours_compiled)),
-                "ours compiled/plain": round(median(ours_compiled) / median(plain), 2)} if ours_compiled else {}),
+                "ours compiled/plain": round(median(ours_compiled) / median(plain), 2),
+                "ours compiled AdamW tok/s": round(median(ours_compiled_adamw)),
+                "ours compiled AdamW/plain": round(median(ours_compiled_adamw) / median(plain), 2)}
+               if ours_compiled else {}),
             "MFU plain (fp32 peak)": f"{100 * median(plain) * fpt / peak32:.1f}%",
             "MFU ours": f"{100 * median(ours) * fpt / peak:.1f}% of {'bf16' if peak is peak16 else 'fp32'}",
         }
         rows.append(row)
         print(f"{arch}: plain {row['plain tok/s']} tok/s, ours {row['ours tok/s']} tok/s "
               f"({row['ours/plain']}x), ours with AdamW {row['ours AdamW tok/s']} tok/s ({row['ours AdamW/plain']}x), "
-              f"precision {precision}, {row['MFU ours']}", flush=True)
+              f"precision {precision}, {row['MFU ours']}"
+              + (f"; compiled {row['ours compiled tok/s']} tok/s ({row['ours compiled/plain']}x), "
+                 f"compiled with AdamW {row['ours compiled AdamW tok/s']} tok/s ({row['ours compiled AdamW/plain']}x)"
+                 if ours_compiled else ""), flush=True)
     cols = list(rows[0])
     print()
     print(markdown_table(rows, cols))
