@@ -117,3 +117,29 @@ def test_invalid_hyperparameters_raise(name, bad):
 def test_flops_per_token_is_positive_for_every_model():
     for name in ARCHS:
         assert build(name).flops_per_token() > 6 * 0.5 * build(name).num_params()
+
+
+def test_dropout_is_skipped_only_where_it_would_do_nothing(monkeypatch):
+    """The models' Dropout calls no operator in eval mode or at p = 0 (generation speed),
+    and in training with p > 0 draws exactly the mask nn.Dropout draws."""
+    from torch import nn
+
+    from gptnano.models.layers import Dropout
+
+    x = torch.randn(4, 32)
+    torch.manual_seed(0)
+    expected = nn.Dropout(0.5).train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(0.5).train()(x), expected) and not torch.equal(expected, x)
+
+    def no_dropout(*args, **kwargs):
+        raise AssertionError("F.dropout called")
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", no_dropout)
+    assert Dropout(0.5).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    with pytest.raises(AssertionError, match="F.dropout called"):
+        Dropout(0.5).train()(x)
+    for name in MODELS:  # every architecture uses it, none the plain nn.Dropout
+        kinds = {type(m) for m in build(name, dropout=0.1).modules() if isinstance(m, nn.Dropout)}
+        assert kinds == {Dropout}, (name, kinds)

@@ -13,7 +13,7 @@ from torch import nn
 
 from gptnano.errors import ConfigError
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import MLP, Block, CausalSelfAttention, attention_weights, init_gpt2
+from gptnano.models.layers import MLP, Block, CausalSelfAttention, Dropout, attention_weights, init_gpt2
 
 
 class SenseNetwork(nn.Module):
@@ -91,7 +91,7 @@ class Backpack(LanguageModel):
         self.sense_head_size = n_embd // n_senses  # the alpha heads split the width, like attention heads
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.sense_net = SenseNetwork(n_embd, n_senses, dropout, bias)
         self.blocks = nn.ModuleList(
             Block(n_embd, CausalSelfAttention(n_embd, n_head, dropout, bias, use_sdpa), dropout, bias)

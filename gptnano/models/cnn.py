@@ -12,7 +12,7 @@ from torch import nn
 
 from gptnano.errors import ConfigError
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import init_gpt2
+from gptnano.models.layers import Dropout, init_gpt2
 
 
 def dilation_schedule(n_layer: int, kernel_size: int, block_size: int) -> list[int]:
@@ -82,7 +82,7 @@ class ConvBlock(nn.Module):
         self.ln = nn.LayerNorm(n_embd, bias=bias)
         self.conv = CausalConv1d(n_embd, 2 * n_embd, kernel_size, dilation, bias)
         self.c_proj = nn.Linear(2 * n_embd, n_embd, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def _residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return x + self.drop(self.c_proj(F.gelu(h)))  # h: (B, T, 2C)
@@ -136,7 +136,7 @@ class CNN(LanguageModel):
                 f"could not see the whole context: raise n_layer or kernel_size, or lower block_size"
             )
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(ConvBlock(n_embd, kernel_size, d, dropout, bias) for d in self.dilations)
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)

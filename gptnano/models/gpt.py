@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import Block, CausalSelfAttention, init_gpt2
+from gptnano.models.layers import Block, CausalSelfAttention, Dropout, init_gpt2
 
 
 class GPT(LanguageModel):
@@ -48,7 +48,7 @@ class GPT(LanguageModel):
         self.n_embd = n_embd
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(n_embd, CausalSelfAttention(n_embd, n_head, dropout, bias, use_sdpa), dropout, bias)
             for _ in range(n_layer)

@@ -35,6 +35,15 @@ def init_gpt2(module: nn.Module, n_layer: int) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that is skipped outright when it would do nothing (in eval mode,
+    or with p = 0): a no-op ``nn.Dropout`` still dispatches an operator, ~6 µs on a
+    CPU, which is ~10 % of a cached GPT token during generation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.training and self.p > 0 else x
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout."""
 
@@ -42,7 +51,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
@@ -78,8 +87,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import Block, init_gpt2
+from gptnano.models.layers import Block, Dropout, init_gpt2
 
 
 def elman_scan(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class ElmanMixer(nn.Module):
         self.rnn = ElmanLayer(n_embd, n_hidden, bias, fast)
         # Named c_proj so init_gpt2 scales it like every other residual output projection.
         self.c_proj = nn.Linear(n_hidden, n_embd, bias=bias)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(x)[0]
@@ -151,7 +151,7 @@ class RNN(LanguageModel):
         self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
         self.n_embd, self.n_hidden = n_embd, n_hidden
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(n_embd, ElmanMixer(n_embd, n_hidden, dropout, bias, fast), dropout, bias) for _ in range(n_layer)
         )
