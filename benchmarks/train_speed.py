@@ -35,6 +35,16 @@ from gptnano.data import TrainWindows
 WARMUP = 5
 
 
+# The gptnano segments: extra CLI arguments on top of configs/<arch>.yaml. The last two
+# run only with --compile.
+VARIANTS = {
+    "ours": (),
+    "ours AdamW": ("--model.optimizer", "adamw"),
+    "ours compiled": ("--model.compile", "true"),
+    "ours compiled AdamW": ("--model.compile", "true", "--model.optimizer", "adamw"),
+}
+
+
 class StepTimer(L.Callback):
     """Wall time between consecutive training steps (data, forward, backward, optimizer, hooks)."""
 
@@ -104,7 +114,7 @@ def main():
     ap.add_argument("--archs", nargs="+", default=["gpt", "rnn", "backpack", "cnn"])
     ap.add_argument("--steps", type=int, default=60, help="steps per segment")
     ap.add_argument("--rounds", type=int, default=3, help="alternating plain/ours segments per architecture")
-    ap.add_argument("--compile", action="store_true", help="also time ours with --model.compile true")
+    ap.add_argument("--compile", action="store_true", help="also time ours compiled (--model.compile true), config optimizer and AdamW")
     ap.add_argument("--name", default="train_speed", help="result file: benchmarks/results/NAME.json")
     args = ap.parse_args()
     L.seed_everything(0, verbose=False)
@@ -118,41 +128,26 @@ def main():
         net0 = probe.model.net
         plain_net = copy.deepcopy(net0)
         state = copy.deepcopy(net0.state_dict())
-        plain, ours, ours_adamw, ours_compiled, ours_compiled_adamw = [], [], [], [], []
+        variants = dict(VARIANTS if args.compile else list(VARIANTS.items())[:2])
+        plain, speeds = [], {name: [] for name in variants}
         for _ in range(args.rounds):
             plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate)
-            speeds, cli = ours_segment(arch, args.steps, state)
-            ours += speeds
-            ours_adamw += ours_segment(arch, args.steps, state, ("--model.optimizer", "adamw"))[0]
-            if args.compile:
-                ours_compiled += ours_segment(arch, args.steps, state, ("--model.compile", "true"))[0]
-                ours_compiled_adamw += ours_segment(arch, args.steps, state,
-                                                    ("--model.compile", "true", "--model.optimizer", "adamw"))[0]
-        precision = str(cli.trainer.precision)
+            for name, extra in variants.items():
+                speeds[name] += ours_segment(arch, args.steps, state, extra)[0]
+        precision = str(probe.trainer.precision)  # the config's, as in every "ours" segment
         peak = peak16 if "bf16" in precision else peak32
         fpt = net0.flops_per_token()
-        row = {
-            "arch": arch, "params": net0.num_params(), "precision": precision,
-            "optimizer": probe.model.hparams.optimizer,
-            "plain tok/s": round(median(plain)), "ours tok/s": round(median(ours)),
-            "ours/plain": round(median(ours) / median(plain), 2),
-            "ours AdamW tok/s": round(median(ours_adamw)),
-            "ours AdamW/plain": round(median(ours_adamw) / median(plain), 2),
-            **({"ours compiled tok/s": round(median(ours_compiled)),
-                "ours compiled/plain": round(median(ours_compiled) / median(plain), 2),
-                "ours compiled AdamW tok/s": round(median(ours_compiled_adamw)),
-                "ours compiled AdamW/plain": round(median(ours_compiled_adamw) / median(plain), 2)}
-               if ours_compiled else {}),
-            "MFU plain (fp32 peak)": f"{100 * median(plain) * fpt / peak32:.1f}%",
-            "MFU ours": f"{100 * median(ours) * fpt / peak:.1f}% of {'bf16' if peak is peak16 else 'fp32'}",
-        }
+        row = {"arch": arch, "params": net0.num_params(), "precision": precision,
+               "optimizer": probe.model.hparams.optimizer, "plain tok/s": round(median(plain))}
+        for name, segment in speeds.items():
+            row[f"{name} tok/s"] = round(median(segment))
+            row[f"{name}/plain"] = round(median(segment) / median(plain), 2)
+        row["MFU plain (fp32 peak)"] = f"{100 * median(plain) * fpt / peak32:.1f}%"
+        row["MFU ours"] = f"{100 * median(speeds['ours']) * fpt / peak:.1f}% of {'bf16' if peak is peak16 else 'fp32'}"
         rows.append(row)
-        print(f"{arch}: plain {row['plain tok/s']} tok/s, ours {row['ours tok/s']} tok/s "
-              f"({row['ours/plain']}x), ours with AdamW {row['ours AdamW tok/s']} tok/s ({row['ours AdamW/plain']}x), "
-              f"precision {precision}, {row['MFU ours']}"
-              + (f"; compiled {row['ours compiled tok/s']} tok/s ({row['ours compiled/plain']}x), "
-                 f"compiled with AdamW {row['ours compiled AdamW tok/s']} tok/s ({row['ours compiled AdamW/plain']}x)"
-                 if ours_compiled else ""), flush=True)
+        print(f"{arch}: plain {row['plain tok/s']} tok/s, "
+              + ", ".join(f"{name} {row[f'{name} tok/s']} tok/s ({row[f'{name}/plain']}x)" for name in speeds)
+              + f", precision {precision}, {row['MFU ours']}", flush=True)
     cols = list(rows[0])
     print()
     print(markdown_table(rows, cols))
