@@ -17,44 +17,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from gptnano.errors import UserError
+from gptnano.tokenizer import CharTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_CACHE = Path("data") / "tinyshakespeare" / "input.txt"
-
-
-class CharTokenizer:
-    """Characters <-> integer ids. The vocabulary is the sorted set of characters,
-    kept as one plain string so it travels in a checkpoint without pickle."""
-
-    def __init__(self, vocab: str):
-        if not vocab:
-            raise UserError("the vocabulary is empty: the text has no characters")
-        if len(set(vocab)) != len(vocab):
-            raise UserError("the vocabulary has repeated characters")
-        self.vocab = vocab
-        self.stoi = {ch: i for i, ch in enumerate(vocab)}
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def unknown(self, text: str) -> list[str]:
-        """Characters of ``text`` that are not in the vocabulary, sorted."""
-        return sorted(set(text) - self.stoi.keys())
-
-    def encode(self, text: str) -> torch.Tensor:
-        missing = self.unknown(text)
-        if missing:
-            shown = ", ".join(repr(c) for c in missing)
-            raise UserError(f"characters not in the model's vocabulary: {shown}")
-        return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in ids)
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:

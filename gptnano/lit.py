@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from gptnano.data import CharTokenizer
 from gptnano.errors import UserError
 from gptnano.models.base import LanguageModel
 from gptnano.optim import MuonAdamW, muon_matrices
 from gptnano.sampling import generate
+from gptnano.tokenizer import CharTokenizer
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:

@@ -67,7 +67,6 @@ def main(argv: list[str]) -> None:
     import argparse
 
     from gptnano.checkpoint import load_net
-    from gptnano.data import CharTokenizer
     from gptnano.errors import UserError
     from gptnano.sampling import generate
 
@@ -82,7 +81,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both generations")
     args = ap.parse_args(argv)
 
-    net, vocab = load_net(args.ckpt_path)
+    net, tokenizer, _ = load_net(args.ckpt_path)
+    vocab = tokenizer.vocab
     if not hasattr(net, "sense_logits"):
         raise UserError(f"{args.ckpt_path} holds a {type(net).__name__}, not a Backpack: it has no senses")
     try:
@@ -93,12 +93,12 @@ def main(argv: list[str]) -> None:
         return
     if not 0 <= args.sense < net.n_senses:
         raise UserError(f"--sense must be between 0 and {net.n_senses - 1}")
-    prompt = CharTokenizer(vocab).encode(args.prompt)[None, :]
+    prompt = tokenizer.encode(args.prompt)[None, :]
 
     def sample() -> str:
         g = torch.Generator().manual_seed(args.seed)
         out = generate(net, prompt, args.max_new_tokens, temperature=0.8, generator=g)
-        return "".join(vocab[i] for i in out[0].tolist())
+        return tokenizer.decode(out[0].tolist())
 
     print(f"\n--- all senses (seed {args.seed}) ---\n{sample()}")
     with net.scaled_sense(args.sense, args.scale):
