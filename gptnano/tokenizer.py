@@ -45,6 +45,11 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.vocab[i] for i in ids)
 
+    def stream_decoder(self):
+        """A function ``feed(ids) -> str`` for streaming output: it returns the text of
+        the ids fed so far that is complete (every character id is complete at once)."""
+        return self.decode
+
 
 TOKENIZERS = {"char": CharTokenizer}
 
