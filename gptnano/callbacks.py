@@ -5,28 +5,47 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from gptnano.checkpoint import read_checkpoint
+from gptnano.errors import UserError
+from gptnano.hardware import peak_flops
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, plus: ``last.ckpt`` is also refreshed every
-    ``last_every_n_steps`` optimizer steps (not only at validation), and Ctrl-C
-    or SIGTERM stop training at the end of the current step and save
-    ``last.ckpt`` first, so an interrupted run resumes with ``--ckpt_path last``.
-    Lightning writes checkpoints atomically (temp file, then rename).
+    """Lightning's ModelCheckpoint (``best.ckpt`` and ``last.ckpt`` at every validation),
+    plus: ``last.ckpt`` is also refreshed by wall-clock time (``train_time_interval``)
+    or every ``last_every_n_steps`` steps between validations, and Ctrl-C or SIGTERM stop
+    training at the end of the current step and save ``last.ckpt`` first, so an
+    interrupted run resumes with ``--ckpt_path last``. Files are written atomically
+    (``AtomicCheckpointIO``): a crash leaves the previous or the new file, never half of one.
+
+    Why a subclass: Lightning's own ``train_time_interval`` and ``every_n_train_steps``
+    replace saving at validation (so ``best.ckpt`` would no longer follow the validation
+    loss); here they only refresh ``last.ckpt``, and validations save as usual.
 
     Args:
-        last_every_n_steps: Refresh last.ckpt every this many optimizer steps (0: only at validation).
+        train_time_interval: Refresh last.ckpt at least this often during training (wall clock,
+            e.g. "0:03:00"), so a crash loses at most this much work; None: only at validation.
+        last_every_n_steps: Also refresh last.ckpt every this many optimizer steps (0: off).
     """
 
-    def __init__(self, *args, last_every_n_steps: int = 100, **kwargs):
+    def __init__(self, *args, train_time_interval: timedelta | None = timedelta(minutes=3),
+                 last_every_n_steps: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        if last_every_n_steps < 0 or train_time_interval is not None and train_time_interval.total_seconds() < 0:
+            raise UserError("need last_every_n_steps >= 0 and a non-negative train_time_interval")
         self.last_every_n_steps = last_every_n_steps
+        self.last_interval = train_time_interval
+        self._last_refresh = time.monotonic()
         self._previous_sigint = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -55,11 +74,31 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        n = self.last_every_n_steps
         validation_follows = (batch_idx + 1) % trainer.val_check_batch == 0  # it saves last.ckpt (and best) itself
-        if (self.save_last and n and trainer.global_step % n == 0 and not validation_follows
+        if (self.save_last and not validation_follows and self._refresh_due(trainer)
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _refresh_due(self, trainer) -> bool:
+        n, step = self.last_every_n_steps, trainer.global_step
+        if n and step % n == 0:
+            return True
+        if self.last_interval is None:
+            return False
+        if trainer.world_size > 1:
+            # Every rank must decide alike (saving is collective), so rank 0's clock decides,
+            # broadcast only every log_every_n_steps steps: no collective in most steps.
+            if step % max(1, trainer.log_every_n_steps):
+                return False
+            return trainer.strategy.broadcast(self._interval_passed())
+        return self._interval_passed()
+
+    def _interval_passed(self) -> bool:
+        return time.monotonic() - self._last_refresh >= self.last_interval.total_seconds()
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_refresh = time.monotonic()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
@@ -69,39 +108,21 @@ class Checkpoint(ModelCheckpoint):
         self._restore_sigint()
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, seconds: float = 0.3, device: str = "cpu") -> float:
-    """Best FLOP/s of a matrix product here, over square and model-like shapes:
-    the peak that MFU is measured against (this machine's, not a datasheet's)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = 0.0
-    for m, k, n in [(512, 512, 512), (1024, 1024, 1024), (2048, 128, 512), (2048, 512, 128)]:
-        a = torch.randn(m, k, dtype=dtype, device=device)
-        b = torch.randn(k, n, dtype=dtype, device=device)
-        a @ b
-        end = time.perf_counter() + seconds / 4
-        while time.perf_counter() < end:
-            sync()
-            t = time.perf_counter()
-            a @ b
-            sync()
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
-    return best
-
-
 class Throughput(L.Callback):
     """Tokens per second and model FLOPs utilisation (MFU) in the progress bar and
     the logger, averaged over the last ``window`` steps. MFU compares the model's
-    training FLOPs (``net.flops_per_token()``) with the matrix-product peak of
-    this very machine, measured at the start of training in the run's precision."""
+    training FLOPs (``net.flops_per_token()``) with the device's peak for the run's
+    precision (``gptnano.hardware.peak_flops``: a GPU's datasheet, or measured here).
+    A peak lower than what training really reaches would be a wrong peak, so MFU
+    never reads above 1: the peak is raised to the rate reached, with a warning."""
 
     def __init__(self, window: int = 20, peak_flops: float | None = None):
         self.window, self.peak_flops = window, peak_flops
         self._times: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.peak_flops is None and pl_module.device.type in ("cpu", "cuda"):
-            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-            self.peak_flops = measure_peak_flops(dtype, device=pl_module.device.type)
+        if self.peak_flops is None:
+            self.peak_flops, self.peak_source = peak_flops(pl_module.device, str(trainer.precision))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._times.append(time.perf_counter())
@@ -112,8 +133,18 @@ class Throughput(L.Callback):
         tok_s = tokens / (self._times[-1] - self._times[0])
         pl_module.log("tok_s", tok_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         if self.peak_flops:
-            mfu = tok_s * pl_module.net.flops_per_token() / (self.peak_flops * trainer.world_size)
-            pl_module.log("mfu", mfu, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log("mfu", self.mfu(tok_s * pl_module.net.flops_per_token() / trainer.world_size),
+                          prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def mfu(self, flops_per_s: float) -> float:
+        """Model FLOPs utilisation of one device doing ``flops_per_s``; at most 1."""
+        if flops_per_s > self.peak_flops:
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                rank_zero_warn(f"training reaches {flops_per_s / 1e9:.1f} GFLOP/s, above the peak measured for MFU "
+                               f"({self.peak_flops / 1e9:.1f}): MFU is now measured against the rate reached")
+            self.peak_flops = flops_per_s
+        return flops_per_s / self.peak_flops
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._times.clear()  # validation time is not training throughput
@@ -168,3 +199,37 @@ class PredictionWriter(BasePredictionWriter):
             sys.stdout.write(t + "\n")
         sys.stdout.flush()
         print(f"gptnano: predictions written to {self.path}", file=sys.stderr)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written atomically, read through gptnano's one safe reader.
+
+    Writing: a temporary file in the checkpoint's own folder, flushed to disk, then
+    renamed over the old file. A rename within one file system is atomic, so a process
+    killed at any moment leaves the old checkpoint or the new one, never a torn file.
+    (Lightning's default writes the temporary file in the system's temp folder and moves
+    it: across file systems that move is a copy, which a kill can cut in half.)
+    Reading: ``gptnano.checkpoint.read_checkpoint`` (``weights_only=True``, a known architecture).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path)

@@ -2,11 +2,15 @@
 
 What it adds to LightningCLI: checkpoints in a fixed folder per run
 (``checkpoints/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
-process, hyper-parameters and vocabulary read from ``--ckpt_path`` *before* the
-classes are built (so ``predict --ckpt_path X`` needs nothing else), and
+process; the network's sizes, the vocabulary and the run's settings read from the
+checkpoint that ``--ckpt_path`` names *before* the classes are built (so a run
+resumes, validates and predicts from its checkpoint alone, whatever flags it was
+started with); the precision chosen for the machine when none is given; and
 one-line errors instead of tracebacks for mistakes a user can fix.
 """
 
+import inspect
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,10 +18,12 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
-from gptnano.checkpoint import read_checkpoint
+from gptnano import hardware
+from gptnano.callbacks import AtomicCheckpointIO, Checkpoint, PredictionWriter, TextSample, Throughput
+from gptnano.checkpoint import architecture, read_checkpoint
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
 from gptnano.lit import LitLM
@@ -31,6 +37,43 @@ def _argv_value(args: list[str], flag: str) -> str | None:
         if a.startswith(flag + "="):
             return a.split("=", 1)[1]
     return None
+
+
+def _explicit_keys(args: list[str]) -> set[str]:
+    """The dotted keys typed on the command line (``--model.net.n_layer 2`` -> ``model.net.n_layer``),
+    with jsonargparse's optional ``init_args`` level dropped, so they compare with config keys."""
+    keys = set()
+    for a in args:
+        if a.startswith("--") and a != "--":
+            keys.add(a[2:].split("=", 1)[0].replace(".init_args.", "."))
+    return keys
+
+
+def _known_ckpt_file(args: list[str]) -> str | None:
+    """The checkpoint file ``--ckpt_path`` names, where the command line alone tells it."""
+    ckpt = _argv_value(args, "--ckpt_path")
+    if ckpt not in ("last", "best"):
+        return ckpt
+    folder = _argv_value(args, "--checkpoint.dirpath") or (
+        f"checkpoints/{name}" if (name := _argv_value(args, "--run_name")) else None)
+    path = Path(folder or "", f"{ckpt}.ckpt")
+    return str(path) if folder and path.is_file() else None
+
+
+_MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
+_DATA_ARGS = set(inspect.signature(ShakespeareDataModule.__init__).parameters)
+
+
+def _weights_fit(net, state_dict: dict) -> bool:
+    """Whether ``state_dict`` (as LitLM saves it) has exactly the weights ``net`` needs, shape for shape."""
+    saved = {k.removeprefix("net."): tuple(v.shape) for k, v in state_dict.items() if k.startswith("net.")}
+    return saved == {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def _data_from(hparams: dict) -> dict:
+    """The data module's settings a checkpoint fixes: the tokenizer (its vocabulary and kind)."""
+    saved = {"vocab": hparams.get("vocab") or None, "tokenizer": hparams.get("tokenizer")}
+    return {k: v for k, v in saved.items() if k in _DATA_ARGS and v is not None}
 
 
 class Parser(LightningArgumentParser):
@@ -91,17 +134,20 @@ class GPTNanoCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
-    # ----- a checkpoint supplies defaults, the command line still wins ------
+    # ----- a checkpoint supplies the run's settings, the command line still wins ----
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict):
             return super().parse_arguments(parser, args)
         argv = _architecture_names(sys.argv[1:] if args is None else args)
+        self._explicit = _explicit_keys(argv)
         subcommand = next((a for a in argv if a in self.subcommands()), None)
-        ckpt = self._checked_ckpt = _argv_value(argv, "--ckpt_path")
-        if subcommand and ckpt and ckpt not in ("last", "best"):
+        ckpt = _known_ckpt_file(argv)
+        if subcommand and ckpt:
+            # As defaults, so that `predict --ckpt_path X` needs no --config or --model.net;
+            # before_instantiate_classes then makes the checkpoint win over config files too.
             hparams = read_checkpoint(ckpt)["hyper_parameters"]
-            defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_")}
-            defaults["data.vocab"] = hparams.get("vocab") or None
+            defaults = {f"model.{k}": v for k, v in hparams.items() if k in _MODEL_ARGS}
+            defaults.update({f"data.{k}": v for k, v in _data_from(hparams).items()})
             parser._subcommands_action._name_parser_map[subcommand].set_defaults(defaults)
         self.config = parser.parse_args(argv)
 
@@ -122,18 +168,71 @@ class GPTNanoCLI(LightningCLI):
                                            init_args=Namespace(save_dir="lightning_logs", name=name))
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
-        ckpt = cfg.get("ckpt_path")
+        ckpt, saved = cfg.get("ckpt_path"), None
         if ckpt in ("last", "best"):
             path = folder / f"{ckpt}.ckpt"
             if not path.is_file():
                 action = "resume" if sub == "fit" else sub
                 raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
-            cfg.ckpt_path = str(path)
-        elif ckpt and ckpt != getattr(self, "_checked_ckpt", None):  # given in a config file
-            read_checkpoint(ckpt)
+            cfg.ckpt_path = ckpt = str(path)
+        if ckpt:
+            saved = read_checkpoint(ckpt)
+            self._take_from_checkpoint(cfg, saved, ckpt)
         elif sub == "fit" and (folder / "last.ckpt").exists():
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
+        if cfg.trainer.precision is None:
+            cfg.trainer.precision = self._choose_precision(cfg, saved if sub == "fit" else None)
+
+    def _take_from_checkpoint(self, cfg, ckpt: dict, path: str) -> None:
+        """The run's own settings from its checkpoint, over whatever config files say: the
+        network (the checkpoint's architecture, with its saved arguments, except one typed
+        on the command line that the saved weights still fit, such as dropout), the
+        vocabulary, and the module's other settings unless typed on the command line
+        (sampling options, learning rates: a user may change those)."""
+        hparams = ckpt["hyper_parameters"]
+        cls, init_args = architecture(hparams["net"], path)
+        net = cfg.model.net
+        asked = net.class_path.rsplit(".", 1)[-1]
+        if asked != cls.__name__:
+            raise UserError(f"{path} holds a {cls.__name__} network, but --config or --model.net ask for {asked}: "
+                            f"give the {cls.__name__}'s config, or none")
+        typed = {k: net.init_args.get(k) for k in init_args
+                 if f"model.net.{k}" in self._explicit and net.init_args.get(k) != init_args[k]}
+        if typed and not _weights_fit(cls(**{**init_args, **typed}), ckpt["state_dict"]):
+            shown = ", ".join(f"{k}={v} (saved: {init_args[k]})" for k, v in typed.items())
+            raise UserError(f"{path} cannot take {shown}: its saved weights have other shapes "
+                            "(start a new run with --run_name to change the network)")
+        for key, value in {**init_args, **typed}.items():
+            net.init_args[key] = value
+        for key, value in hparams.items():
+            if key in _MODEL_ARGS and key != "net" and f"model.{key}" not in self._explicit:
+                cfg.model[key] = value
+        for key, value in _data_from(hparams).items():
+            cfg.data[key] = value
+
+    def _choose_precision(self, cfg, resumed: dict | None) -> str:
+        """The precision when none was given: the resumed run's own (bit-exact resume), else
+        what this device does fast. One line says which and why."""
+        device = hardware.device_type(cfg.trainer.accelerator)
+        kept = (resumed or {}).get("gptnano", {})
+        if kept.get("device") == device and kept.get("precision"):
+            precision, why = kept["precision"], "the precision the resumed run trained in"
+        else:
+            precision, why = hardware.resolve_precision(device)
+        if device == "cpu":  # DDP processes started from this one make the same choice without measuring
+            os.environ.setdefault(hardware.FAST_BF16_ENV, "1" if hardware.bf16_verdict("cpu").fast else "0")
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            print(f"gptnano: precision {precision} ({why}); --trainer.precision overrides", file=sys.stderr)
+        return precision
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with checkpoints written atomically and read through the safe reader."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
 
 
 def _tool(name: str):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from gptnano.errors import UserError
+from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.optim import MuonAdamW, muon_matrices
 from gptnano.sampling import generate
@@ -50,6 +51,10 @@ class LitLM(L.LightningModule):
         muon_lr: Muon's peak learning rate (the schedule scales it like learning_rate).
         muon_momentum: Muon's momentum.
         muon_weight_decay: Muon's decoupled weight decay.
+        muon_dtype: dtype of Muon's Newton-Schulz products: "auto" takes bf16 where bf16
+            products are fast on the training device (measured on a CPU; native on
+            Ampere-or-later GPUs) and fp32 elsewhere (a CPU without native bf16 runs them
+            ~75x slower); "bfloat16" or "float32" force one.
         max_new_tokens: Characters to generate per prompt in `predict` (and for TensorBoard samples).
         temperature: Sampling temperature; 0 picks the most likely character (greedy).
         top_k: Sample only among the k most likely characters (None: all).
@@ -76,6 +81,7 @@ class LitLM(L.LightningModule):
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        muon_dtype: Literal["auto", "bfloat16", "float32"] = "auto",
         max_new_tokens: int = 500,
         temperature: float = 0.8,
         top_k: int | None = None,
@@ -103,6 +109,7 @@ class LitLM(L.LightningModule):
         self.test_loss = MeanMetric()
         self._step_seed = None
         self._train_forward = None  # the compiled forward, built on the first training step
+        self._first_bad_step = None  # on the device: the first step whose loss was not finite, or -1
 
     # ----- training -------------------------------------------------------
     def on_train_start(self) -> None:
@@ -112,11 +119,22 @@ class LitLM(L.LightningModule):
             self._step_seed = torch.initial_seed()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if not self._draws_random_numbers():
+            return  # nothing random happens in a step without active dropout: no seeding to pay for
         seed = hash((self._step_seed, self.global_step, self.global_rank)) % 2**63
-        if self.device.type == "cpu":  # torch.manual_seed also seeds every other backend: ~1.7 ms a step
+        # Only the generator this step's dropout draws from (torch.manual_seed would seed
+        # every backend: ~1.7 ms a step on the CPU). Seeding is host-side bookkeeping, no sync.
+        if self.device.type == "cuda":
+            torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+        elif self.device.type == "cpu":
             torch.default_generator.manual_seed(seed)
         else:
             torch.manual_seed(seed)
+
+    def _draws_random_numbers(self) -> bool:
+        if getattr(self, "_random", None) is None:
+            self._random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.net.modules())
+        return self._random
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         forward = self.net
@@ -131,11 +149,45 @@ class LitLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
-        if not torch.isfinite(loss):
-            raise UserError(f"training stopped: the loss became {loss.item()} at step {self.global_step} "
-                            "(lower the learning rate?); the last good checkpoint is kept")
-        self.log("train_loss", loss, prog_bar=True)
+        self._note_if_not_finite(loss.detach())
+        self.log("train_loss", loss)  # read by the logger every log_every_n_steps steps
+        if self._is_logging_step():
+            # The progress bar reads its values at every step, a host-device sync on a GPU,
+            # so it gets the loss at logging steps only.
+            self.log("loss", loss, prog_bar=True, logger=False)
         return loss
+
+    # ----- the NaN guard, without a host-device sync per step --------------
+    # Each step folds "is this loss finite?" into a tensor on the device; the host reads it
+    # at every step on the CPU (free there) and every log_every_n_steps steps elsewhere, and
+    # before every checkpoint, which is also refused if any weight is not finite.
+    def _note_if_not_finite(self, loss: torch.Tensor) -> None:
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(~torch.isfinite(loss) & (first < 0), self.global_step, first)
+
+    def _is_logging_step(self) -> bool:
+        trainer = self._trainer
+        return trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0
+
+    def stop_if_not_finite(self, check_weights: bool = False) -> None:
+        """Raise the one-line error if a loss (or, with ``check_weights``, a weight) is not finite."""
+        if self._first_bad_step is not None and (step := int(self._first_bad_step)) >= 0:
+            raise UserError(f"training stopped: the loss became non-finite at step {step} (lower the learning "
+                            "rate?); no checkpoint was written after it")
+        if check_weights and not torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all():
+            raise UserError(f"training stopped: the weights became non-finite by step {self.global_step} (lower the "
+                            "learning rate?); no checkpoint was written after it")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.device.type == "cpu" or self._is_logging_step():
+            self.stop_if_not_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.stop_if_not_finite(check_weights=True)  # raising here means the file is never written
+        # What the run trained in, so a resume keeps it (gptnano's CLI reads this).
+        checkpoint["gptnano"] = {"precision": str(self.trainer.precision), "device": self.device.type}
 
     def configure_optimizers(self):
         # AdamW's weight decay on every matrix it trains (Linear weights and embeddings:
@@ -162,8 +214,9 @@ class LitLM(L.LightningModule):
         # (Not with fp16's loss scaling: a fused step would see still-scaled gradients when clipping.)
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and not str(self.trainer.precision).startswith("16")
         if muon:
+            ns_dtype = fast_dtype(self.device.type) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
             optimizer = MuonAdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2),
-                                  momentum=hp.muon_momentum, fused=fused)
+                                  momentum=hp.muon_momentum, ns_dtype=ns_dtype, fused=fused)
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
         decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
@@ -214,12 +267,13 @@ class LitLM(L.LightningModule):
         hp = self.hparams
         if self.tokenizer is None:
             raise UserError("this model has no vocabulary to decode with (was it built outside the CLI?)")
+        prompt = prompt.to(self.device)
         generator = None
-        if hp.sample_seed is not None:
+        if hp.sample_seed is not None:  # on the device that samples: multinomial needs them to agree
             generator = torch.Generator(device=prompt.device).manual_seed(hp.sample_seed)
         was_training = self.net.training
         self.net.eval()
-        out = generate(self.net, prompt.to(self.device), hp.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        out = generate(self.net, prompt, hp.max_new_tokens if max_new_tokens is None else max_new_tokens,
                        temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, generator=generator)
         self.net.train(was_training)
         return self.tokenizer.decode(out[0].tolist())

@@ -29,17 +29,18 @@ from torch.optim.adamw import adamw  # torch's functional AdamW: its fused CPU/C
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately ``U V^T`` for ``g = U S V^T`` (one matrix ``[r, c]`` or a stack ``[n, r, c]``).
 
     Each step maps ``X -> a X + (b A + c A^2) X`` with ``A = X X^T``; on the singular
     values that is the polynomial ``a s + b s^3 + c s^5``, which after five steps sends
     every value from (0, 1] into roughly [0.7, 1.2]. Scaling by the Frobenius norm
-    first puts every singular value in (0, 1]. Done in bf16: the result only sets a
-    direction, and bf16 products are the fastest on CPUs and GPUs alike.
+    first puts every singular value in (0, 1]. ``dtype`` is the arithmetic's: bf16 is
+    enough (the result only sets a direction) and fastest where bf16 products are fast;
+    fp32 where they are not (a CPU without native bf16 runs them ~75x slower).
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16().reshape(-1, *g.shape[-2:])  # a stack of matrices
+    x = g.to(dtype).reshape(-1, *g.shape[-2:])  # a stack of matrices
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # work on the short side: A is then the smaller Gram matrix
         x = x.mT
@@ -77,13 +78,15 @@ class MuonAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: AdamW's settings (the defaults of every group).
         momentum: Muon's momentum; the step is taken along the Nesterov look-ahead.
         ns_steps: Newton-Schulz iterations per Muon step.
+        ns_dtype: dtype of the Newton-Schulz products (bf16 where bf16 products are fast).
         fused: use torch's fused AdamW kernel for the AdamW groups (CPU and CUDA).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), eps: float = 1e-8, weight_decay: float = 0.0,
-                 momentum: float = 0.95, ns_steps: int = 5, fused: bool = False):
+                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16, fused: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         ns_steps=ns_steps, fused=fused, muon=False)
+        self.ns_dtype = ns_dtype
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.dim() != 2 for p in group["params"]):
@@ -117,7 +120,7 @@ class MuonAdamW(torch.optim.Optimizer):
             tall = p.size(0) > p.size(1)
             by_shape[tuple(sorted(p.shape))].append((p, update.mT if tall else update, tall))
         for stack in by_shape.values():
-            updates = orthogonalize(torch.stack([u for _, u, _ in stack]), group["ns_steps"])
+            updates = orthogonalize(torch.stack([u for _, u, _ in stack]), group["ns_steps"], dtype=self.ns_dtype)
             for (p, _, tall), u in zip(stack, updates):
                 rows, cols = p.shape
                 p.mul_(1 - lr * wd).add_(u.mT if tall else u, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
