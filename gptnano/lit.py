@@ -186,8 +186,11 @@ class LitLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.stop_if_not_finite(check_weights=True)  # raising here means the file is never written
-        # What the run trained in, so a resume keeps it (gptnano's CLI reads this).
-        checkpoint["gptnano"] = {"precision": str(self.trainer.precision), "device": self.device.type}
+        # What the run trained in: a resume keeps it (gptnano's CLI reads this), and a reader can see it.
+        optimizers = self.trainer.optimizers
+        muon = optimizers[0].ns_dtype if optimizers and isinstance(optimizers[0], MuonAdamW) else None
+        checkpoint["gptnano"] = {"precision": str(self.trainer.precision), "device": self.device.type,
+                                 "muon_dtype": str(muon).removeprefix("torch.") if muon else None}
 
     def configure_optimizers(self):
         # AdamW's weight decay on every matrix it trains (Linear weights and embeddings:

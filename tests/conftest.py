@@ -41,6 +41,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_hardware_choice():
+    """The CLI records its bf16 verdict in the environment for the DDP processes it
+    launches; in-process tests must not hand one test's verdict (or stub) to the next."""
+    from gptnano.hardware import FAST_BF16_ENV, bf16_verdict
+
+    before = os.environ.get(FAST_BF16_ENV)
+    yield
+    if before is None:
+        os.environ.pop(FAST_BF16_ENV, None)
+    else:
+        os.environ[FAST_BF16_ENV] = before
+    bf16_verdict.cache_clear()
+
+
 def scrambled(model):
     """Weights drawn far from their near-zero init, so a mistake shows up as a large
     difference instead of hiding under tiny logits; returned in eval mode."""
@@ -70,7 +85,13 @@ TINY_GPT = [
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):
     """Run `python -m gptnano ARGS` in ``cwd``; return the CompletedProcess."""
+    from gptnano.hardware import FAST_BF16_ENV, bf16_verdict
+
     env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
+    # Every process of a test trains in the same precision: the machine's verdict, measured once
+    # here (a probe in each process could differ on a busy machine, e.g. between the two halves
+    # of a resume test). tests/test_hardware.py tests the probe's decisions themselves.
+    env[FAST_BF16_ENV] = env.get(FAST_BF16_ENV) or ("1" if bf16_verdict("cpu").fast else "0")
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -21,6 +21,9 @@ TINY = {
     "rnn": [a if a != "GPT" else "RNN" for a in TINY_GPT if a not in ("--model.net.n_head", "2")],
     "gpt-muon": [*TINY_GPT, "--model.optimizer", "muon"],  # Muon's momentum buffers must resume too
 }
+# Both precision paths on any machine: as on a CPU with fast bf16, and as on one without.
+FAST_BF16 = {"gpt-muon": "1", "gpt-muon-nobf16": "0"}
+TINY["gpt-muon-nobf16"] = TINY["gpt-muon"]
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
@@ -64,12 +67,18 @@ def test_resume_is_bit_exact(arch, text_file, tmp_path):
               "--trainer.log_every_n_steps", "1", "--checkpoint.last_every_n_steps", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
-    run_cli([*common, "--trainer.max_steps", "16"], straight)
-    run_cli([*common, "--trainer.max_steps", "9"], split)
-    run_cli([*common, "--trainer.max_steps", "16", "--ckpt_path", "last"], split)
+    env = {"GPTNANO_FAST_BF16": FAST_BF16[arch]} if arch in FAST_BF16 else None
+    run_cli([*common, "--trainer.max_steps", "16"], straight, env_extra=env)
+    run_cli([*common, "--trainer.max_steps", "9"], split, env_extra=env)
+    run_cli([*common, "--trainer.max_steps", "16", "--ckpt_path", "last"], split, env_extra=env)
 
     a, b = (_state(d / "checkpoints" / arch.split("-")[0] / "last.ckpt") for d in (straight, split))
     assert a["global_step"] == b["global_step"] == 16
+    if arch in FAST_BF16:  # the run trained, and resumed, in the precision chosen for the machine
+        meta = torch.load(split / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)["gptnano"]
+        fast = FAST_BF16[arch] == "1"
+        assert meta["precision"] == ("bf16-mixed" if fast else "32-true")
+        assert meta["muon_dtype"] == ("bfloat16" if fast else "float32")
     _assert_equal_state(a, b)
     la, lb = _train_losses(straight), _train_losses(split)
     after = [s for s in la if s >= 9]
