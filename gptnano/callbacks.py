@@ -224,6 +224,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:

@@ -181,6 +181,9 @@ class GPTNanoCLI(LightningCLI):
         elif sub == "fit" and (folder / "last.ckpt").exists():
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
+        if sub == "fit" and (cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0):
+            raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
+                            "(the learning rate decays over them)")
         if cfg.trainer.precision is None:
             cfg.trainer.precision = self._choose_precision(cfg, saved if sub == "fit" else None)
 

@@ -83,16 +83,22 @@ TINY_GPT = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):
-    """Run `python -m gptnano ARGS` in ``cwd``; return the CompletedProcess."""
+def cli_env(env_extra: dict | None = None) -> dict:
+    """The environment of a `gptnano` subprocess: no GPTNANO_DATA from the outside, and
+    every process of a test training in the same precision: the machine's verdict, measured
+    once here (a probe in each process could differ on a busy machine, e.g. between the two
+    halves of a resume test; tests/test_hardware.py tests the probe's decisions themselves)."""
     from gptnano.hardware import FAST_BF16_ENV, bf16_verdict
 
     env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
-    # Every process of a test trains in the same precision: the machine's verdict, measured once
-    # here (a probe in each process could differ on a busy machine, e.g. between the two halves
-    # of a resume test). tests/test_hardware.py tests the probe's decisions themselves.
     env[FAST_BF16_ENV] = env.get(FAST_BF16_ENV) or ("1" if bf16_verdict("cpu").fast else "0")
     env.update(env_extra or {})
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):
+    """Run `python -m gptnano ARGS` in ``cwd``; return the CompletedProcess."""
+    env = cli_env(env_extra)
     proc = subprocess.run([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -3,9 +3,11 @@ and determinism. Each test drives the real `gptnano` command in a subprocess."""
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptnano.models import MODELS
-from tests.conftest import TINY_GPT, run_cli
+from tests.conftest import TINY_GPT, cli_env, run_cli
 
 TINY = {
     "gpt": TINY_GPT,
@@ -85,9 +87,8 @@ def test_resume_is_bit_exact(arch, text_file, tmp_path):
     assert after and all(la[s] == lb[s] for s in after), (la, lb)
 
 
-def _start_fit(args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
-    return subprocess.Popen([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
+def _start_fit(args, cwd, env_extra: dict | None = None):
+    return subprocess.Popen([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=cli_env(env_extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -107,22 +108,54 @@ def test_last_checkpoint_holds_the_final_step(text_file, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
-def test_sigkill_mid_training_then_resume(text_file, tmp_path):
-    args = ["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "100000",
-            "--trainer.val_check_interval", "50", "--checkpoint.last_every_n_steps", "1"]
-    last = tmp_path / "checkpoints" / "gpt" / "last.ckpt"
-    rng = random.Random()
-    for _ in range(3):  # kill at random moments of checkpoint-heavy training
-        proc = _start_fit(args + (["--ckpt_path", "last"] if last.exists() else []), tmp_path)
+def _folder_state(folder: Path) -> tuple:
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)))
+    except FileNotFoundError:  # a file renamed away between listing and stat: a change too
+        return ("changing",)
+
+
+def kill_during_writes(args, cwd: Path, folder: Path, rounds: int, seed: int, env: dict) -> list[int]:
+    """Start `gptnano fit ARGS`, watch ``folder`` and SIGKILL the process the moment it changes
+    (a checkpoint write has begun) after a random number of changes; ``rounds`` times, each
+    resuming the last. Returns the step each killed run left in last.ckpt."""
+    rng, steps, last = random.Random(seed), [], folder / "last.ckpt"
+    for _ in range(rounds):
+        proc = _start_fit(args + (["--ckpt_path", "last"] if last.exists() else []), cwd, env)
         _wait_for(last, proc)
-        time.sleep(rng.uniform(0.5, 2.0))
+        before, changes = _folder_state(folder), rng.randint(1, 6)
+        while changes:
+            assert proc.poll() is None, proc.communicate()
+            now = _folder_state(folder)
+            changes -= now != before
+            before = now
         proc.kill()
         proc.wait()
-        step = torch.load(last, weights_only=True)["global_step"]  # never truncated
-        assert step > 0
-    run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", str(step + 5),
-             "--trainer.val_check_interval", "50", "--ckpt_path", "last"], tmp_path)
-    assert torch.load(last, weights_only=True)["global_step"] == step + 5
+        steps.append(torch.load(last, weights_only=True)["global_step"])  # a torn file would not load
+    return steps
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_whole_file(text_file, tmp_path):
+    """Killed again and again while last.ckpt is being written, the file is always whole and
+    the run resumes from it. The checkpoints are large (~30 MB) and rewritten every step, so
+    writing is most of the run; the kill comes the moment the folder changes; and the system
+    temp folder is another file system (/dev/shm), where a writer that builds the file there
+    and moves it over would really copy it, and a kill mid-copy would tear it."""
+    big = [*TINY_GPT, "--model.net.n_embd", "256", "--model.net.n_layer", "3", "--model.net.n_head", "4"]
+    args = ["fit", *big, "--data.path", str(text_file), "--trainer.max_steps", "100000",
+            "--trainer.val_check_interval", "1000", "--checkpoint.last_every_n_steps", "1"]
+    other_fs = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    env = {"TMPDIR": tempfile.mkdtemp(dir=other_fs)}
+    folder = tmp_path / "checkpoints" / "gpt"
+    try:
+        steps = kill_during_writes(args, tmp_path, folder, rounds=4, seed=1, env=env)
+    finally:
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
+    assert steps == sorted(steps) and steps[0] > 0
+    run_cli(["fit", *big, "--data.path", str(text_file), "--trainer.max_steps", str(steps[-1] + 3),
+             "--trainer.val_check_interval", "1000", "--ckpt_path", "last"], tmp_path)
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == steps[-1] + 3
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no temp file left behind
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -148,10 +181,15 @@ def test_non_finite_loss_stops_with_one_line(text_file, tmp_path):
                     "--trainer.gradient_clip_val", "0", "--checkpoint.last_every_n_steps", "1"],
                    tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    line = next(l for l in proc.stderr.splitlines() if "training stopped" in l)
-    step = int(line.split(" at step ")[1].split()[0])
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("gptnano: error: training stopped: the "), line
     ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] <= step  # no checkpoint was written after the bad step
+    if " at step " in line:
+        assert ckpt["global_step"] <= int(line.split(" at step ")[1].split()[0])
+    # The kept checkpoint is a usable one: every weight and optimizer moment finite.
+    tensors = list(ckpt["state_dict"].values())
+    tensors += [t for s in ckpt["optimizer_states"][0]["state"].values() for t in s.values() if t.is_floating_point()]
+    assert tensors and all(torch.isfinite(t).all() for t in tensors)
 
 
 def test_checkpoints_load_with_weights_only(text_file, tmp_path):
