@@ -162,12 +162,13 @@ class TextSample(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
             return
-        rng = torch.get_rng_state()  # sampling must not disturb the training RNG stream
         prompt = torch.zeros(1, 1, dtype=torch.long)
         if "\n" in pl_module.tokenizer.stoi:
             prompt[0, 0] = pl_module.tokenizer.stoi["\n"]
-        text = pl_module.sample(prompt, self.max_new_tokens)
-        torch.set_rng_state(rng)
+        # Sampling must not disturb the training run's random streams: the CPU's and, on a GPU, its own.
+        device = pl_module.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            text = pl_module.sample(prompt, self.max_new_tokens)
         # TensorBoard renders text as markdown: indent to keep line breaks.
         experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)
 

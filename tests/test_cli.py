@@ -91,3 +91,48 @@ def test_compiled_training_matches_eager_and_keeps_plain_checkpoints(text_file, 
     assert sorted(losses["true"]) == sorted(losses["false"]) == [0, 1, 2, 3]
     for step, eager in losses["false"].items():
         assert abs(losses["true"][step] - eager) < 1e-4, (step, losses)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny GPT trained from a text given by GPTNANO_DATA (no --data.path), under its own --run_name."""
+    from tests.conftest import make_text
+
+    work = tmp_path_factory.mktemp("tiny")
+    text = work / "corpus.txt"
+    text.write_text(make_text(), encoding="utf-8")
+    run_cli(["fit", *TINY_GPT, "--run_name", "mine", "--trainer.max_steps", "30", "--trainer.val_check_interval", "30"],
+            work, env_extra={"GPTNANO_DATA": str(text)})
+    return work, text
+
+
+def test_gptnano_data_and_run_name(tiny_run):
+    work, text = tiny_run
+    ckpt = torch.load(work / "checkpoints" / "mine" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["vocab"] == "".join(sorted(set(text.read_text())))  # trained on that file
+    assert list((work / "lightning_logs" / "mine").glob("version_0/events.out.tfevents.*"))
+    assert not (work / "checkpoints" / "gpt").exists() and not (work / "data").exists()  # nothing downloaded
+
+
+def _predict(work, *args) -> str:
+    out = run_cli(["predict", "--ckpt_path", str(work / "checkpoints" / "mine" / "last.ckpt"), *args], work)
+    return out.stdout.rstrip("\n")
+
+
+def test_prompt_file(tiny_run, tmp_path):
+    work, _ = tiny_run
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("KING HENRY:\nGood my lord", encoding="utf-8")
+    sample = _predict(work, "--data.prompt_file", str(prompt), "--model.max_new_tokens", "12")
+    assert sample.startswith("KING HENRY:\nGood my lord") and len(sample) == len(prompt.read_text()) + 12
+
+
+def test_sampling_flags_reach_predict(tiny_run):
+    work, _ = tiny_run
+    n = ["--data.prompt", "ROMEO:", "--model.max_new_tokens", "60"]
+    greedy = _predict(work, *n, "--model.temperature", "0")
+    # top-k 1 and a vanishing top-p leave only the most likely character: greedy, whatever the seed
+    assert _predict(work, *n, "--model.temperature", "1.5", "--model.top_k", "1", "--model.sample_seed", "3") == greedy
+    assert _predict(work, *n, "--model.temperature", "1.5", "--model.top_p", "1e-6", "--model.sample_seed", "4") == greedy
+    hot = [_predict(work, *n, "--model.temperature", "1.5", "--model.sample_seed", s) for s in ("1", "1", "2")]
+    assert hot[0] == hot[1] != hot[2] and hot[0] != greedy  # a seed repeats a sample; another seed changes it

@@ -22,6 +22,7 @@ def test_warmup_then_cosine_to_min():
 
 class _Trainer:
     max_steps, precision, strategy = 100, "bf16-mixed", None
+    global_step, log_every_n_steps, optimizers = 0, 50, []
 
 
 def _lit(**kw):
@@ -112,3 +113,118 @@ def test_cpu_bf16_attention_is_hand_written_and_close_to_fp32(sdpa, monkeypatch)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), exact, atol=2e-2, rtol=2e-2)
     assert not torch.allclose(y.float(), exact, atol=1e-6)  # it really ran in bf16
+
+
+def _as_if_on_a_gpu(lit, monkeypatch):
+    """Every branch LitLM takes by device sees CUDA (the tensors stay on the CPU)."""
+    monkeypatch.setattr(type(lit), "device", property(lambda self: torch.device("cuda", 0)))
+
+
+def test_a_training_step_never_waits_for_the_device(monkeypatch):
+    """No host-device synchronisation in a steady-state step: nothing reads a tensor's value
+    (item, bool, tolist) outside the logging steps."""
+    lit = _lit()
+    _as_if_on_a_gpu(lit, monkeypatch)
+    monkeypatch.setattr(lit, "log", lambda *a, **k: None)
+    batch = (torch.randint(10, (2, 8)), torch.randint(10, (2, 8)))
+    for step in (1, 2, 3):
+        lit._trainer.global_step = step
+        for name in ("item", "__bool__", "tolist", "__int__", "__float__"):
+            monkeypatch.setattr(torch.Tensor, name, lambda *a: pytest.fail("host-device sync in a training step"))
+        lit.on_train_batch_start(batch, 0)
+        lit.training_step(batch, 0)
+        lit.on_train_batch_end(None, batch, 0)
+        monkeypatch.undo()
+        _as_if_on_a_gpu(lit, monkeypatch)
+        monkeypatch.setattr(lit, "log", lambda *a, **k: None)
+
+
+def test_a_non_finite_loss_between_checks_still_blocks_every_later_checkpoint(monkeypatch):
+    lit = _lit()
+    _as_if_on_a_gpu(lit, monkeypatch)
+    lit._trainer.global_step = 3  # not a logging step (every 50): the host does not look now
+    lit._note_if_not_finite(torch.tensor(float("nan")))
+    lit.on_train_batch_end(None, None, 0)  # no check here on a GPU ...
+    lit._trainer.global_step = 4
+    lit._note_if_not_finite(torch.tensor(1.0))  # a later finite loss does not clear it
+    with pytest.raises(UserError, match="non-finite at step 3"):
+        lit.on_save_checkpoint({})  # ... but no checkpoint is ever written after it
+    lit._trainer.global_step = 50
+    with pytest.raises(UserError, match="non-finite at step 3"):
+        lit.on_train_batch_end(None, None, 0)  # and the next logging step stops the run
+
+
+def test_non_finite_weights_are_never_checkpointed():
+    lit = _lit()
+    lit.on_save_checkpoint({})  # finite: fine
+    with torch.no_grad():
+        lit.net.wte.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="weights became non-finite"):
+        lit.on_save_checkpoint({})
+
+
+def test_sampling_draws_on_the_device_that_samples(monkeypatch):
+    """The prompt goes to the model's device before the seeded generator is made for it, so
+    multinomial always gets probabilities and a generator on one device."""
+    import gptnano.lit as lit_module
+
+    seen = {}
+
+    def fake_generate(net, prompt, n, generator=None, **kw):
+        seen["prompt"], seen["generator"] = prompt.device, generator.device
+        return prompt
+
+    monkeypatch.setattr(lit_module, "generate", fake_generate)
+    lit = _lit(sample_seed=3)
+    lit.sample(torch.zeros(1, 1, dtype=torch.long))
+    assert seen["prompt"] == seen["generator"] == lit.device
+
+
+def test_text_sample_leaves_the_random_streams_as_it_found_them(monkeypatch):
+    from gptnano.callbacks import TextSample
+
+    class Experiment:
+        def add_text(self, tag, text, step):
+            self.text = text
+
+    class Trainer:
+        sanity_checking, is_global_zero, global_step = False, True, 7
+        state = type("State", (), {"fn": "fit"})()
+        logger = type("Logger", (), {"experiment": Experiment()})()
+
+    lit = _lit()  # no sample_seed: sampling draws from the global stream
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    TextSample(max_new_tokens=20).on_validation_end(Trainer(), lit)
+    assert len(Trainer.logger.experiment.text) > 20
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("sdpa_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_takes_sdpa_on_a_gpu_compiled_or_not(sdpa_dtype):
+    from gptnano.models.layers import hand_written_is_faster
+
+    assert not hand_written_is_faster("cuda", sdpa_dtype, compiling=False)
+    assert not hand_written_is_faster("cuda", sdpa_dtype, compiling=True)
+    assert hand_written_is_faster("cpu", torch.float32, compiling=True)
+    assert hand_written_is_faster("cpu", torch.bfloat16, compiling=False)
+    assert not hand_written_is_faster("cpu", torch.float32, compiling=False)
+
+
+def test_last_checkpoint_refreshes_by_wall_clock(monkeypatch):
+    from datetime import timedelta
+
+    import gptnano.callbacks as callbacks
+
+    clock = [1000.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    ckpt = callbacks.Checkpoint(train_time_interval=timedelta(minutes=3))
+    trainer = type("T", (), {"global_step": 5, "world_size": 1, "log_every_n_steps": 50})()
+    assert not ckpt._refresh_due(trainer)
+    clock[0] += 179
+    assert not ckpt._refresh_due(trainer)
+    clock[0] += 1
+    assert ckpt._refresh_due(trainer)  # 3 minutes since the start: refresh last.ckpt
+    assert callbacks.Checkpoint(train_time_interval=None, last_every_n_steps=5)._refresh_due(trainer)
+    assert not callbacks.Checkpoint(train_time_interval=None)._refresh_due(trainer)

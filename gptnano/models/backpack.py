@@ -65,7 +65,7 @@ class Backpack(LanguageModel):
         dropout: Dropout probability in the contextualization and sense networks.
         bias: Use biases in Linear and LayerNorm layers.
         use_sdpa: Contextualization attention through torch's fused kernel (same result;
-            not under bf16 on the CPU, nor under torch.compile, where the hand-written lines are faster).
+            not on the CPU under bf16 or torch.compile, where the hand-written lines are faster).
     """
 
     def __init__(

@@ -25,9 +25,9 @@ class GPT(LanguageModel):
         dropout: Dropout probability on embeddings, attention weights and residual branches.
         bias: Use biases in Linear and LayerNorm layers (GPT-2 does).
         use_sdpa: Compute attention with torch's fused scaled_dot_product_attention
-            instead of the hand-written softmax(QK^T/sqrt(d))V (same result). Under bf16
-            on the CPU, and under torch.compile, the hand-written lines run either way:
-            they are the faster path there.
+            instead of the hand-written softmax(QK^T/sqrt(d))V (same result). On the CPU
+            under bf16 or torch.compile the hand-written lines run either way: they are
+            the faster path there (layers.hand_written_is_faster).
     """
 
     def __init__(

@@ -70,6 +70,16 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, causal_offset: int) -> t
     return att.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
+def hand_written_is_faster(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
+    """Where the hand-written attention beats ``F.scaled_dot_product_attention``: on the CPU
+    only. In bf16 there, SDPA's bf16 kernel is several times slower than fp32 at these head
+    sizes, and SDPA in fp32 (casting q, k, v up) costs the whole CPU GPT step ~6 % against
+    bf16 products around a softmax that accumulates in fp32; under torch.compile the
+    hand-written lines fuse into a few kernels (README, "Training speed"). On a GPU, SDPA's
+    flash / memory-efficient kernels never build the (B, H, T, T) matrix: always SDPA there."""
+    return device_type == "cpu" and (dtype == torch.bfloat16 or compiling)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, written out by hand.
 
@@ -97,13 +107,7 @@ class CausalSelfAttention(nn.Module):
         return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
 
     def _attend(self, q, k, v, causal_offset: int) -> torch.Tensor:
-        # On the CPU in bf16 the hand-written lines are the fast path: SDPA's bf16
-        # kernel is several times slower than fp32 at these head sizes, and SDPA in
-        # fp32 (casting q, k, v up) costs the whole CPU GPT step ~6 % against bf16
-        # products around a softmax that accumulates in fp32; under torch.compile the
-        # hand-written lines also fuse into a few kernels (README, "Training speed").
-        hand = q.device.type == "cpu" and q.dtype == torch.bfloat16 or torch.compiler.is_compiling()
-        if self.use_sdpa and not hand:
+        if self.use_sdpa and not hand_written_is_faster(q.device.type, q.dtype, torch.compiler.is_compiling()):
             p = self.dropout if self.training else 0.0
             if causal_offset == 0 and q.size(-2) == k.size(-2):
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
