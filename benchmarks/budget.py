@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, corpus_path, markdown_table, median, write_result
+from benchmarks.common import RESULTS, ROOT, announce_machine, corpus_path, markdown_table, median, write_result
 from gptnano.plot import plot, read_run, summary
 
 
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--replot", action="store_true",
                     help="no training: rebuild the table and plot from the runs' logs and the saved budget.json")
     args = ap.parse_args()
+    announce_machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

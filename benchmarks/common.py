@@ -3,14 +3,12 @@
 import importlib
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
-import torch
 import yaml
 
-from gptnano.callbacks import measure_peak_flops  # noqa: F401  re-exported for the scripts
+from gptnano.hardware import machine_info, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,19 +47,25 @@ def rss_mb() -> float:
 
 
 def write_result(name: str, payload: dict) -> Path:
+    """benchmarks/results/NAME.json, with where it was measured (CPU model, its capability,
+    whether bf16 is fast there, threads, torch) in front."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
-        **payload,
-    }
+    payload = {"machine": machine_info(), **payload}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")  # write then rename: never a half-written result
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 
+def announce_machine() -> None:
+    """The first line of every benchmark's output: the machine its numbers come from."""
+    print(f"machine: {machine_line()}", flush=True)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """A markdown table of ``rows``, captioned with the machine it was measured on."""
+    out = [f"Measured on: {machine_line()}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         out.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(out)

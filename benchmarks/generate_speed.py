@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import build_net, markdown_table, median, write_result
+from benchmarks.common import announce_machine, build_net, markdown_table, median, write_result
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import generate, generate_naive
 
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=255, help="new tokens (prompt is 1 token)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    announce_machine()
     torch.manual_seed(0)
     rows = []
     for arch in args.archs:

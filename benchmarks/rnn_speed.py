@@ -16,7 +16,6 @@ Prints one line per shape and a markdown table, and writes
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptnano.hardware import machine_info, machine_line
 from gptnano.models.rnn import ElmanLayer
 
 # (E input width, H hidden size, L layers, B batch, T sequence length)
@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before:.2f}")
+    print(f"machine: {machine_line()}; load average {load_before:.2f}")
     rows = []
     for shape in SHAPES:
         r = bench_shape(*shape, steps=args.steps, warmup=args.warmup)
@@ -137,16 +137,14 @@ def main() -> None:
         )
         rows.append(r)
     print()
+    print(f"Measured on: {machine_line()}\n")
     print(markdown(rows))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(
         benchmark="rnn_speed",
         what="training step (forward + backward + AdamW) of an L-layer Elman stack, median ms",
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine=platform.machine(),
-        processor=platform.processor(),
+        machine=machine_info(),
         load_average_before=load_before,
         load_average_after=os.getloadavg()[0],
         steps=args.steps,

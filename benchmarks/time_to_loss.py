@@ -17,6 +17,13 @@ Writes benchmarks/results/time_to_loss.json.
 
     python -m benchmarks.time_to_loss [--target 1.88] [--runs default recipe]
                                       [--extra ARGS...]   # appended to every run, e.g. a sweep
+                                      [--device cuda]
+
+--device cuda does the same on a GPU with configs/gpu/gpt.yaml (nanoGPT's "baby GPT") and a
+target of 1.47 (nanoGPT's documented 1.4697 for it): the recipe is then nanoGPT's GPU one
+(AdamW, lr 1e-3 -> 1e-4, 5000 steps), its plain loop compiled with bf16 autocast (as
+nanoGPT's train.py), and its yardstick that loop's pace over 1750 iterations, where nanoGPT's
+own run on an H100 first estimated a loss <= 1.47 (20-batch estimate, iteration 1750).
 """
 
 import argparse
@@ -27,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, corpus_path, markdown_table, median, write_result
+from benchmarks.common import announce_machine, corpus_path, markdown_table, median, write_result
 from gptnano.plot import read_run
 
 RUNS = {
@@ -35,10 +42,17 @@ RUNS = {
     "recipe": ["--model.optimizer", "adamw", "--trainer.precision", "32-true", "--data.batch_size", "12", "--model.learning_rate", "1e-3",
                "--model.min_lr", "1e-4", "--trainer.max_steps", "2000"],
 }
+# On a GPU: the GPU config as it is, and nanoGPT's baby-GPT recipe (the config's sizes, AdamW, 5000 steps).
+GPU_RUNS = {"default": [], "recipe": ["--model.optimizer", "adamw", "--trainer.max_steps", "5000"]}
+# Per device: the target loss, the recipe's batch size and its iterations to that target.
+YARDSTICK = {"cpu": (1.88, 12, 2000), "cuda": (1.47, 64, 1750)}
 
 
-def time_to_target(name: str, args: list[str], target: float, folder: Path) -> dict:
-    cmd = [sys.executable, "-m", "gptnano", "fit", "--config", str(ROOT / "configs" / "gpt.yaml"),
+def time_to_target(name: str, args: list[str], target: float, folder: Path, device: str = "cpu") -> dict:
+    from benchmarks.train_speed import config
+
+    cmd = [sys.executable, "-m", "gptnano", "fit", "--config", config("gpt", device),
+           "--trainer.accelerator", "gpu" if device == "cuda" else "cpu",
            "--data.path", corpus_path(), "--run_name", name, "--trainer.enable_progress_bar", "false", *args]
     print("$ " + shlex.join(cmd[1:]), flush=True)
     start = time.time()
@@ -59,42 +73,50 @@ def time_to_target(name: str, args: list[str], target: float, folder: Path) -> d
     }
 
 
-def recipe_pace(steps: int = 150) -> float:
-    """Seconds per iteration of nanoGPT's CPU recipe (fp32, batch 12) in a plain PyTorch loop."""
+def recipe_pace(device: str = "cpu", steps: int = 150) -> float:
+    """Seconds per iteration of nanoGPT's recipe in a plain PyTorch loop: on the CPU fp32 at
+    batch 12; on a GPU compiled, bf16, batch 64 (benchmarks.train_speed.plain_segment)."""
     from benchmarks.train_speed import plain_segment, plain_setup
 
-    probe, windows = plain_setup("gpt", batch_size=12)
-    tokens = 12 * probe.model.net.block_size
-    return tokens / median(plain_segment(probe.model.net, windows, steps, 1e-3))
+    batch = YARDSTICK[device][1]
+    probe, windows = plain_setup("gpt", batch_size=batch, device=device)
+    tokens = batch * probe.model.net.block_size
+    return tokens / median(plain_segment(probe.model.net, windows, steps, 1e-3, device))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--target", type=float, help="validation loss to reach (default: 1.88 on the CPU, 1.47 on a GPU)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--extra", default="", help="extra `gptnano fit` arguments for every run, as one string")
     ap.add_argument("--keep", help="folder for the runs' logs and checkpoints (default: a temporary one)")
     args = ap.parse_args()
+    announce_machine()
+    target, _, iterations = YARDSTICK[args.device]
+    args.target = args.target or target
+    runs = GPU_RUNS if args.device == "cuda" else RUNS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for name in args.runs:
-            row = time_to_target(name, RUNS[name] + shlex.split(args.extra), args.target, folder)
+            row = time_to_target(name, runs[name] + shlex.split(args.extra), args.target, folder, args.device)
             print(row, flush=True)
             rows.append(row)
-    pace = recipe_pace()
-    yardstick = 2000 * pace
-    print(f"nanoGPT's recipe in a plain fp32 loop: {1000 * pace:.1f} ms/iteration, "
-          f"{yardstick:.1f} s for its 2000 iterations (no start-up, no evaluation)")
+    pace = recipe_pace(args.device)
+    yardstick = iterations * pace
+    print(f"nanoGPT's recipe in a plain loop: {1000 * pace:.1f} ms/iteration, "
+          f"{yardstick:.1f} s for {iterations} iterations (no start-up, no evaluation)")
     for row in rows:
         t = row[f"time to {args.target} (s)"]
         row["/ recipe in plain loop"] = round(t / yardstick, 2) if isinstance(t, float) else ""
     print()
     print(markdown_table(rows, list(rows[0])))
     if not args.extra:
-        path = write_result("time_to_loss", {"target": args.target, "recipe_plain_loop_s": round(yardstick, 1),
-                                             "rows": rows})
+        name = "time_to_loss" if args.device == "cpu" else f"time_to_loss_{args.device}"
+        path = write_result(name, {"device": args.device, "target": args.target, "recipe_iterations": iterations,
+                                   "recipe_plain_loop_s": round(yardstick, 1), "rows": rows})
         print(f"\nwrote {path}")
 
 

@@ -13,12 +13,19 @@ and reports median tokens/s of each, the ratios, and model FLOPs utilisation
 against matrix-product peaks measured here. Writes benchmarks/results/train_speed.json.
 
     python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3] [--compile]
+                                     [--device cuda]
 
 --compile adds gptnano segments trained through torch.compile (--model.compile true), with
 the config's optimizer and with AdamW; compile time is not counted (the first steps are warm-up).
+
+--device cuda times the GPU configs (configs/gpu/<arch>.yaml, nanoGPT's "baby GPT" dimensions)
+on the GPU, and the plain loop becomes what nanoGPT's train.py does there: torch.compile,
+bf16 autocast, fused AdamW, pinned batches copied without blocking. On a GPU each segment is
+timed as a whole between two synchronisations (a step's host-side time is not its GPU time).
 """
 
 import argparse
+import contextlib
 import copy
 import os
 import tempfile
@@ -28,9 +35,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ROOT, corpus_path, markdown_table, measure_peak_flops, median, write_result
+from benchmarks.common import ROOT, announce_machine, corpus_path, markdown_table, median, write_result
 from gptnano.cli import GPTNanoCLI
 from gptnano.data import TrainWindows
+from gptnano.hardware import measured_peak, peak_flops
 
 WARMUP = 5
 
@@ -45,18 +53,51 @@ VARIANTS = {
 }
 
 
-class StepTimer(L.Callback):
-    """Wall time between consecutive training steps (data, forward, backward, optimizer, hooks)."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self):
-        self.times = []
+
+class Clock:
+    """End times of training steps, and the tokens/s they give. On the CPU every step is timed
+    and each gives a rate (their median resists a busy moment); on a GPU the clock is read only
+    after the warm-up and after the last step, each time after a synchronisation (a step's
+    host-side time says nothing of its GPU time), and the stretch gives one rate."""
+
+    def __init__(self, device: str, steps: int):
+        self.device, self.steps, self.marks = device, steps, []
+
+    def tick(self, step: int) -> None:
+        """Step ``step`` (0-based) has just ended."""
+        if self.device == "cuda" and step not in (WARMUP, self.steps - 1):
+            return
+        _sync(self.device)
+        self.marks.append((step, time.perf_counter()))
+
+    def rates(self, tokens_per_step: int) -> list[float]:
+        marks = [(s, t) for s, t in self.marks if s >= WARMUP]
+        return [tokens_per_step * (s1 - s0) / (t1 - t0) for (s0, t0), (s1, t1) in
+                ([(marks[0], marks[-1])] if self.device == "cuda" else zip(marks, marks[1:]))]
+
+
+class StepTimer(L.Callback):
+    """The clock of gptnano's training steps (data, forward, backward, optimizer, hooks)."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter())
+        self.clock.tick(trainer.global_step - 1)
 
 
-def build_ours(arch: str, steps: int, folder: str, extra: tuple[str, ...] = ()):
-    cli = GPTNanoCLI(args=["--config", str(ROOT / "configs" / f"{arch}.yaml"), "--data.path", corpus_path(),
+def config(arch: str, device: str = "cpu") -> str:
+    return str(ROOT / "configs" / ("gpu" if device == "cuda" else "") / f"{arch}.yaml")
+
+
+def build_ours(arch: str, steps: int, folder: str, extra: tuple[str, ...] = (), device: str = "cpu"):
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    cli = GPTNanoCLI(args=["--config", config(arch, device), "--trainer.accelerator", accelerator,
+                           "--data.path", corpus_path(),
                            "--trainer.max_steps", str(steps),
                            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -64,26 +105,24 @@ def build_ours(arch: str, steps: int, folder: str, extra: tuple[str, ...] = ()):
     return cli
 
 
-def ours_segment(arch: str, steps: int, state: dict | None, extra: tuple[str, ...] = ()):
+def ours_segment(arch: str, steps: int, state: dict | None, extra: tuple[str, ...] = (), device: str = "cpu"):
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)  # logs and checkpoints go to the temporary folder
-        cli = build_ours(arch, steps, folder, extra)
+        cli = build_ours(arch, steps, folder, extra, device)
         if state is not None:
             cli.model.net.load_state_dict(state)
-        timer = StepTimer()
-        cli.trainer.callbacks.append(timer)
+        clock = Clock(device, steps)
+        cli.trainer.callbacks.append(StepTimer(clock))
         cli.trainer.fit(cli.model, cli.datamodule)
         os.chdir(here)
-        t = timer.times[WARMUP:]
-        tokens = cli.datamodule.batch_size * cli.model.net.block_size
-        return [tokens / (b - a) for a, b in zip(t, t[1:])], cli
+        return clock.rates(cli.datamodule.batch_size * cli.model.net.block_size), cli
 
 
-def plain_setup(arch: str, batch_size: int | None = None):
-    """The CLI-built model of configs/<arch>.yaml and the plain loop's training windows
-    (the config's batch size unless ``batch_size``); returns (cli, windows)."""
-    probe = build_ours(arch, 1, tempfile.mkdtemp())  # only its model and data are used
+def plain_setup(arch: str, batch_size: int | None = None, device: str = "cpu"):
+    """The CLI-built model of configs/<arch>.yaml (configs/gpu/ for a GPU) and the plain loop's
+    training windows (the config's batch size unless ``batch_size``); returns (cli, windows)."""
+    probe = build_ours(arch, 1, tempfile.mkdtemp(), device=device)  # only its model and data are used
     data = probe.datamodule
     data.block_size = probe.model.net.block_size
     data.setup("fit")
@@ -91,22 +130,30 @@ def plain_setup(arch: str, batch_size: int | None = None):
     return probe, windows
 
 
-def plain_segment(net, windows: TrainWindows, steps: int, lr: float):
-    """The loop a user writes by hand: fp32, AdamW, clip, step."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
-    net.train()
-    times = []
+def plain_segment(net, windows: TrainWindows, steps: int, lr: float, device: str = "cpu"):
+    """The loop a user writes by hand: AdamW, clip, step. On the CPU in fp32, as a user writes
+    it; on a GPU as nanoGPT's train.py does: compiled, bf16 autocast, fused AdamW, batches
+    pinned and copied without blocking, TF32 for what stays in fp32."""
+    gpu = device == "cuda"
+    net = net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1, fused=gpu or None)
+    model = torch.compile(net) if gpu else net
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    clock = Clock(device, steps)
     for step in range(steps):
         x, y = windows.batch(step)
-        logits = net(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if gpu:
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        with autocast:
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        times.append(time.perf_counter())
-    t = times[WARMUP:]
-    return [x.numel() / (b - a) for a, b in zip(t, t[1:])]
+        clock.tick(step)
+    return clock.rates(x.numel())
 
 
 def main():
@@ -116,34 +163,39 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating plain/ours segments per architecture")
     ap.add_argument("--compile", action="store_true", help="also time ours compiled (--model.compile true), config optimizer and AdamW")
     ap.add_argument("--name", default="train_speed", help="result file: benchmarks/results/NAME.json")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the GPU configs on the GPU, against a compiled bf16 plain loop")
     args = ap.parse_args()
+    announce_machine()
     L.seed_everything(0, verbose=False)
+    device = args.device
 
-    peak32 = measure_peak_flops(torch.float32)
-    peak16 = measure_peak_flops(torch.bfloat16)
+    peak32 = measured_peak(torch.float32, device)
+    peak16 = measured_peak(torch.bfloat16, device)
     print(f"matmul peak here: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
     rows = []
     for arch in args.archs:
-        probe, windows = plain_setup(arch)
+        probe, windows = plain_setup(arch, device=device)
         net0 = probe.model.net
         plain_net = copy.deepcopy(net0)
         state = copy.deepcopy(net0.state_dict())
         variants = dict(VARIANTS if args.compile else list(VARIANTS.items())[:2])
         plain, speeds = [], {name: [] for name in variants}
         for _ in range(args.rounds):
-            plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate)
+            plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate, device)
             for name, extra in variants.items():
-                speeds[name] += ours_segment(arch, args.steps, state, extra)[0]
-        precision = str(probe.trainer.precision)  # the config's, as in every "ours" segment
-        peak = peak16 if "bf16" in precision else peak32
+                speeds[name] += ours_segment(arch, args.steps, state, extra, device)[0]
+        precision = str(probe.trainer.precision)  # as every "ours" segment resolves it
+        peak = peak_flops(device, precision)[0]
+        plain_peak = peak_flops(device, "bf16-mixed" if device == "cuda" else "32-true")[0]  # the plain loop's
         fpt = net0.flops_per_token()
         row = {"arch": arch, "params": net0.num_params(), "precision": precision,
                "optimizer": probe.model.hparams.optimizer, "plain tok/s": round(median(plain))}
         for name, segment in speeds.items():
             row[f"{name} tok/s"] = round(median(segment))
             row[f"{name}/plain"] = round(median(segment) / median(plain), 2)
-        row["MFU plain (fp32 peak)"] = f"{100 * median(plain) * fpt / peak32:.1f}%"
-        row["MFU ours"] = f"{100 * median(speeds['ours']) * fpt / peak:.1f}% of {'bf16' if peak is peak16 else 'fp32'}"
+        row["MFU plain"] = f"{100 * median(plain) * fpt / plain_peak:.1f}%"
+        row["MFU ours"] = f"{100 * median(speeds['ours']) * fpt / peak:.1f}%"
         rows.append(row)
         print(f"{arch}: plain {row['plain tok/s']} tok/s, "
               + ", ".join(f"{name} {row[f'{name} tok/s']} tok/s ({row[f'{name}/plain']}x)" for name in speeds)
@@ -151,7 +203,7 @@ def main():
     cols = list(rows[0])
     print()
     print(markdown_table(rows, cols))
-    path = write_result(args.name, {"peak_flops": {"fp32": peak32, "bf16": peak16}, "steps": args.steps,
+    path = write_result(args.name, {"device": device, "peak_flops": {"fp32": peak32, "bf16": peak16}, "steps": args.steps,
                                         "rounds": args.rounds, "rows": rows})
     print(f"\nwrote {path}")
 
