@@ -110,6 +110,7 @@ class LitLM(L.LightningModule):
         self._step_seed = None
         self._train_forward = None  # the compiled forward, built on the first training step
         self._first_bad_step = None  # on the device: the first step whose loss was not finite, or -1
+        self._random = None  # whether a training step draws random numbers (active dropout)
 
     # ----- training -------------------------------------------------------
     def on_train_start(self) -> None:
@@ -132,7 +133,7 @@ class LitLM(L.LightningModule):
             torch.manual_seed(seed)
 
     def _draws_random_numbers(self) -> bool:
-        if getattr(self, "_random", None) is None:
+        if self._random is None:
             self._random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.net.modules())
         return self._random
 
