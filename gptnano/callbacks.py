@@ -132,9 +132,8 @@ class TextSample(L.Callback):
         if not hasattr(experiment, "add_text"):
             return
         rng = torch.get_rng_state()  # sampling must not disturb the training RNG stream
-        prompt = torch.zeros(1, 1, dtype=torch.long)
-        if "\n" in pl_module.tokenizer.stoi:
-            prompt[0, 0] = pl_module.tokenizer.stoi["\n"]
+        tokenizer = pl_module.tokenizer
+        prompt = tokenizer.encode("\n")[None, :] if not tokenizer.unknown("\n") else torch.zeros(1, 1, dtype=torch.long)
         text = pl_module.sample(prompt, self.max_new_tokens)
         torch.set_rng_state(rng)
         # TensorBoard renders text as markdown: indent to keep line breaks.

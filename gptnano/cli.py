@@ -90,6 +90,7 @@ class GPTNanoCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 10})
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.tokenizer_kind", "model.tokenizer", apply_on="instantiate")
 
     # ----- a checkpoint supplies defaults, the command line still wins ------
     def parse_arguments(self, parser, args) -> None:
@@ -102,6 +103,7 @@ class GPTNanoCLI(LightningCLI):
             hparams = read_checkpoint(ckpt)["hyper_parameters"]
             defaults = {f"model.{k}": v for k, v in hparams.items() if not k.startswith("_")}
             defaults["data.vocab"] = hparams.get("vocab") or None
+            defaults["data.tokenizer"] = hparams.get("tokenizer", "char")
             parser._subcommands_action._name_parser_map[subcommand].set_defaults(defaults)
         self.config = parser.parse_args(argv)
 
