@@ -1,7 +1,7 @@
 """The text: getting it, its tokenizer, the splits and the batches.
 
-The text is tokenised once into a memory-mapped cache (gptnano/corpus.py) that
-every run and rank maps. Training windows are a pure function of (seed, step,
+The text is tokenised once into a cache file (gptnano/corpus.py) that every
+run and rank reads windows from. Training windows are a pure function of (seed, step,
 rank): no sampler state, so a run resumed from a checkpoint draws exactly the
 batches it would have drawn, and DDP ranks draw different ones. Validation is
 one deterministic pass over the validation split (or a fixed, evenly spread
@@ -68,12 +68,11 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
 def rows(data, starts: torch.Tensor, length: int) -> torch.Tensor:
     """``data[s : s + length]`` for every start ``s``, as one int64 tensor ``[len(starts), length]``.
 
-    ``data`` is a 1-D array of token ids: a memory-mapped numpy array (one fancy
-    index reads just the pages these rows touch) or a tensor. No Python loop."""
-    index = starts[:, None] + torch.arange(length)
+    ``data`` is 1-D token ids: prepared ``Tokens`` in a file (only these rows are
+    read) or a tensor (one gather)."""
     if isinstance(data, torch.Tensor):
-        return data[index].long()
-    return torch.from_numpy(data[index.numpy()].astype(np.int64))
+        return data[starts[:, None] + torch.arange(length)].long()
+    return torch.from_numpy(data.rows(starts.numpy(), length).astype(np.int64))
 
 
 class TrainWindows(IterableDataset):
@@ -157,12 +156,13 @@ def _rank_zero() -> bool:
 class ShakespeareDataModule(L.LightningDataModule):
     """Character-level text: tiny Shakespeare by default, or any UTF-8 file (any file with bytes).
 
-    The text is tokenised once into ``data/prepared/`` and memory-mapped from there
-    by every later run and every DDP rank (see gptnano/corpus.py), so memory does
-    not grow with the corpus.
+    The text is tokenised once into ``data/prepared/`` and read from there by every
+    later run and every DDP rank (see gptnano/corpus.py), so memory does not grow
+    with the corpus.
 
     Args:
-        path: A local UTF-8 text file to train on. When empty, the environment
+        path: A local UTF-8 text file to train on (any file with --data.tokenizer byte). It is
+            tokenised once into data/prepared/ and read from there. When empty, the environment
             variable GPTNANO_DATA is used, and when that is unset too, tiny
             Shakespeare is downloaded once (checksum-verified) into data/.
         batch_size: Training windows per step (per device).
@@ -307,11 +307,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         self._block_size()
         if stage == "predict":
             return
-        if self.prepared is None:  # ranks other than 0 map what prepare_data built (and check it)
+        if self.prepared is None:  # ranks other than 0 open what prepare_data built (and check it)
             self.prepared = self._prepare(verbose=False)
         ids = self.prepared.ids
         a, b = self.split_bounds(len(ids))
-        self.splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}  # views of the mapped file
+        self.splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}  # views of the file: nothing read yet
         if _rank_zero() and stage in ("fit", "validate"):
             self._describe_validation()
 

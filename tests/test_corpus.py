@@ -2,6 +2,7 @@
 in the smallest dtype, one builder at a time, and the byte tokenizer end to end."""
 
 import json
+import os
 import threading
 import time
 
@@ -73,7 +74,7 @@ def test_a_character_split_between_two_chunks_is_decoded_whole(tmp_path, monkeyp
     assert np.array_equal(prepare(path).ids, expected_ids(text))
 
 
-def test_prepared_once_then_mapped_without_reading_the_text(tmp_path, text_file, trusted_stat, monkeypatch, capsys):
+def test_prepared_once_then_reused_without_reading_the_text(tmp_path, text_file, trusted_stat, monkeypatch, capsys):
     first = prepare(text_file)
     assert first.built and bin_files(tmp_path) == [first.path.name]
 
@@ -82,7 +83,7 @@ def test_prepared_once_then_mapped_without_reading_the_text(tmp_path, text_file,
     monkeypatch.setattr(corpus, "read_units", no_reading)
     second = prepare(text_file)  # a new Corpus, as in a new process
     assert not second.built and second.path == first.path
-    assert np.array_equal(second.ids, first.ids) and isinstance(second.ids, np.memmap)
+    assert np.array_equal(second.ids, first.ids) and isinstance(second.ids, corpus.Tokens)
 
 
 def test_a_freshly_written_text_is_scanned_again_but_not_tokenised_again(text_file, monkeypatch):
@@ -135,6 +136,17 @@ def test_a_broken_cache_is_rebuilt_never_used(tmp_path, text_file, trusted_stat,
     again = prepare(text_file)
     assert again.built
     assert np.array_equal(again.ids, ids)
+
+
+def test_the_ids_checksum_is_checked_again_only_after_a_write(text_file, trusted_stat, monkeypatch):
+    path = prepare(text_file).path
+    prepare(text_file)  # the first reuse checks the CRC-32 and records the file's stat
+    checked = []
+    crc32 = corpus.file_crc32
+    monkeypatch.setattr(corpus, "file_crc32", lambda p: checked.append(p) or crc32(p))
+    assert not prepare(text_file).built and checked == []  # stat unchanged: no need to read 1 GB again
+    os.utime(path)  # any write moves the change time
+    assert not prepare(text_file).built and checked == [path]  # read again, still intact: reused
 
 
 def test_a_checkpoint_vocabulary_gets_its_own_ids(tmp_path, text_file):
@@ -198,7 +210,7 @@ def test_byte_corpus_is_the_file_itself(tmp_path):
     path = tmp_path / "binary.dat"
     path.write_bytes(raw)
     prepared = prepare(path, kind="byte")
-    assert prepared.ids.dtype == np.uint8 and prepared.ids.tobytes() == raw
+    assert prepared.ids.dtype == np.uint8 and np.asarray(prepared.ids).tobytes() == raw
     assert prepared.meta["vocab"] == "" and prepared.meta["kind"] == "byte"
 
 

@@ -257,8 +257,8 @@ def test_vocab_size_comes_from_the_prepared_text_without_reading_it(text_file, m
     assert again.vocab == first.vocab
 
 
-def test_other_ranks_map_what_rank_zero_prepared(text_file, monkeypatch):
-    """Lightning runs prepare_data on rank 0 and setup everywhere: rank 1 must only map."""
+def test_other_ranks_read_what_rank_zero_prepared(text_file, monkeypatch):
+    """Lightning runs prepare_data on rank 0 and setup everywhere: rank 1 must only read."""
     rank0 = ShakespeareDataModule(path=str(text_file))
     rank0.block_size = 16
     rank0.prepare_data()
@@ -283,7 +283,7 @@ def test_byte_tokenizer_reads_any_file(tmp_path):
     dm.block_size = 16
     dm.setup("fit")
     assert np.concatenate([dm.splits["train"], dm.splits["val"]]).tobytes() == raw
-    assert dm.tokenizer.decode(dm.splits["train"][:20].tolist()) == raw[:20].decode("utf-8", "replace")
+    assert dm.tokenizer.decode(np.asarray(dm.splits["train"][:20]).tolist()) == raw[:20].decode("utf-8", "replace")
 
 
 # ----- download, against a server on 127.0.0.1 ----------------------------

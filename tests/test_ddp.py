@@ -16,7 +16,7 @@ def test_ddp_two_cpu_processes(text_file, tmp_path):
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     fit = run_cli(["fit", *TINY_GPT, *ddp, "--data.path", str(text_file), "--trainer.max_steps", "6",
                    "--trainer.val_check_interval", "6"], tmp_path)
-    # One token cache on disk, tokenised once (by rank 0): the other rank only mapped it.
+    # One token cache on disk, tokenised once (by rank 0): the other rank only read it.
     assert len(list((tmp_path / "data" / "prepared").glob("*.bin"))) == 1
     assert fit.stderr.count("gptnano: tokenized") == 1
     folder = tmp_path / "checkpoints" / "gpt"
