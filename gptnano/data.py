@@ -310,6 +310,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.prepared is None:  # ranks other than 0 open what prepare_data built (and check it)
             self.prepared = self._prepare(verbose=False)
         ids = self.prepared.ids
+        self._check_lengths(len(ids))  # again: this model may not be the one prepare_data saw
         a, b = self.split_bounds(len(ids))
         self.splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}  # views of the file: nothing read yet
         if _rank_zero() and stage in ("fit", "validate"):
