@@ -162,9 +162,8 @@ class TextSample(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
             return
-        prompt = torch.zeros(1, 1, dtype=torch.long)
-        if "\n" in pl_module.tokenizer.stoi:
-            prompt[0, 0] = pl_module.tokenizer.stoi["\n"]
+        tokenizer = pl_module.tokenizer
+        prompt = tokenizer.encode("\n")[None, :] if not tokenizer.unknown("\n") else torch.zeros(1, 1, dtype=torch.long)
         # Sampling must not disturb the training run's random streams: the CPU's and, on a GPU, its own.
         device = pl_module.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):

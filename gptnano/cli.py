@@ -72,7 +72,7 @@ def _weights_fit(net, state_dict: dict) -> bool:
 
 def _data_from(hparams: dict) -> dict:
     """The data module's settings a checkpoint fixes: the tokenizer (its vocabulary and kind)."""
-    saved = {"vocab": hparams.get("vocab") or None, "tokenizer": hparams.get("tokenizer")}
+    saved = {"vocab": hparams.get("vocab") or None, "tokenizer": hparams.get("tokenizer", "char")}
     return {k: v for k, v in saved.items() if k in _DATA_ARGS and v is not None}
 
 
@@ -133,6 +133,7 @@ class GPTNanoCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 10})
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.tokenizer_kind", "model.tokenizer", apply_on="instantiate")
 
     # ----- a checkpoint supplies the run's settings, the command line still wins ----
     def parse_arguments(self, parser, args) -> None:

@@ -1,27 +1,36 @@
-"""The text: getting it, the character tokenizer, the splits and the batches.
+"""The text: getting it, its tokenizer, the splits and the batches.
 
-Training windows are a pure function of (seed, step, rank): no sampler state,
-so a run resumed from a checkpoint draws exactly the batches it would have
-drawn, and DDP ranks draw different ones. Validation is one deterministic pass
-over the whole validation split.
+The text is tokenised once into a cache file (gptnano/corpus.py) that every
+run and rank reads windows from. Training windows are a pure function of (seed, step,
+rank): no sampler state, so a run resumed from a checkpoint draws exactly the
+batches it would have drawn, and DDP ranks draw different ones. Validation is
+one deterministic pass over the validation split (or a fixed, evenly spread
+part of it).
 """
 
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
+from gptnano.corpus import Corpus, Prepared, read_text
 from gptnano.errors import UserError
-from gptnano.tokenizer import CharTokenizer
+from gptnano.tokenizer import TOKENIZERS, CharTokenizer, make_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_CACHE = Path("data") / "tinyshakespeare" / "input.txt"
+FULL_PASS_HINT = 2_000_000  # validation splits above this many tokens get a hint about --data.val_tokens
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
@@ -56,20 +65,14 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     return dest
 
 
-def read_text(path: Path) -> str:
-    """Read a UTF-8 text file, with one-line errors for the usual mistakes."""
-    if not path.exists():
-        raise UserError(f"data file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"data path is not a file: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    if not text:
-        raise UserError(f"data file is empty: {path}")
-    return text
+def rows(data, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """``data[s : s + length]`` for every start ``s``, as one int64 tensor ``[len(starts), length]``.
+
+    ``data`` is 1-D token ids: prepared ``Tokens`` in a file (only these rows are
+    read) or a tensor (one gather)."""
+    if isinstance(data, torch.Tensor):
+        return data[starts[:, None] + torch.arange(length)].long()
+    return torch.from_numpy(data.rows(starts.numpy(), length).astype(np.int64))
 
 
 class TrainWindows(IterableDataset):
@@ -80,7 +83,7 @@ class TrainWindows(IterableDataset):
     continues the very same stream of batches.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int, rank: int, start):
+    def __init__(self, data, block_size: int, batch_size: int, seed: int, rank: int, start):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.seed, self.rank, self.start = seed, rank, start
 
@@ -88,8 +91,8 @@ class TrainWindows(IterableDataset):
         # A tuple of ints hashes the same in every process (no hash randomisation).
         g = torch.Generator().manual_seed(hash((self.seed, step, self.rank)) % 2**63)
         starts = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=g)
-        rows = self.data[starts[:, None] + torch.arange(self.block_size + 1)]  # (B, T+1), no Python loop
-        return rows[:, :-1], rows[:, 1:]
+        window = rows(self.data, starts, self.block_size + 1)  # (B, T+1)
+        return window[:, :-1], window[:, 1:]
 
     def __iter__(self):
         step = self.start()
@@ -106,33 +109,60 @@ class EvalWindows(IterableDataset):
     masked with -100 (ignored by the loss). With ``world_size > 1`` rank r
     takes windows r, r + world, ...: no window is repeated or dropped, so a
     token-weighted mean over ranks equals the single-process loss.
+
+    ``max_windows`` scores only that many of the N windows, spread evenly over
+    the split (window ``j * N // max_windows`` for j = 0, 1, ...): a fixed subset,
+    the same at every validation and for any number of ranks. Window starts are
+    computed per batch, so memory does not grow with the split.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        n_targets = len(data) - 1
-        self.starts = list(range(0, n_targets - block_size + 1, block_size))
-        self.tail = n_targets - len(self.starts) * block_size  # targets not covered by full windows
-        if self.tail:
-            self.starts.append(n_targets - block_size)
+    def __init__(self, data, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_windows: int | None = None):
+        self.n_targets = len(data) - 1
+        self.n_full = self.n_targets // block_size  # windows that tile the split from its start
+        self.tail = self.n_targets - self.n_full * block_size  # targets not covered by them
+        self.n_windows = self.n_full + (self.tail > 0)  # + one window aligned to the end
+        self.n_scored = min(max_windows or self.n_windows, self.n_windows)
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.rank, self.world_size = rank, world_size
 
+    def _windows(self, j: torch.Tensor) -> torch.Tensor:
+        """Window number of the j-th scored window."""
+        return j if self.n_scored == self.n_windows else j * self.n_windows // self.n_scored
+
+    @property
+    def scored_tokens(self) -> int:
+        """Targets scored by one pass (every rank's share together)."""
+        last_scored = self._windows(torch.tensor(self.n_scored - 1)).item() == self.n_full
+        return self.n_scored * self.block_size - (self.block_size - self.tail if self.tail and last_scored else 0)
+
     def __iter__(self):
-        mine = torch.tensor(self.starts[self.rank :: self.world_size], dtype=torch.long)
-        last = self.starts[-1]
-        for chunk in mine.split(self.batch_size):
-            rows = self.data[chunk[:, None] + torch.arange(self.block_size + 1)]
-            x, y = rows[:, :-1], rows[:, 1:].clone()
+        n_mine = len(range(self.rank, self.n_scored, self.world_size))
+        for lo in range(0, n_mine, self.batch_size):
+            j = self.rank + self.world_size * torch.arange(lo, min(lo + self.batch_size, n_mine))
+            window = self._windows(j)
+            starts = torch.where(window < self.n_full, window * self.block_size, self.n_targets - self.block_size)
+            r = rows(self.data, starts, self.block_size + 1)
+            x, y = r[:, :-1], r[:, 1:].clone()
             if self.tail:
-                y[chunk == last, : self.block_size - self.tail] = -100  # scored by the previous window
+                y[window == self.n_full, : self.block_size - self.tail] = -100  # scored by the previous window
             yield x, y
 
 
+def _rank_zero() -> bool:
+    return rank_zero_only.rank == 0  # from the launcher's environment, valid before the Trainer exists
+
+
 class ShakespeareDataModule(L.LightningDataModule):
-    """Character-level text: tiny Shakespeare by default, or any UTF-8 file.
+    """Character-level text: tiny Shakespeare by default, or any UTF-8 file (any file with bytes).
+
+    The text is tokenised once into ``data/prepared/`` and read from there by every
+    later run and every DDP rank (see gptnano/corpus.py), so memory does not grow
+    with the corpus.
 
     Args:
-        path: A local UTF-8 text file to train on. When empty, the environment
+        path: A local UTF-8 text file to train on (any file with --data.tokenizer byte). It is
+            tokenised once into data/prepared/ and read from there. When empty, the environment
             variable GPTNANO_DATA is used, and when that is unset too, tiny
             Shakespeare is downloaded once (checksum-verified) into data/.
         batch_size: Training windows per step (per device).
@@ -146,6 +176,13 @@ class ShakespeareDataModule(L.LightningDataModule):
         prompt: Prompt for `gptnano predict`, or a list of prompts; one sample is generated per prompt.
         prompt_file: A UTF-8 file whose whole content is one more prompt for `gptnano predict`.
         url: Where the default corpus is downloaded from.
+        tokenizer: "char": one token per character, the vocabulary being the text's characters
+            (the default). "byte": one token per UTF-8 byte, 256 of them, for any file whatever
+            its characters (the way enwik8 is reported: val_bpc is then bits per byte).
+        val_tokens: Score about this many tokens at each validation instead of the whole
+            validation split: ceil(val_tokens / block_size) windows spread evenly over it,
+            the same ones every time (default: all). For large corpora, whose full pass
+            would take minutes; the log says how much of the split was scored.
     """
 
     def __init__(
@@ -160,21 +197,51 @@ class ShakespeareDataModule(L.LightningDataModule):
         prompt: str | list[str] | None = None,
         prompt_file: str | None = None,
         url: str = SHAKESPEARE_URL,
+        tokenizer: Literal["char", "byte"] = "char",
+        val_tokens: int | None = None,
     ):
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
             raise UserError("batch sizes must be positive")
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise UserError("need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1")
+        if tokenizer not in TOKENIZERS:
+            raise UserError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
+        if val_tokens is not None and val_tokens <= 0:
+            raise UserError("--data.val_tokens must be positive (leave it out to score the whole split)")
         self.path = path or os.environ.get("GPTNANO_DATA") or None
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        self.prompt_file, self.url = prompt_file, url
-        self._text: str | None = None
-        # vocab_size must be known now, before the model is built (it is linked into it).
-        self.tokenizer = CharTokenizer(vocab) if vocab else CharTokenizer.from_text(self.text)
+        self.val_fraction, self.test_fraction, self.val_tokens = val_fraction, test_fraction, val_tokens
+        self.tokenizer_kind, self.url = tokenizer, url
+        self.prompts = self._read_prompts(prompt, prompt_file)
+        self._vocab = vocab or None
+        self._tokenizer = None
+        self._corpus: Corpus | None = None
+        self.prepared: Prepared | None = None
         self.block_size: int | None = None  # taken from the model in setup()
+
+    @staticmethod
+    def _read_prompts(prompt, prompt_file) -> list[str]:
+        """Prompts are checked now, before a run writes anything."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if any(p == "" for p in prompts):
+            raise UserError("--data.prompt is empty: give at least one character (leave it out to start from a newline)")
+        if prompt_file:
+            prompts.append(read_text(Path(prompt_file), "prompt file"))
+        return prompts
+
+    # ----- the tokenizer: known before the model is built (vocab_size is linked into it)
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.tokenizer_kind == "char" and not self._vocab:
+                # The text's own characters: from what an earlier run remembered, or one scan.
+                tokenizer = CharTokenizer(self.corpus.scan(verbose=_rank_zero()).units)
+                self.corpus.check(tokenizer)  # a one-character text stops here, before any model is built
+            else:
+                tokenizer = make_tokenizer(self._vocab, self.tokenizer_kind)
+            self._tokenizer = tokenizer
+        return self._tokenizer
 
     @property
     def vocab(self) -> str:
@@ -188,71 +255,111 @@ class ShakespeareDataModule(L.LightningDataModule):
     def text_path(self) -> Path:
         return Path(self.path) if self.path else DEFAULT_CACHE
 
-    def prepare_data(self) -> None:
-        if self.trainer is not None and self.trainer.state.fn == "predict":
-            return  # predicting needs only the checkpoint (and its vocabulary)
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            self._download_if_needed()
+            self._corpus = Corpus(self.text_path, self.tokenizer_kind)
+        return self._corpus
+
+    def _download_if_needed(self) -> None:
         if not self.path and not DEFAULT_CACHE.exists():
             download(self.url, DEFAULT_CACHE, SHAKESPEARE_SHA256)
 
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            self.prepare_data()
-            self._text = read_text(self.text_path)
-        return self._text
+    # ----- preparing: Lightning calls prepare_data on one process per node, setup on all
+    def prepare_data(self) -> None:
+        if self.trainer is not None and self.trainer.state.fn == "predict":
+            return  # predicting needs only the checkpoint (and its vocabulary)
+        self._download_if_needed()
+        self.prepared = self._prepare(verbose=True)
+
+    def _prepare(self, verbose: bool) -> Prepared:
+        prepared = self.corpus.prepare(self.tokenizer, self._check_lengths, verbose)
+        if verbose and not prepared.built:
+            print(f"gptnano: reusing {prepared.path} ({len(prepared.ids):,} {prepared.ids.dtype} tokens "
+                  f"of {self.text_path})", file=sys.stderr)
+        return prepared
+
+    def _block_size(self) -> int | None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is not None:
+            self.block_size = model.net.block_size
+        return self.block_size
 
     def split_bounds(self, n: int) -> tuple[int, int]:
         """End of train and end of validation: train | val | test, contiguous."""
         return int(n * (1 - self.val_fraction - self.test_fraction)), int(n * (1 - self.test_fraction))
 
+    def _check_lengths(self, n_tokens: int) -> None:
+        """Every split must hold at least one window (block_size + 1 tokens)."""
+        block = self._block_size()
+        if block is None:
+            return  # no model yet: nothing to measure against
+        a, b = self.split_bounds(n_tokens)
+        lengths = {"train": a, "val": b - a, "test": n_tokens - b}
+        unit = "characters" if self.tokenizer_kind == "char" else "bytes"
+        for name in ("train", "val") + (("test",) if self.test_fraction > 0 else ()):
+            if lengths[name] < block + 1:
+                raise UserError(f"the {name} split of {self.text_path} has {lengths[name]} {unit}, "
+                                f"fewer than block_size + 1 = {block + 1}: use a longer text or a smaller block_size")
+
     def setup(self, stage: str) -> None:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        if model is not None:
-            self.block_size = model.net.block_size
+        self._block_size()
         if stage == "predict":
             return
-        missing = self.tokenizer.unknown(self.text)
-        if missing:
-            shown = "".join(missing[:20])
-            raise UserError(f"{self.text_path} has {len(missing)} characters not in the model's vocabulary ({shown!r}): "
-                            "the checkpoint was trained on a different text")
-        data = self.tokenizer.encode(self.text)
-        a, b = self.split_bounds(len(data))
-        self.splits = {"train": data[:a], "val": data[a:b], "test": data[b:]}
-        need = self.block_size + 1
-        for name in ("train", "val") + (("test",) if self.test_fraction > 0 else ()):
-            if len(self.splits[name]) < need:
-                raise UserError(f"the {name} split of {self.text_path} has {len(self.splits[name])} characters, "
-                                f"fewer than block_size + 1 = {need}: use a longer text or a smaller block_size")
+        if self.prepared is None:  # ranks other than 0 open what prepare_data built (and check it)
+            self.prepared = self._prepare(verbose=False)
+        ids = self.prepared.ids
+        self._check_lengths(len(ids))  # again: this model may not be the one prepare_data saw
+        a, b = self.split_bounds(len(ids))
+        self.splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}  # views of the file: nothing read yet
+        if _rank_zero() and stage in ("fit", "validate"):
+            self._describe_validation()
 
+    def _describe_validation(self) -> None:
+        val = self._val_windows()
+        total = len(self.splits["val"]) - 1
+        if self.val_tokens:
+            print(f"gptnano: validation scores {val.scored_tokens:,} of the split's {total:,} tokens "
+                  f"({100 * val.scored_tokens / total:.1f} %): {val.n_scored:,} of {val.n_windows:,} windows, "
+                  "evenly spread (--data.val_tokens)", file=sys.stderr)
+        elif total > FULL_PASS_HINT:
+            print(f"gptnano: validation scores all {total:,} tokens of its split at every validation; "
+                  "--data.val_tokens N scores a fixed, evenly spread subset", file=sys.stderr)
+
+    # ----- batches ------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _loader(self, dataset) -> DataLoader:
+        # Page-locked batches make Lightning's non_blocking copy to a CUDA device really
+        # asynchronous; elsewhere pinning only costs a copy.
+        pin = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return DataLoader(dataset, batch_size=None, pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         rank, _ = self._rank()
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         start = (lambda: self.trainer.global_step * accumulate) if self.trainer is not None else (lambda: 0)
-        ds = TrainWindows(self.splits["train"], self.block_size, self.batch_size, self.seed, rank, start)
-        return DataLoader(ds, batch_size=None)
+        return self._loader(TrainWindows(self.splits["train"], self.block_size, self.batch_size, self.seed, rank, start))
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def _val_windows(self) -> EvalWindows:
         rank, world = self._rank()
-        return DataLoader(EvalWindows(self.splits[split], self.block_size, self.eval_batch_size, rank, world), batch_size=None)
+        limit = -(-self.val_tokens // self.block_size) if self.val_tokens else None  # ceil
+        return EvalWindows(self.splits["val"], self.block_size, self.eval_batch_size, rank, world, limit)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self._loader(self._val_windows())
 
     def test_dataloader(self) -> DataLoader:
         if self.test_fraction <= 0:
             raise UserError("no test split: set --data.test_fraction (e.g. 0.05) to carve one from the end of the text")
-        return self._eval_loader("test")
+        rank, world = self._rank()
+        return self._loader(EvalWindows(self.splits["test"], self.block_size, self.eval_batch_size, rank, world))
 
     def prompt_texts(self) -> list[str]:
-        prompts = list(self.prompts)
-        if self.prompt_file:
-            prompts.append(read_text(Path(self.prompt_file)))
-        return prompts or ["\n"]
+        return self.prompts or ["\n"]
 
     def predict_dataloader(self) -> DataLoader:
         encoded = [(i, self.tokenizer.encode(p)[None, :]) for i, p in enumerate(self.prompt_texts())]

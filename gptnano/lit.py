@@ -18,7 +18,7 @@ from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.optim import MuonAdamW, muon_matrices
 from gptnano.sampling import generate
-from gptnano.tokenizer import CharTokenizer
+from gptnano.tokenizer import make_tokenizer
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -38,6 +38,8 @@ class LitLM(L.LightningModule):
         net: The architecture (GPT, RNN, Backpack, CNN): give its class_path and init_args.
         vocab: The characters of the vocabulary, linked from the data module and stored in
             every checkpoint so a checkpoint alone can decode text. Do not set by hand.
+        tokenizer: The tokenizer's kind ("char" or "byte"), linked from the data module and
+            stored in every checkpoint beside vocab. Do not set by hand.
         learning_rate: Peak learning rate, reached after the warmup.
         min_lr: Learning rate at the end of the cosine decay.
         warmup_steps: Optimizer steps of linear warmup.
@@ -70,6 +72,7 @@ class LitLM(L.LightningModule):
         self,
         net: LanguageModel,
         vocab: str = "",
+        tokenizer: str = "char",
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -104,7 +107,7 @@ class LitLM(L.LightningModule):
             # (weights_only loading); the CLI stores the net's class_path/init_args.
             self.hparams.pop("net")
         self.net = net
-        self.tokenizer = CharTokenizer(vocab) if vocab else None
+        self.tokenizer = make_tokenizer(vocab, tokenizer) if vocab or tokenizer != "char" else None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._step_seed = None

@@ -2,12 +2,28 @@
 the tools that read checkpoints (`gptnano senses`, `gptnano generate`) share it.
 
 A tokenizer is described by two plain values that travel in every checkpoint:
-``kind`` ("char") and ``vocab`` (its characters as one string).
+``kind`` ("char" or "byte") and ``vocab`` (a char tokenizer's characters as one
+string; empty for bytes, whose 256 ids need no list).
+
+Encoding is vectorised (numpy over code points or bytes, no Python loop per
+character), so the same code encodes a prompt and a many-gigabyte corpus.
 """
 
+import codecs
+
+import numpy as np
 import torch
 
 from gptnano.errors import UserError
+
+N_CODEPOINTS = 0x110000  # every Unicode code point is below this
+
+
+def codepoints(text: str) -> np.ndarray:
+    """The code points of ``text`` as a uint32 array (one element per character)."""
+    # surrogatepass: a lone surrogate (e.g. from a badly encoded command line) becomes its
+    # own code point, which the vocabulary then reports as unknown, instead of a crash here.
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 class CharTokenizer:
@@ -23,6 +39,7 @@ class CharTokenizer:
             raise UserError("the vocabulary has repeated characters")
         self.vocab = vocab
         self.stoi = {ch: i for i, ch in enumerate(vocab)}
+        self._table: np.ndarray | None = None  # code point -> id (-1: unknown), built on first use
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -35,12 +52,21 @@ class CharTokenizer:
         """Characters of ``text`` that are not in the vocabulary, sorted."""
         return sorted(set(text) - self.stoi.keys())
 
+    def encode_units(self, units: np.ndarray) -> np.ndarray:
+        """Ids (int32, -1 for a character outside the vocabulary) of an array of code points.
+
+        A lookup table over all of Unicode (4.4 MB) turns encoding into one gather."""
+        if self._table is None:
+            self._table = np.full(N_CODEPOINTS, -1, dtype=np.int32)
+            self._table[codepoints(self.vocab)] = np.arange(len(self.vocab), dtype=np.int32)
+        return self._table[units]
+
     def encode(self, text: str) -> torch.Tensor:
-        missing = self.unknown(text)
-        if missing:
-            shown = ", ".join(repr(c) for c in missing)
+        ids = self.encode_units(codepoints(text))
+        if (ids < 0).any():
+            shown = ", ".join(repr(c) for c in self.unknown(text))
             raise UserError(f"characters not in the model's vocabulary: {shown}")
-        return torch.tensor([self.stoi[c] for c in text], dtype=torch.long)
+        return torch.from_numpy(ids.astype(np.int64))
 
     def decode(self, ids) -> str:
         return "".join(self.vocab[i] for i in ids)
@@ -51,7 +77,42 @@ class CharTokenizer:
         return self.decode
 
 
-TOKENIZERS = {"char": CharTokenizer}
+class ByteTokenizer:
+    """UTF-8 bytes <-> ids 0..255: any file can be trained on, whatever its characters
+    (the way enwik8 results are reported, in bits per byte). A model may generate
+    byte sequences that are not valid UTF-8; they decode to U+FFFD (replacement)."""
+
+    kind = "byte"
+
+    def __init__(self, vocab: str = ""):
+        self.vocab = ""  # nothing to store: id i is byte i
+
+    def __len__(self) -> int:
+        return 256
+
+    def unknown(self, text: str) -> list[str]:
+        return []  # every text has a UTF-8 encoding
+
+    def encode_units(self, units: np.ndarray) -> np.ndarray:
+        """Ids of an array of byte values: the bytes themselves."""
+        return units
+
+    def encode(self, text: str) -> torch.Tensor:
+        data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        return torch.from_numpy(data.astype(np.int64))
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", "replace")
+
+    def stream_decoder(self):
+        """A function ``feed(ids) -> str`` for streaming output. A character can span
+        several bytes: an incomplete multi-byte sequence is held back until its last
+        byte arrives (an invalid one comes out as U+FFFD)."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        return lambda ids: decoder.decode(bytes(ids))
+
+
+TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer}
 
 
 def make_tokenizer(vocab: str | None, kind: str = "char"):

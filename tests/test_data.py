@@ -5,13 +5,31 @@ import http.server
 import threading
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
+import gptnano.corpus as corpus
+from gptnano.corpus import Corpus
 from gptnano.data import CharTokenizer, EvalWindows, ShakespeareDataModule, TrainWindows, download, read_text
 from gptnano.errors import UserError
+from gptnano.models import GPT
 from tests.conftest import make_text
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the token cache goes to ./data/prepared
+
+
+def as_tensor(split) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(split, dtype=np.int64))
 
 
 def test_tokenizer_round_trip_and_sorted_vocab():
@@ -37,7 +55,7 @@ def test_split_is_contiguous_90_10(text_file):
     data = dm.tokenizer.encode(text_file.read_text())
     n = len(data)
     assert len(dm.splits["train"]) == int(0.9 * n)
-    assert torch.equal(torch.cat([dm.splits["train"], dm.splits["val"]]), data)
+    assert torch.equal(torch.cat([as_tensor(dm.splits["train"]), as_tensor(dm.splits["val"])]), data)
     assert len(dm.splits["test"]) == 0
 
 
@@ -48,7 +66,7 @@ def test_test_fraction_carves_the_end(text_file):
     n = len(text_file.read_text())
     assert len(dm.splits["test"]) == n - int(0.95 * n)
     assert len(dm.splits["train"]) == int(0.85 * n)
-    assert torch.equal(torch.cat(list(dm.splits.values())), dm.tokenizer.encode(text_file.read_text()))
+    assert torch.equal(torch.cat([as_tensor(v) for v in dm.splits.values()]), dm.tokenizer.encode(text_file.read_text()))
 
 
 def test_training_windows_are_a_function_of_seed_step_rank():
@@ -113,6 +131,159 @@ def test_vocabulary_from_checkpoint_must_cover_the_text(text_file):
     dm.block_size = 8
     with pytest.raises(UserError, match="not in the model's vocabulary"):
         dm.setup("validate")
+
+
+# ----- the prepared cache seen from the data module -------------------------
+def _old_windows(text: str, block: int, batch: int, seed: int, steps: int, rank: int, eval_batch: int, world: int):
+    """Batches exactly as the in-memory path made them before the cache: the whole text
+    encoded to one int64 tensor by a dict lookup per character, split 90/10."""
+    tok = CharTokenizer.from_text(text)
+    data = torch.tensor([tok.stoi[c] for c in text], dtype=torch.long)
+    a = int(len(data) * 0.9)
+    train, val = data[:a], data[a:]
+    batches = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(hash((seed, step, rank)) % 2**63)
+        starts = torch.randint(len(train) - block, (batch,), generator=g)
+        rows = train[starts[:, None] + torch.arange(block + 1)]
+        batches.append((rows[:, :-1], rows[:, 1:]))
+    n_targets = len(val) - 1
+    starts = list(range(0, n_targets - block + 1, block))
+    tail = n_targets - len(starts) * block
+    if tail:
+        starts.append(n_targets - block)
+    evals = []
+    for chunk in torch.tensor(starts[rank::world], dtype=torch.long).split(eval_batch):
+        rows = val[chunk[:, None] + torch.arange(block + 1)]
+        x, y = rows[:, :-1], rows[:, 1:].clone()
+        if tail:
+            y[chunk == starts[-1], : block - tail] = -100
+        evals.append((x, y))
+    return train, val, batches, evals
+
+
+def _loss(net, batches) -> float:
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            total += F.cross_entropy(net(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+            n += (y != -100).sum().item()
+    return total / n
+
+
+CORPORA = {"made-up": lambda: make_text(60_000, seed=3),
+           "tiny shakespeare": lambda: SHAKESPEARE.read_text(encoding="utf-8")}
+
+
+@pytest.mark.parametrize("name", CORPORA)
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_same_split_windows_and_validation_loss_as_the_in_memory_path(tmp_path, name, rank, world):
+    if name == "tiny shakespeare" and not SHAKESPEARE.exists():
+        pytest.skip(f"needs the shared copy of tiny Shakespeare at {SHAKESPEARE}")
+    text = CORPORA[name]()
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    block, seed = 64, 1337
+    train, val, old_batches, old_evals = _old_windows(text, block, 12, seed, 5, rank, 64, world)
+
+    dm = ShakespeareDataModule(path=str(path), batch_size=12, eval_batch_size=64, seed=seed)
+    dm.block_size = block
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.vocab == CharTokenizer.from_text(text).vocab
+    assert torch.equal(as_tensor(dm.splits["train"]), train) and torch.equal(as_tensor(dm.splits["val"]), val)
+    windows = TrainWindows(dm.splits["train"], block, 12, seed, rank, lambda: 0)
+    for step, (x, y) in enumerate(old_batches):
+        new_x, new_y = windows.batch(step)
+        assert new_x.dtype == torch.long and torch.equal(new_x, x) and torch.equal(new_y, y)
+    new_evals = list(EvalWindows(dm.splits["val"], block, 64, rank, world))
+    assert len(new_evals) == len(old_evals)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(new_evals, old_evals))
+    torch.manual_seed(0)
+    net = GPT(vocab_size=dm.vocab_size, block_size=block, n_layer=1, n_head=2, n_embd=16).eval()
+    assert _loss(net, new_evals) == _loss(net, old_evals)
+
+
+def test_val_tokens_scores_a_fixed_evenly_spread_subset():
+    data = torch.arange(1001)  # 1000 targets: 100 windows of 10
+    full = EvalWindows(data, 10, batch_size=3)
+    part = EvalWindows(data, 10, batch_size=3, max_windows=8)
+
+    def starts(ds):
+        return torch.cat([x[:, 0] for x, _ in ds]).tolist()
+    assert starts(part) == [10 * (j * 100 // 8) for j in range(8)] == [0, 120, 250, 370, 500, 620, 750, 870]
+    assert starts(part) == starts(part)  # the same subset at every validation
+    assert part.scored_tokens == sum((y != -100).sum().item() for _, y in part) == 80
+    shards = [starts(EvalWindows(data, 10, 3, rank=r, world_size=2, max_windows=8)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == starts(part)  # DDP scores the same windows
+    assert starts(EvalWindows(data, 10, 3, max_windows=500)) == starts(full)
+    assert full.scored_tokens == 1000
+
+
+def test_val_tokens_through_the_data_module_and_its_log_line(text_file, capsys):
+    dm = ShakespeareDataModule(path=str(text_file), val_tokens=100, eval_batch_size=4)
+    dm.block_size = 16
+    dm.setup("fit")
+    scored = sum((y != -100).sum().item() for _, y in dm.val_dataloader())
+    assert scored == 7 * 16  # ceil(100 / 16) windows
+    val = len(dm.splits["val"]) - 1
+    assert f"validation scores 112 of the split's {val:,} tokens" in capsys.readouterr().err
+    with pytest.raises(UserError, match="val_tokens must be positive"):
+        ShakespeareDataModule(path=str(text_file), val_tokens=0)
+
+
+@pytest.mark.parametrize("accelerator,pinned", [(CPUAccelerator(), False), (CUDAAccelerator(), True)])
+def test_batches_are_pinned_only_for_cuda(text_file, accelerator, pinned):
+    dm = ShakespeareDataModule(path=str(text_file), test_fraction=0.1)
+    dm.block_size = 16
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(accelerator=accelerator, global_rank=0, world_size=1, global_step=0,
+                                 accumulate_grad_batches=1)
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        assert loader.pin_memory is pinned
+
+
+def test_vocab_size_comes_from_the_prepared_text_without_reading_it(text_file, monkeypatch):
+    monkeypatch.setattr(corpus, "RACY_NS", -10**18)  # trust a file written just now
+    first = ShakespeareDataModule(path=str(text_file))
+    first.block_size = 16
+    first.prepare_data()
+
+    def no_reading(*args):
+        raise AssertionError("the text was read again")
+    monkeypatch.setattr(corpus, "read_units", no_reading)
+    again = ShakespeareDataModule(path=str(text_file))
+    assert again.vocab_size == first.vocab_size == len(set(text_file.read_text()))
+    assert again.vocab == first.vocab
+
+
+def test_other_ranks_read_what_rank_zero_prepared(text_file, monkeypatch):
+    """Lightning runs prepare_data on rank 0 and setup everywhere: rank 1 must only read."""
+    rank0 = ShakespeareDataModule(path=str(text_file))
+    rank0.block_size = 16
+    rank0.prepare_data()
+    rank0.setup("fit")
+
+    def no_building(*args):
+        raise AssertionError("rank 1 tokenised the text again")
+    monkeypatch.setattr(Corpus, "_build", no_building)
+    rank1 = ShakespeareDataModule(path=str(text_file))
+    rank1.block_size = 16
+    rank1.setup("fit")
+    assert rank1.prepared.path == rank0.prepared.path
+    assert np.array_equal(rank1.splits["train"], rank0.splits["train"])
+
+
+def test_byte_tokenizer_reads_any_file(tmp_path):
+    path = tmp_path / "mixed.bin"
+    raw = (b"plain text, " + "ünïcödé ".encode() + b"\xff\xfe\x00 binary ") * 40
+    path.write_bytes(raw)
+    dm = ShakespeareDataModule(path=str(path), tokenizer="byte")
+    assert dm.vocab_size == 256 and dm.vocab == ""
+    dm.block_size = 16
+    dm.setup("fit")
+    assert np.concatenate([dm.splits["train"], dm.splits["val"]]).tobytes() == raw
+    assert dm.tokenizer.decode(np.asarray(dm.splits["train"][:20]).tolist()) == raw[:20].decode("utf-8", "replace")
 
 
 # ----- download, against a server on 127.0.0.1 ----------------------------

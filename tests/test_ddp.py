@@ -32,8 +32,11 @@ def _window_losses(ckpt, text: str, block: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_ddp_two_cpu_processes(text_file, tmp_path):
-    run_cli(["fit", *TINY_GPT, *DDP, "--data.path", str(text_file), "--trainer.max_steps", "6",
-             "--trainer.val_check_interval", "6"], tmp_path)
+    fit = run_cli(["fit", *TINY_GPT, *DDP, "--data.path", str(text_file), "--trainer.max_steps", "6",
+                   "--trainer.val_check_interval", "6"], tmp_path)
+    # One token cache on disk, tokenised once (by rank 0): the other rank only read it.
+    assert len(list((tmp_path / "data" / "prepared").glob("*.bin"))) == 1
+    assert fit.stderr.count("gptnano: tokenized") == 1
     folder = tmp_path / "checkpoints" / "gpt"
     assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # written once, by rank 0
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -87,6 +87,12 @@ CASES = [
                                                 "--data.path", str(x)], r"receptive field"),
     ("unknown-architecture", lambda t, c, x, u: ["fit", "--model.net", "Transformer9", "--data.path", str(x)], r"unknown architecture 'Transformer9'"),
     ("bad-learning-rate", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--model.learning_rate", "-1"], r"learning_rate > 0"),
+    ("prompt-file-not-utf8", lambda t, c, x, u: ["predict", "--ckpt_path", str(c), "--data.prompt_file", _write(t, "p.txt", b"RO\xffMEO")],
+     r"p\.txt is not valid UTF-8 \(byte offset 2: b'\\xff'\)"),
+    ("data-path-is-a-folder", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(t)], r"data file .* is a folder, not a file"),
+    ("data-one-character", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", _write(t, "a.txt", b"a" * 1000)],
+     r"one character repeated \('a' x 1000\): there is nothing to learn"),
+    ("prompt-empty", lambda t, c, x, u: ["predict", "--ckpt_path", str(c), "--data.prompt", ""], r"--data\.prompt is empty"),
 ]
 
 

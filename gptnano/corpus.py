@@ -1,0 +1,439 @@
+"""A text file's token ids on disk: prepared once, then read in place by every run and rank.
+
+The first run on a text streams it twice in small chunks: a *scan* (content
+hash, length, distinct characters = the vocabulary) and an *encode* pass that
+writes the ids to ``data/prepared/<hash>-<tokenizer>.bin`` in the smallest
+dtype that holds the vocabulary, with a small JSON of metadata beside it. Later
+runs, and every DDP rank, only open that file and read the windows they need
+(``Tokens``): memory does not grow with the corpus, only the page cache does.
+(nanoGPT's ``prepare.py`` writes ``train.bin`` / ``val.bin`` by hand and maps
+them with ``np.memmap``; here preparing happens on first use, and reads are
+``pread`` calls, for the reason given in ``Tokens``.)
+
+Nothing on disk is trusted blindly. What a scan found is remembered per text
+file (``sources/``) together with the file's size, inode and modification and
+change times; any write to the text changes one of them, and the text is then
+scanned again. A cache is used only if its metadata names the same text hash,
+tokenizer and vocabulary, its size is right and its ids have the CRC-32
+recorded when they were written (checked again whenever the file's stat shows
+a write since the last check); otherwise it is rebuilt. Files appear only by
+atomic rename, so a crash leaves the old state or the new, never half a file;
+a lock makes one process build while the others wait for it.
+
+This module has no Lightning in it: the data module decides when to call it.
+"""
+
+import codecs
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from gptnano.errors import UserError
+from gptnano.tokenizer import N_CODEPOINTS, codepoints
+
+try:
+    import fcntl  # POSIX; elsewhere two processes may both build, and the rename keeps it safe
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+CACHE_DIR = Path("data") / "prepared"
+FORMAT = 1  # bump when the files' layout changes: older caches are then rebuilt, not misread
+# Text read per step. Small enough that the arrays made from a chunk stay in the CPU's cache
+# and the allocator reuses their memory: on the reference machine 256 KiB prepared 100 MB
+# faster than 8 MiB did, at a peak resident memory 190 MB lower.
+CHUNK_BYTES = 256 << 10
+# A file written this shortly before it was scanned may be written again within the same
+# timestamp tick, leaving its stat unchanged: such a scan is not remembered ("racy git").
+RACY_NS = 2_000_000_000
+UNITS = {"char": N_CODEPOINTS, "byte": 256}  # how many distinct units each tokenizer kind can see
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a vocabulary."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise UserError(f"a vocabulary of {vocab_size} tokens does not fit 32-bit ids")
+
+
+# ----- reading a text -------------------------------------------------------
+def check_file(path: Path, what: str = "data file") -> int:
+    """The size of a non-empty regular file, or one line that says what is wrong with it."""
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{what} is empty: {path}")
+    return size
+
+
+def not_utf8(path: Path, offset: int, bad: bytes, hint: str = "") -> UserError:
+    return UserError(f"{path} is not valid UTF-8 (byte offset {offset}: {bad!r}){hint}")
+
+
+def read_text(path: Path, what: str = "data file") -> str:
+    """A whole small UTF-8 file (a prompt), with one-line errors for the usual mistakes."""
+    check_file(path, what)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e.start, raw[e.start:e.start + 1]) from None
+
+
+@contextmanager
+def progress(path: Path, what: str, verbose: bool):
+    """A progress bar in MB/s on a terminal while ``path`` is read, and one line on stderr
+    at the end: "gptnano: <what>: <MB> in <s> (<MB/s>)"."""
+    from tqdm import tqdm  # a Lightning dependency
+
+    size = path.stat().st_size
+    start = time.perf_counter()
+    with tqdm(total=size, desc=what.split()[0], unit="B", unit_scale=True, file=sys.stderr,
+              disable=None if verbose else True, leave=False) as bar:
+        yield bar
+    if verbose:
+        seconds = time.perf_counter() - start
+        print(f"gptnano: {what}: {size / 1e6:.1f} MB in {seconds:.2f} s ({size / 1e6 / max(seconds, 1e-9):.0f} MB/s)",
+              file=sys.stderr)
+
+
+def read_units(path: Path, kind: str, bar) -> Iterator[tuple[bytes, np.ndarray]]:
+    """The file chunk by chunk as ``(raw bytes, units)``: the units are the bytes themselves
+    (kind "byte") or the code points of the characters they complete (kind "char": strict
+    UTF-8, a character split between two chunks is held back until its last byte)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict") if kind == "char" else None
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            if decoder is None:
+                if not raw:
+                    return
+                yield raw, np.frombuffer(raw, dtype=np.uint8)
+            else:
+                yield raw, codepoints(_decode(decoder, raw, offset, path))
+                if not raw:
+                    return
+            offset += len(raw)
+            bar.update(len(raw))
+
+
+def _decode(decoder, raw: bytes, offset: int, path: Path) -> str:
+    held = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
+    try:
+        return decoder.decode(raw, final=not raw)
+    except UnicodeDecodeError as e:
+        hint = "; --data.tokenizer byte trains on any file's bytes"
+        raise not_utf8(path, offset - held + e.start, e.object[e.start:e.start + 1], hint) from None
+
+
+# ----- what a text is made of --------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """What one pass over a text found: all that is needed before encoding it."""
+
+    sha256: str  # of the file's bytes: the cache key
+    n_tokens: int  # characters (kind "char") or bytes (kind "byte")
+    units: str  # the distinct units in order, one character each (bytes as U+0000..U+00FF):
+    #             for kind "char" this is the text's own vocabulary
+    scanned_at: int  # time.time_ns() when the pass began
+
+
+def scan(path: Path, kind: str, verbose: bool = True) -> Scan:
+    """Read a text once, streamed: its hash, its length in units and its distinct units."""
+    started = time.time_ns()
+    digest = hashlib.sha256()
+    seen = np.zeros(UNITS[kind], dtype=bool)
+    n = 0
+    with progress(path, f"scanned {path}", verbose) as bar:
+        for raw, units in read_units(path, kind, bar):
+            digest.update(raw)
+            seen[units] = True  # a scatter: ~300 MB/s, no Python loop per character
+            n += len(units)
+    distinct = np.flatnonzero(seen).astype(np.uint32)
+    return Scan(digest.hexdigest(), n, distinct.tobytes().decode("utf-32-le"), started)
+
+
+# ----- the prepared ids ---------------------------------------------------------
+class Tokens:
+    """A 1-D run of token ids in a file, read on demand: ``len()``, slices (views: no
+    reading), ``rows(starts, length)`` for a batch of windows, ``np.asarray`` for all of it.
+
+    Why ``os.pread`` and not a memory map: on the reference machine (Linux 6.18) touching
+    one token of a mapped file maps the whole large folio the page cache holds it in,
+    ~1 MB, so 20 training steps of random windows added ~500 MB to the process's resident
+    memory, growing with every step towards the size of the file. ``pread`` copies only
+    the bytes of each window (one call per window, a few microseconds); the page cache
+    still keeps the hot parts of the file in memory, shared by every rank.
+    """
+
+    def __init__(self, path: Path, dtype, start: int = 0, stop: int | None = None, _file=None):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self._file = _file or open(self.path, "rb", buffering=0)  # shared by every view of it
+        self.start = start
+        self.stop = self._file.seek(0, os.SEEK_END) // self.dtype.itemsize if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: slice) -> "Tokens":
+        begin, end, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("Tokens slices must be contiguous")
+        return Tokens(self.path, self.dtype, self.start + begin, self.start + max(begin, end), self._file)
+
+    def __reduce__(self):  # a DataLoader worker process reopens the file
+        return Tokens, (self.path, self.dtype, self.start, self.stop)
+
+    def read(self, begin: int, end: int) -> np.ndarray:
+        return self.rows(np.array([begin]), end - begin)[0]
+
+    def rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """``[len(starts), length]`` ids: row i holds tokens ``starts[i] : starts[i] + length`` of this view."""
+        if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
+            raise IndexError(f"windows outside 0..{len(self)}")
+        size, fd = length * self.dtype.itemsize, self._file.fileno()
+        raw = b"".join(os.pread(fd, size, (self.start + int(s)) * self.dtype.itemsize) for s in starts)
+        if len(raw) != size * len(starts):
+            raise UserError(f"{self.path} became shorter while it was read: delete it and run again")
+        return np.frombuffer(raw, dtype=self.dtype).reshape(len(starts), length)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        ids = self.read(0, len(self))
+        return ids if dtype is None else ids.astype(dtype)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Token ids of a text, opened read-only, and the metadata they were written with."""
+
+    ids: Tokens
+    meta: dict
+    path: Path
+    built: bool  # True when this process wrote it, False when an existing cache was reused
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def file_stat(path: Path) -> list[int]:
+    """What changes whenever a file is written: size, modification and change time, inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def unchanged_since(stat: list[int], recorded: list[int] | None, looked_at: int) -> bool:
+    """Whether a file whose ``stat`` is now as ``recorded`` when its content was read at
+    ``looked_at`` (time.time_ns) still has that content. The change time moves with any
+    write and cannot be set back; a file changed shortly before it was read could change
+    again within the same timestamp tick, so its stat proves nothing (RACY_NS)."""
+    return stat == recorded and stat[2] < looked_at - RACY_NS
+
+
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file, read in chunks through one buffer (~4 GB/s, no memory growth)."""
+    crc, buf = 0, bytearray(CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+class Corpus:
+    """One text file and its prepared token ids under ``cache_dir``.
+
+    ``scan()`` reads the text at most once per process and writes nothing;
+    ``prepare()`` checks, then opens the ids, building them first if no valid cache
+    exists. Every write happens in ``prepare`` after all checks have passed.
+    """
+
+    def __init__(self, path: Path, kind: str, cache_dir: Path = CACHE_DIR):
+        if kind not in UNITS:
+            raise UserError(f"unknown tokenizer {kind!r}: choose one of {', '.join(UNITS)}")
+        self.path, self.kind, self.cache_dir = Path(path), kind, Path(cache_dir)
+        self._scan: Scan | None = None
+        self._scan_stat: list[int] | None = None
+
+    # The scan is remembered per file, keyed by what changes whenever the file is written.
+    def _stat(self) -> list[int]:
+        return file_stat(self.path)
+
+    @property
+    def _memo(self) -> Path:
+        name = hashlib.sha256(str(self.path.resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return self.cache_dir / "sources" / f"{name}-{self.kind}.json"
+
+    def scan(self, verbose: bool = True) -> Scan:
+        """What the text is made of: remembered from an earlier run if the file has not
+        been written since, else one streamed pass. Writes nothing."""
+        check_file(self.path)
+        stat = self._stat()  # taken before reading: a write during the scan makes it stale
+        if self._scan is None or self._scan_stat != stat:
+            self._scan = self._remembered(stat) or scan(self.path, self.kind, verbose)
+            self._scan_stat = stat
+        return self._scan
+
+    def _remembered(self, stat: list[int]) -> Scan | None:
+        memo = _read_json(self._memo)
+        if memo is None or memo.get("format") != FORMAT:
+            return None
+        try:
+            remembered = Scan(str(memo["sha256"]), int(memo["n_tokens"]), str(memo["units"]), int(memo["scanned_at"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return remembered if unchanged_since(stat, memo.get("stat"), remembered.scanned_at) else None
+
+    def _remember(self) -> None:
+        memo = {"format": FORMAT, "path": str(self.path.resolve()), "stat": self._scan_stat,
+                **dataclasses.asdict(self._scan)}
+        if _read_json(self._memo) != memo:
+            try:
+                self._memo.parent.mkdir(parents=True, exist_ok=True)
+                _write_json(self._memo, memo)
+            except OSError:
+                pass  # a read-only cache folder: the text is scanned again next time
+
+    def check(self, tokenizer, verbose: bool = True) -> Scan:
+        """Refuse a text that cannot be trained or scored with ``tokenizer``."""
+        facts = self.scan(verbose)
+        if len(facts.units) == 1:
+            what = "character" if self.kind == "char" else "byte"
+            raise UserError(f"{self.path} is one {what} repeated ({facts.units!r} x {facts.n_tokens}): "
+                            "there is nothing to learn from it")
+        if self.kind == "char":
+            missing = sorted(set(facts.units) - set(tokenizer.vocab))
+            if missing:
+                shown = "".join(missing[:20])
+                raise UserError(f"{self.path} has {len(missing)} characters not in the model's vocabulary "
+                                f"({shown!r}): the checkpoint was trained on a different text")
+        return facts
+
+    def _stem(self, facts: Scan, tokenizer) -> str:
+        # Ids depend on the text and the tokenizer's vocabulary: a vocabulary other than
+        # the text's own (a checkpoint's, say) gets its own file.
+        tag = self.kind
+        if self.kind == "char" and tokenizer.vocab != facts.units:
+            tag += "-" + hashlib.sha256(tokenizer.vocab.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        return f"{facts.sha256[:16]}-{tag}"
+
+    def _open(self, stem: str, facts: Scan, tokenizer) -> Prepared | None:
+        """The cache ``stem`` if it is exactly the ids of this text and tokenizer, else None."""
+        bin_path = self.cache_dir / f"{stem}.bin"
+        meta = _read_json(self.cache_dir / f"{stem}.json")
+        expected = {"format": FORMAT, "sha256": facts.sha256, "kind": tokenizer.kind, "vocab": tokenizer.vocab,
+                    "n_tokens": facts.n_tokens, "dtype": dtype_for(len(tokenizer)).name}
+        if meta is None or any(meta.get(k) != v for k, v in expected.items()):
+            return None
+        try:
+            stat = file_stat(bin_path)
+            if stat[0] != facts.n_tokens * np.dtype(meta["dtype"]).itemsize:
+                return None  # truncated (or padded)
+            verified = meta.get("verified") or {}
+            if not unchanged_since(stat, verified.get("stat"), verified.get("at", 0)):
+                # Written (or touched) since its CRC was last checked: check it now (~3 GB/s),
+                # and remember that, so that later starts only compare the stat.
+                if file_crc32(bin_path) != meta.get("crc32"):
+                    return None
+                self._write_meta(stem, {**meta, "verified": {"stat": stat, "at": time.time_ns()}})
+        except OSError:
+            return None
+        return Prepared(Tokens(bin_path, meta["dtype"]), meta, bin_path, built=False)
+
+    def _write_meta(self, stem: str, meta: dict) -> None:
+        try:
+            _write_json(self.cache_dir / f"{stem}.json", meta)
+        except OSError:
+            pass  # a read-only cache: it is checked again next time
+
+    @contextmanager
+    def _lock(self, verbose: bool):
+        """One builder at a time per cache folder; the others wait, then find its result."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir / ".lock", "a") as f:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if verbose:
+                        print(f"gptnano: waiting for another process preparing {self.cache_dir}", file=sys.stderr)
+                    fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+
+    def _build(self, stem: str, facts: Scan, tokenizer) -> Prepared:
+        """Encode the text chunk by chunk into ``stem.bin`` (temp file, fsync, rename), then
+        write its metadata (last: a .bin without matching metadata is never used).
+        Whichever process builds says so on stderr."""
+        dtype = dtype_for(len(tokenizer))
+        bin_path = self.cache_dir / f"{stem}.bin"
+        tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
+        digest, crc = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as f, progress(self.path, f"tokenized {self.path} into {bin_path}", verbose=True) as bar:
+                for raw, units in read_units(self.path, self.kind, bar):
+                    digest.update(raw)
+                    ids = tokenizer.encode_units(units)
+                    if ids.dtype.kind == "i" and len(ids) and ids.min() < 0:  # -1: outside the vocabulary
+                        raise UserError(f"{self.path} changed while it was being prepared: run again")
+                    ids = ids.astype(dtype, copy=False)
+                    crc = zlib.crc32(ids, crc)
+                    f.write(ids)
+                f.flush()
+                os.fsync(f.fileno())
+            if digest.hexdigest() != facts.sha256:
+                raise UserError(f"{self.path} changed while it was being prepared: run again")
+            os.replace(tmp, bin_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        meta = {"format": FORMAT, "sha256": facts.sha256, "kind": tokenizer.kind, "vocab": tokenizer.vocab,
+                "n_tokens": facts.n_tokens, "dtype": dtype.name, "crc32": crc,
+                "source": str(self.path.resolve()), "n_bytes": self.path.stat().st_size}
+        _write_json(self.cache_dir / f"{stem}.json", meta)
+        return Prepared(Tokens(bin_path, dtype), meta, bin_path, built=True)
+
+    def prepare(self, tokenizer, check: Callable[[int], None] | None = None, verbose: bool = True) -> Prepared:
+        """The text's ids under ``tokenizer``, opened for reading: a valid cache if there is one,
+        else built now. ``check(n_tokens)`` may refuse the text before anything is written."""
+        if tokenizer.kind != self.kind:
+            raise ValueError(f"a {tokenizer.kind} tokenizer for a corpus of {self.kind} units")
+        facts = self.check(tokenizer, verbose)
+        if check is not None:
+            check(facts.n_tokens)
+        stem = self._stem(facts, tokenizer)
+        found = self._open(stem, facts, tokenizer)
+        if found is None:
+            try:
+                with self._lock(verbose):
+                    found = self._open(stem, facts, tokenizer) or self._build(stem, facts, tokenizer)
+            except OSError as e:
+                raise UserError(f"could not prepare {self.path} in {self.cache_dir}: {e.strerror or e}") from None
+        self._remember()
+        return found
