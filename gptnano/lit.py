@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from gptnano.errors import UserError
 from gptnano.models.base import LanguageModel
 from gptnano.optim import MuonAdamW, muon_matrices
-from gptnano.sampling import generate
+from gptnano.sampling import check_settings, generate
 from gptnano.tokenizer import CharTokenizer
 
 
@@ -88,10 +88,7 @@ class LitLM(L.LightningModule):
             raise UserError("need learning_rate > 0, min_lr >= 0 and warmup_steps >= 0")
         if muon_lr <= 0 or not 0 <= muon_momentum < 1 or muon_weight_decay < 0:
             raise UserError("need muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0")
-        if max_new_tokens < 0 or temperature < 0:
-            raise UserError("need max_new_tokens >= 0 and temperature >= 0")
-        if top_k is not None and top_k <= 0 or top_p is not None and not 0 < top_p <= 1:
-            raise UserError("need top_k > 0 and 0 < top_p <= 1")
+        check_settings(max_new_tokens, temperature, top_k, top_p)
         self.save_hyperparameters()
         if isinstance(self.hparams.get("net"), torch.nn.Module):
             # Built in Python rather than by the CLI: keep checkpoints plain data
