@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
 from gptnano.checkpoint import read_checkpoint
+from gptnano.commands import TOOLS
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
 from gptnano.lit import LitLM
@@ -70,7 +71,7 @@ class GPTNanoCLI(LightningCLI):
             },
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
-                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, v in TOOLS.items()) + "."},
+                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, (_, v) in TOOLS.items()) + "."},
             args=args,
             run=run,
         )
@@ -136,38 +137,23 @@ class GPTNanoCLI(LightningCLI):
                             f"or start a new one with --run_name NAME (or delete {folder})")
 
 
-def _tool(name: str):
-    """Commands beside Lightning's four: they read checkpoints or logs, they train nothing."""
-    if name == "senses":
-        from gptnano.senses import main as run
-    else:
-        from gptnano.plot import main as run
-    return run
-
-
-TOOLS = {"senses": "print what each sense of a Backpack predicts; generate with a sense removed",
-         "plot": "plot validation loss vs time and step for several runs, with a table"}
-
-
-def main(args=None) -> None:
-    """Entry point of the ``gptnano`` console script and ``python -m gptnano``."""
-    argv = list(sys.argv[1:] if args is None else args)
+def run(argv: list[str]) -> None:
+    """Run one of Lightning's four commands (gptnano/commands.py sends them here)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch/lightning version skew
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # predicting from another folder
     warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices")  # predict_step returns them
     try:
-        if argv and argv[0] in TOOLS:
-            _tool(argv[0])(argv[1:])
-        else:
-            GPTNanoCLI(args=argv)
-    except UserError as e:
-        print(f"gptnano: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        GPTNanoCLI(args=argv)
     except SIGTERMException:
         print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(143)
-    except KeyboardInterrupt:
-        sys.exit(130)
+
+
+def main(args=None) -> None:
+    """The ``gptnano`` command, for Python callers (the console script calls gptnano.commands.main)."""
+    from gptnano.commands import main as command
+
+    command(args)
 
 
 if __name__ == "__main__":
