@@ -8,14 +8,15 @@ one-line errors instead of tracebacks for mistakes a user can fix.
 """
 
 import sys
-import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gptnano import quiet
 from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
 from gptnano.checkpoint import read_checkpoint
 from gptnano.commands import TOOLS
@@ -106,6 +107,15 @@ class GPTNanoCLI(LightningCLI):
             parser._subcommands_action._name_parser_map[subcommand].set_defaults(defaults)
         self.config = parser.parse_args(argv)
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        quiet.drop_flops_column(trainer.callbacks)
+        # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
+        # mantissa, as nanoGPT trains). Chosen here on purpose, which also answers the hint Lightning
+        # prints otherwise; CPU products stay exact fp32 (this flag is CUDA's only).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return trainer
+
     def _parse_ckpt_path(self) -> None:
         """Replaced by ``parse_arguments`` above: Lightning's version lets the
         checkpoint override what the user typed (``--model.max_new_tokens``)."""
@@ -137,11 +147,10 @@ class GPTNanoCLI(LightningCLI):
                             f"or start a new one with --run_name NAME (or delete {folder})")
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str], verbose: bool = False) -> None:
     """Run one of Lightning's four commands (gptnano/commands.py sends them here)."""
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch/lightning version skew
-    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # predicting from another folder
-    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices")  # predict_step returns them
+    if not verbose:
+        quiet.hide_noise()
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:

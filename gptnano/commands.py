@@ -66,7 +66,7 @@ def dispatch(argv: list[str]) -> None:
     elif command.startswith("-") or command in LIGHTNING:  # `gptnano -c cfg.yaml fit` is Lightning's too
         from gptnano.cli import run
 
-        run(argv)
+        run(argv, verbose=verbose)
     else:
         raise UserError(f"unknown command {command!r}: choose one of {', '.join([*LIGHTNING, *TOOLS])}")
 
