@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import quiet
+from gptnano.board import RunSettings
 from gptnano.callbacks import Checkpoint, PredictionWriter, TextSample, Throughput
 from gptnano.checkpoint import read_checkpoint
 from gptnano.commands import TOOLS
@@ -68,7 +69,7 @@ class GPTNanoCLI(LightningCLI):
                 "max_steps": 2000,
                 "val_check_interval": 250,
                 "check_val_every_n_epoch": None,
-                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter()],
+                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(), RunSettings()],
             },
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
@@ -83,13 +84,13 @@ class GPTNanoCLI(LightningCLI):
                                  "lightning_logs/<run_name>/ (default: the architecture's name, e.g. gpt).")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val_loss",
+            "checkpoint.monitor": "val/loss",
             "checkpoint.filename": "best",
             "checkpoint.save_top_k": 1,
             "checkpoint.save_last": True,
         })
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 10})
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 10})
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
@@ -129,7 +130,7 @@ class GPTNanoCLI(LightningCLI):
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
         if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
-            cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            cfg.trainer.logger = Namespace(class_path="gptnano.board.Board",
                                            init_args=Namespace(save_dir="lightning_logs", name=name))
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else

@@ -131,7 +131,7 @@ class LitLM(L.LightningModule):
         if not torch.isfinite(loss):
             raise UserError(f"training stopped: the loss became {loss.item()} at step {self.global_step} "
                             "(lower the learning rate?); the last good checkpoint is kept")
-        self.log("train_loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
@@ -190,8 +190,14 @@ class LitLM(L.LightningModule):
     def _eval_end(self, metric: MeanMetric, prefix: str) -> None:
         loss = metric.compute()  # token-weighted mean over every rank's windows
         metric.reset()
-        self.log_dict({f"{prefix}_loss": loss, f"{prefix}_bpc": loss / math.log(2), f"{prefix}_ppl": loss.exp()},
-                      prog_bar=prefix == "val", sync_dist=False)
+        metrics = {f"{prefix}/loss": loss, f"{prefix}/bpc": loss / math.log(2), f"{prefix}/ppl": loss.exp()}
+        fitting = self.trainer.state.fn == "fit"
+        self.log_dict(metrics, prog_bar=prefix == "val", sync_dist=False, logger=not fitting)
+        if fitting and not self.trainer.sanity_checking:
+            # To the loggers at the step of the weights just scored: Lightning's own logging would
+            # put them at global_step - 1, the step of the training loss before the last update.
+            for logger in self.loggers:
+                logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self.global_step)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_loss)

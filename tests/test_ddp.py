@@ -9,7 +9,7 @@ from tests.conftest import TINY_GPT, run_cli
 
 
 def _val_loss(stdout: str) -> float:
-    return float(re.search(r"val_loss\s+([0-9.]+)", stdout).group(1))
+    return float(re.search(r"val/loss\s+([0-9.]+)", stdout).group(1))
 
 
 def test_ddp_two_cpu_processes(text_file, tmp_path):
