@@ -17,6 +17,8 @@ WARNINGS = {  # regular expression matching the start of the message -> why it i
     r".*isinstance\(treespec, LeafSpec\)": "torch and Lightning disagree about a pytree API; nothing to act on",
     r"The dirpath has changed from": "validating or predicting from another folder than the run's",
     r"Couldn't infer the batch indices": "LitLM.predict_step returns the prompt numbers itself",
+    r"Precision \S+-mixed is not supported by the model summary":
+        "mixed precision keeps the weights in fp32, so the 32-bit size the summary falls back to is right",
 }
 MESSAGES = {  # start of a Lightning info line -> why it is hidden
     "💡 Tip:": "advertisements for Lightning's cloud services",
