@@ -24,7 +24,6 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 BEST_OF = "val/loss"  # hp_metric is the lowest value of this tag
 
@@ -91,6 +90,8 @@ class Board(TensorBoardLogger):
     def _write_hparams_session(self) -> None:
         """The HParams plugin's records for this run: its settings, and hp_metric declared as
         the metric (its values are the hp_metric scalars)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries  # 40 ms: only when logging
+
         for summary in hparams_summaries(hparams_table(self.hparams), {"hp_metric": math.nan}):
             self.experiment.file_writer.add_summary(summary)
         self._session_written = True
