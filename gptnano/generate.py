@@ -185,7 +185,7 @@ def main(argv: list[str]) -> None:
     device = pick_device(args.device)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # A token is a chain of small operations that more threads only split into waits: one
-        # thread is as fast on a quiet 2-core machine and 2-5x faster on a busy one (README).
+        # thread is as fast on a quiet 2-core machine and 2-6x faster on a busy one (README).
         torch.set_num_threads(1)
     writer = Writer(net.to(device), tokenizer, settings, device)
     try:
