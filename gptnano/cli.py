@@ -1,4 +1,5 @@
-"""The `gptnano` command: LightningCLI with the defaults a user of this tool expects.
+"""Lightning's four `gptnano` commands (fit, validate, test, predict; gptnano/commands.py
+sends them here): LightningCLI with the defaults a user of this tool expects.
 
 What it adds to LightningCLI: checkpoints in a fixed folder per run
 (``checkpoints/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
