@@ -98,7 +98,7 @@ def main():
     plot(runs, RESULTS / "budget.png")
     table = markdown_table(rows, list(rows[0]))
     (RESULTS / "budget.md").write_text(table + "\n")
-    curves = {r["name"]: [(round(t - r["start"], 1), s, v) for t, s, v in r["series"]["val_loss"]] for r in runs}
+    curves = {r["name"]: [(round(t - r["start"], 1), s, v) for t, s, v in r["series"]["val/loss"]] for r in runs}
     path = write_result("budget", {"minutes": args.minutes, "rows": rows, "val_loss_curves": curves})
     print()
     print(table)

@@ -61,12 +61,12 @@ def time_to_target(name: str, args: list[str], target: float, folder: Path, devi
     total = time.time() - start
     if status != 0:
         raise SystemExit(f"{name}: gptnano fit failed, see {folder / f'{name}.log'}")
-    val = read_run(folder / "lightning_logs" / name)["series"]["val_loss"]
+    val = read_run(folder / "lightning_logs" / name)["series"]["val/loss"]
     hit = next(((t, s, v) for t, s, v in val if v <= target), None)
     return {
         "run": name,
         f"time to {target} (s)": round(hit[0] - start, 1) if hit else "not reached",
-        "at step": hit[1] + 1 if hit else "",  # Lightning logs validation at global_step - 1
+        "at step": hit[1] if hit else "",
         "best val_loss": round(min(v for *_, v in val), 4),
         "total wall (s)": round(total, 1),
         "args": " ".join(args),

@@ -1,4 +1,4 @@
-from gptnano.cli import main
+from gptnano.commands import main
 
 if __name__ == "__main__":
     main()

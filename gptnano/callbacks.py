@@ -131,9 +131,9 @@ class Throughput(L.Callback):
             return  # logging costs ~1 ms a call: refresh once per window
         tokens = batch[0].numel() * trainer.world_size * (len(self._times) - 1)
         tok_s = tokens / (self._times[-1] - self._times[0])
-        pl_module.log("tok_s", tok_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log("perf/tok_s", tok_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         if self.peak_flops:
-            pl_module.log("mfu", self.mfu(tok_s * pl_module.net.flops_per_token() / trainer.world_size),
+            pl_module.log("perf/mfu", self.mfu(tok_s * pl_module.net.flops_per_token() / trainer.world_size),
                           prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def mfu(self, flops_per_s: float) -> float:
@@ -151,7 +151,8 @@ class Throughput(L.Callback):
 
 
 class TextSample(L.Callback):
-    """After each validation, generate a short text and log it to TensorBoard."""
+    """After each validation, generate a short text and log it to TensorBoard, headed by the
+    step and the sampling settings that made it."""
 
     def __init__(self, max_new_tokens: int = 200):
         self.max_new_tokens = max_new_tokens
@@ -168,8 +169,11 @@ class TextSample(L.Callback):
         device = pl_module.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             text = pl_module.sample(prompt, self.max_new_tokens)
-        # TensorBoard renders text as markdown: indent to keep line breaks.
-        experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)
+        hp = pl_module.hparams
+        heading = (f"step {trainer.global_step}: {self.max_new_tokens} new tokens, temperature {hp.temperature}, "
+                   f"top_k {hp.top_k}, top_p {hp.top_p}, seed {hp.sample_seed}")
+        # TensorBoard renders text as markdown: indent the sample to keep its line breaks.
+        experiment.add_text("sample", heading + "\n\n    " + text.replace("\n", "\n    "), trainer.global_step)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -1,4 +1,5 @@
-"""The `gptnano` command: LightningCLI with the defaults a user of this tool expects.
+"""Lightning's four `gptnano` commands (fit, validate, test, predict; gptnano/commands.py
+sends them here): LightningCLI with the defaults a user of this tool expects.
 
 What it adds to LightningCLI: checkpoints in a fixed folder per run
 (``checkpoints/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
@@ -12,18 +13,20 @@ one-line errors instead of tracebacks for mistakes a user can fix.
 import inspect
 import os
 import sys
-import warnings
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano import hardware
+from gptnano import hardware, quiet
+from gptnano.board import RunSettings
 from gptnano.callbacks import AtomicCheckpointIO, Checkpoint, PredictionWriter, TextSample, Throughput
 from gptnano.checkpoint import architecture, read_checkpoint
+from gptnano.commands import TOOLS
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
 from gptnano.lit import LitLM
@@ -109,11 +112,11 @@ class GPTNanoCLI(LightningCLI):
                 "max_steps": 2000,
                 "val_check_interval": 250,
                 "check_val_every_n_epoch": None,
-                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter()],
+                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(), RunSettings()],
             },
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
-                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, v in TOOLS.items()) + "."},
+                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, (_, v) in TOOLS.items()) + "."},
             args=args,
             run=run,
         )
@@ -124,13 +127,13 @@ class GPTNanoCLI(LightningCLI):
                                  "lightning_logs/<run_name>/ (default: the architecture's name, e.g. gpt).")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val_loss",
+            "checkpoint.monitor": "val/loss",
             "checkpoint.filename": "best",
             "checkpoint.save_top_k": 1,
             "checkpoint.save_last": True,
         })
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 10})
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 10})
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.tokenizer_kind", "model.tokenizer", apply_on="instantiate")
@@ -165,7 +168,7 @@ class GPTNanoCLI(LightningCLI):
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
         if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
-            cfg.trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            cfg.trainer.logger = Namespace(class_path="gptnano.board.Board",
                                            init_args=Namespace(save_dir="lightning_logs", name=name))
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
@@ -231,46 +234,37 @@ class GPTNanoCLI(LightningCLI):
         return precision
 
     def instantiate_trainer(self, **kwargs):
-        """The Trainer, with checkpoints written atomically and read through the safe reader."""
+        """The Trainer, with checkpoints written atomically and read through the safe reader,
+        a model summary without Lightning's column of zero FLOPs, and TF32 on CUDA."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        quiet.drop_flops_column(trainer.callbacks)
+        # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
+        # mantissa, as nanoGPT trains). Chosen here on purpose, which also answers the hint Lightning
+        # prints otherwise; CPU products stay exact fp32 (this flag is CUDA's only).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return trainer
 
 
-def _tool(name: str):
-    """Commands beside Lightning's four: they read checkpoints or logs, they train nothing."""
-    if name == "senses":
-        from gptnano.senses import main as run
-    else:
-        from gptnano.plot import main as run
-    return run
-
-
-TOOLS = {"senses": "print what each sense of a Backpack predicts; generate with a sense removed",
-         "plot": "plot validation loss vs time and step for several runs, with a table"}
-
-
-def main(args=None) -> None:
-    """Entry point of the ``gptnano`` console script and ``python -m gptnano``."""
-    argv = list(sys.argv[1:] if args is None else args)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # torch/lightning version skew
-    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # predicting from another folder
-    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices")  # predict_step returns them
+def run(argv: list[str], verbose: bool = False) -> None:
+    """Run one of Lightning's four commands (gptnano/commands.py sends them here)."""
+    if not verbose:
+        quiet.hide_noise()
     try:
-        if argv and argv[0] in TOOLS:
-            _tool(argv[0])(argv[1:])
-        else:
-            GPTNanoCLI(args=argv)
-    except UserError as e:
-        print(f"gptnano: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        GPTNanoCLI(args=argv)
     except SIGTERMException:
         print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(143)
-    except KeyboardInterrupt:
-        sys.exit(130)
+
+
+def main(args=None) -> None:
+    """The ``gptnano`` command, for Python callers (the console script calls gptnano.commands.main)."""
+    from gptnano.commands import main as command
+
+    command(args)
 
 
 if __name__ == "__main__":

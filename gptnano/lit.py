@@ -17,7 +17,7 @@ from gptnano.errors import UserError
 from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.optim import MuonAdamW, muon_matrices
-from gptnano.sampling import generate
+from gptnano.sampling import check_settings, generate
 from gptnano.tokenizer import make_tokenizer
 
 
@@ -97,10 +97,7 @@ class LitLM(L.LightningModule):
             raise UserError("need learning_rate > 0, min_lr >= 0 and warmup_steps >= 0")
         if muon_lr <= 0 or not 0 <= muon_momentum < 1 or muon_weight_decay < 0:
             raise UserError("need muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0")
-        if max_new_tokens < 0 or temperature < 0:
-            raise UserError("need max_new_tokens >= 0 and temperature >= 0")
-        if top_k is not None and top_k <= 0 or top_p is not None and not 0 < top_p <= 1:
-            raise UserError("need top_k > 0 and 0 < top_p <= 1")
+        check_settings(max_new_tokens, temperature, top_k, top_p)
         self.save_hyperparameters()
         if isinstance(self.hparams.get("net"), torch.nn.Module):
             # Built in Python rather than by the CLI: keep checkpoints plain data
@@ -154,7 +151,7 @@ class LitLM(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
         self._note_if_not_finite(loss.detach())
-        self.log("train_loss", loss)  # read by the logger every log_every_n_steps steps
+        self.log("train/loss", loss)  # read by the logger every log_every_n_steps steps
         if self._is_logging_step():
             # The progress bar reads its values at every step, a host-device sync on a GPU,
             # so it gets the loss at logging steps only.
@@ -253,8 +250,14 @@ class LitLM(L.LightningModule):
     def _eval_end(self, metric: MeanMetric, prefix: str) -> None:
         loss = metric.compute()  # token-weighted mean over every rank's windows
         metric.reset()
-        self.log_dict({f"{prefix}_loss": loss, f"{prefix}_bpc": loss / math.log(2), f"{prefix}_ppl": loss.exp()},
-                      prog_bar=prefix == "val", sync_dist=False)
+        metrics = {f"{prefix}/loss": loss, f"{prefix}/bpc": loss / math.log(2), f"{prefix}/ppl": loss.exp()}
+        fitting = self.trainer.state.fn == "fit"
+        self.log_dict(metrics, prog_bar=prefix == "val", sync_dist=False, logger=not fitting)
+        if fitting and not self.trainer.sanity_checking:
+            # To the loggers at the step of the weights just scored: Lightning's own logging would
+            # put them at global_step - 1, the step of the training loss before the last update.
+            for logger in self.loggers:
+                logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=self.global_step)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_loss)

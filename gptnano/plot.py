@@ -10,9 +10,14 @@ from pathlib import Path
 
 from gptnano.errors import UserError
 
+# Tags of logs written before the grouped names of gptnano/board.py, and their names now.
+OLD_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_bpc": "val/bpc", "val_ppl": "val/ppl",
+            "tok_s": "perf/tok_s", "mfu": "perf/mfu"}
+
 
 def read_run(folder: Path) -> dict:
-    """Scalars of every version_* under ``folder`` (a resumed run spans several), in step order."""
+    """Scalars of every version_* under ``folder`` (a resumed run spans several), in step
+    order, under today's tag names (older logs are read too)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = sorted(folder.glob("version_*")) or [folder]
@@ -21,9 +26,13 @@ def read_run(folder: Path) -> dict:
         acc = EventAccumulator(str(version), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            series.setdefault(tag, []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
-    if "val_loss" not in series:
-        raise UserError(f"no val_loss logged under {folder}")
+            name = OLD_TAGS.get(tag, tag)
+            # Old validations were logged at Lightning's global_step - 1: move them to the
+            # optimizer step they followed, where new logs put them.
+            shift = 1 if tag != name and name.startswith("val/") else 0
+            series.setdefault(name, []).extend((e.wall_time, e.step + shift, e.value) for e in acc.Scalars(tag))
+    if "val/loss" not in series:
+        raise UserError(f"no validation loss (val/loss) logged under {folder}")
     for values in series.values():
         values.sort(key=lambda e: e[1])
     start = min(e[0] for values in series.values() for e in values)
@@ -31,10 +40,10 @@ def read_run(folder: Path) -> dict:
 
 
 def summary(run: dict) -> dict:
-    val = run["series"]["val_loss"]
+    val = run["series"]["val/loss"]
     best = min(v for _, _, v in val)
-    tok = [v for _, _, v in run["series"].get("tok_s", [])]
-    mfu = [v for _, _, v in run["series"].get("mfu", [])]
+    tok = [v for _, _, v in run["series"].get("perf/tok_s", [])]
+    mfu = [v for _, _, v in run["series"].get("perf/mfu", [])]
     row = {
         "run": run["name"],
         "best val_loss": f"{best:.4f}",
@@ -58,7 +67,7 @@ def plot(runs: list[dict], out: Path) -> None:
 
     fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for run in runs:
-        val = run["series"]["val_loss"]
+        val = run["series"]["val/loss"]
         by_time.plot([t - run["start"] for t, _, _ in val], [v for *_, v in val], marker=".", label=run["name"])
         by_step.plot([s for _, s, _ in val], [v for *_, v in val], marker=".", label=run["name"])
     by_time.set(xlabel="wall-clock time (s)", ylabel="validation loss (nats/char)", title="validation loss vs time")

@@ -50,9 +50,9 @@ def test_every_subcommand_takes_the_network_from_the_checkpoint(run):
     assert last["hyper_parameters"]["net"]["init_args"]["n_layer"] == 2  # the checkpoint's, not the config's 4
 
     val = run_cli(["validate", "--config", GPT_YAML, *data, "--ckpt_path", "last"], work)
-    assert re.search(r"val_loss\s+[0-9.]+", val.stdout)
+    assert re.search(r"val/loss\s+[0-9.]+", val.stdout)
     test = run_cli(["test", "--config", GPT_YAML, *data, "--ckpt_path", "best"], work)
-    assert re.search(r"test_loss\s+[0-9.]+", test.stdout)
+    assert re.search(r"test/loss\s+[0-9.]+", test.stdout)
     out = run_cli(["predict", "--config", GPT_YAML, *data, "--ckpt_path", "last", "--data.prompt", "KING",
                    "--model.max_new_tokens", "25"], work)
     assert out.stdout.startswith("KING") and len(out.stdout.rstrip("\n")) == len("KING") + 25
@@ -90,6 +90,7 @@ def _touch(marker: Path) -> dict:
 
 @pytest.mark.parametrize("command", [
     ["senses", "--token", "a"],
+    ["generate"],
     ["predict"],
     ["validate"],
     ["fit", *TINY_GPT],

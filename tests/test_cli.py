@@ -45,10 +45,10 @@ def test_round_trip_fit_resume_validate_predict(text_file, tmp_path):
     plotted = run_cli(["plot", "lightning_logs/gpt", "--out", "curves.png"], work)
     assert (work / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = next(line for line in plotted.stdout.splitlines() if line.startswith("| gpt"))
-    assert row.split("|")[4].strip() == "19"  # the last validation's step, read across both versions
+    assert row.split("|")[4].strip() == "20"  # the last validation's optimizer step, read across both versions
 
     val = run_cli(["validate", *TINY_GPT, *data, "--ckpt_path", "best"], work)
-    assert "val_loss" in val.stdout and "val_bpc" in val.stdout
+    assert "val/loss" in val.stdout and "val/bpc" in val.stdout
 
     # predict from the checkpoint alone: a folder with no text, no config, no network.
     empty = tmp_path / "elsewhere"
@@ -66,7 +66,7 @@ def test_print_config_shows_linked_model_and_defaults(text_file, tmp_path):
     out = run_cli(["fit", "--config", str(ROOT / "configs" / "gpt.yaml"), "--data.path", str(text_file),
                    "--print_config"], tmp_path)
     assert "class_path: gptnano.models.GPT" in out.stdout
-    assert "save_last: true" in out.stdout and "monitor: val_loss" in out.stdout
+    assert "save_last: true" in out.stdout and "monitor: val/loss" in out.stdout
 
 
 def test_help_shows_docstrings(tmp_path):

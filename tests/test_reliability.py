@@ -33,8 +33,8 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
     for events in sorted(run_dir.glob("lightning_logs/*/version_*")):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        if "train_loss" in acc.Tags()["scalars"]:
-            losses.update({e.step: e.value for e in acc.Scalars("train_loss")})
+        if "train/loss" in acc.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in acc.Scalars("train/loss")})
     return losses
 
 

@@ -1,0 +1,118 @@
+"""What TensorBoard shows for a run, in words a user reads at a glance.
+
+Scalars are grouped by what they measure (TensorBoard draws one section per
+prefix):
+
+    train/loss                    loss of each training batch (nats per character)
+    val/loss, val/bpc, val/ppl    full validation pass: loss, bits per character, perplexity
+    perf/tok_s, perf/mfu          training tokens per second, model FLOPs utilisation
+    lr/...                        learning rate of each optimizer parameter group
+    hp_metric                     best val/loss so far: the metric of the HPARAMS tab
+
+and under *Text* a sample generated at each validation, headed by its step and
+sampling settings. A step is the number of optimizer updates the scored weights
+have had: ``train/loss`` at step s is the loss before update s + 1, ``val/loss``
+at step s the loss after update s. The HPARAMS tab lists each run's
+hyper-parameters (model, optimizer, batch size, steps, precision, seed) next to
+its best validation loss. Lightning's ``epoch`` scalar is left out: a gptnano
+run is one endless epoch, so it is always 0.
+"""
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+BEST_OF = "val/loss"  # hp_metric is the lowest value of this tag
+
+
+def tensorboard_tag(name: str) -> str | None:
+    """The tag a metric is written under (None: not written). Our own metrics are logged
+    under their final names; this maps the ones Lightning names itself."""
+    if name == "epoch":
+        return None
+    if name.startswith("lr-"):  # LearningRateMonitor: lr-<Optimizer>[/pg<N>]
+        return "lr/" + name.removeprefix("lr-")
+    return name
+
+
+def hparams_table(params, prefix: str = "") -> dict:
+    """One HPARAMS column per setting: nested settings flattened with dots, a network as its
+    class name and its arguments (``net`` = GPT, ``net.n_layer`` = 4), anything that is not a
+    number, string or bool as text. The vocabulary and LightningCLI's private keys are left
+    out: they are not settings one compares runs by."""
+    table = {}
+    for key, value in params.items():
+        if key == "vocab" or key.startswith("_"):
+            continue
+        name = prefix + key
+        if hasattr(value, "items") and "class_path" in value:
+            table[name] = value["class_path"].rsplit(".", 1)[-1]
+            table.update(hparams_table(value.get("init_args") or {}, name + "."))
+        elif hasattr(value, "items"):
+            table.update(hparams_table(value, name + "."))
+        else:
+            table[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return table
+
+
+class Board(TensorBoardLogger):
+    """Lightning's TensorBoardLogger with gptnano's tags (module docstring): ``epoch`` left
+    out, the learning rates under ``lr/``, ``hp_metric`` the best validation loss instead of
+    Lightning's -1 placeholder, and the HPARAMS session written once every setting has
+    arrived (just before the first scalar).
+
+    Args:
+        save_dir: Folder of all runs' logs.
+        name: The run's folder in it.
+        version: Version folder (default: the next free version_N).
+    """
+
+    def __init__(self, save_dir: str = "lightning_logs", name: str = "lightning_logs", version: int | str | None = None):
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=False)
+        self.best = math.inf
+        self._session_written = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if not self._session_written:
+            self._write_hparams_session()
+        tagged = {tensorboard_tag(k): v for k, v in metrics.items()}
+        tagged.pop(None, None)
+        if BEST_OF in tagged:
+            self.best = min(self.best, float(tagged[BEST_OF]))
+            tagged["hp_metric"] = self.best
+        if tagged:
+            super().log_metrics(tagged, step)
+
+    def _write_hparams_session(self) -> None:
+        """The HParams plugin's records for this run: its settings, and hp_metric declared as
+        the metric (its values are the hp_metric scalars)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries  # 40 ms: only when logging
+
+        for summary in hparams_summaries(hparams_table(self.hparams), {"hp_metric": math.nan}):
+            self.experiment.file_writer.add_summary(summary)
+        self._session_written = True
+
+
+class RunSettings(L.Callback):
+    """Hands each Board the run settings that are not the model's hyper-parameters (batch
+    size, steps, precision, world size, seed), so that hparams.yaml and the HPARAMS tab show
+    them beside the model's."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        settings = {
+            "data.batch_size": getattr(trainer.datamodule, "batch_size", None),
+            "trainer.max_steps": trainer.max_steps,
+            "trainer.precision": str(trainer.precision),
+            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "world_size": trainer.world_size,
+            "seed": torch.initial_seed(),  # the run's seed (seed_everything), before any re-seeding
+        }
+        for logger in trainer.loggers:
+            if isinstance(logger, Board):  # another logger may write its HPARAMS session at once
+                logger.log_hyperparams(settings)
