@@ -1,11 +1,13 @@
 """Shared fixtures: a small made-up text (tests never need the real corpus) and a
 helper that runs the real `gptnano` command in a fresh folder."""
 
+import logging
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -104,3 +106,41 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | 
     if check and proc.returncode != 0:
         raise AssertionError(f"gptnano {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def gptnano(monkeypatch, capsys):
+    """``gptnano(args, cwd)`` runs the command in this process, as the console script would
+    (gptnano.commands.main), and returns its exit status and output. For the tests of
+    mistakes, which stop before training: a new process would pay ~4 s of importing
+    Lightning for each one. An exception escaping main fails the test, as a traceback would."""
+    from gptnano.commands import main
+
+    def run(args: list[str], cwd: Path, env_extra: dict | None = None) -> Ran:
+        monkeypatch.chdir(cwd)
+        for key in set(os.environ) - set(cli_env(env_extra)):
+            monkeypatch.delenv(key)
+        for key, value in cli_env(env_extra).items():
+            monkeypatch.setenv(key, value)
+        # Lightning's loggers hold the stderr of the moment they were made (another test's
+        # captured stream, closed since): point them at this test's.
+        for name in [n for n in logging.Logger.manager.loggerDict if n.startswith("lightning")]:
+            for handler in logging.getLogger(name).handlers:
+                if type(handler) is logging.StreamHandler:
+                    monkeypatch.setattr(handler, "stream", sys.stderr)
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run

@@ -96,7 +96,7 @@ def _touch(marker: Path) -> dict:
     ["fit", *TINY_GPT],
 ])
 @pytest.mark.parametrize("shape", ["callable", "nested", "foreign-module"])
-def test_a_crafted_checkpoint_runs_nothing(command, shape, tmp_path):
+def test_a_crafted_checkpoint_runs_nothing(command, shape, tmp_path, gptnano, monkeypatch):
     marker = tmp_path / "pwned"
     if shape == "callable":  # a callable instead of a network
         net = _touch(marker)
@@ -106,25 +106,26 @@ def test_a_crafted_checkpoint_runs_nothing(command, shape, tmp_path):
         (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Model: pass\n")
         net = {"class_path": "evil.Model", "init_args": {}}
     ckpt = _crafted(tmp_path / "evil.ckpt", net)
-    proc = run_cli([*command, "--ckpt_path", ckpt], tmp_path, check=False, env_extra={"PYTHONPATH": str(tmp_path)})
+    monkeypatch.syspath_prepend(str(tmp_path))  # evil.py could be imported, if anything tried
+    proc = gptnano([*command, "--ckpt_path", ckpt], tmp_path)
     assert re.search(r"refusing to load it", _error_line(proc))
     assert not marker.exists()
 
 
-def test_a_torch_file_without_hyper_parameters_is_refused(tmp_path):
+def test_a_torch_file_without_hyper_parameters_is_refused(tmp_path, gptnano):
     path = tmp_path / "weights.pt"
     torch.save({"state_dict": {"net.wte.weight": torch.zeros(3, 4)}}, path)
     with pytest.raises(UserError, match="not a gptnano checkpoint"):
         load_net(path)
-    proc = run_cli(["predict", "--ckpt_path", str(path)], tmp_path, check=False)
+    proc = gptnano(["predict", "--ckpt_path", str(path)], tmp_path)
     assert "not a gptnano checkpoint" in _error_line(proc)
 
 
-def test_a_checkpoint_that_is_a_folder_is_one_line(tmp_path):
+def test_a_checkpoint_that_is_a_folder_is_one_line(tmp_path, gptnano):
     folder = tmp_path / "last.ckpt"
     folder.mkdir()
     for command in (["predict"], ["senses", "--token", "a"]):
-        proc = run_cli([*command, "--ckpt_path", str(folder)], tmp_path, check=False)
+        proc = gptnano([*command, "--ckpt_path", str(folder)], tmp_path)
         assert "checkpoint is a folder" in _error_line(proc)
 
 

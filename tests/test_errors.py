@@ -97,10 +97,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case,make_args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(case, make_args, message, trained, server, tmp_path):
+def test_bad_input_is_one_clear_line(case, make_args, message, trained, server, tmp_path, gptnano):
     ckpt, text = trained
     before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    proc = run_cli(make_args(tmp_path, ckpt, text, server), tmp_path, check=False)
+    proc = gptnano(make_args(tmp_path, ckpt, text, server), tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
