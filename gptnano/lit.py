@@ -207,12 +207,14 @@ class LitLM(L.LightningModule):
         muon = [p for p in muon_matrices(self.net) if p.requires_grad] if hp.optimizer == "muon" else []
         in_muon = {id(p) for p in muon}
         rest = [p for p in params if id(p) not in in_muon]
+        # Named groups: TensorBoard's learning-rate cards read lr/<optimizer>/<name>.
         groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": hp.weight_decay, "name": "adamw"},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "adamw_no_decay"},
         ]
         if muon:
-            groups.append({"params": muon, "muon": True, "lr": hp.muon_lr, "weight_decay": hp.muon_weight_decay})
+            groups.append({"params": muon, "muon": True, "lr": hp.muon_lr, "weight_decay": hp.muon_weight_decay,
+                           "name": "muon"})
         # The fused kernel updates every tensor in one pass (CPU and CUDA): ~1.5 ms of a
         # ~25 ms CPU step saved at the default size.
         # (Not with fp16's loss scaling: a fused step would see still-scaled gradients when clipping.)

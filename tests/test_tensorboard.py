@@ -36,7 +36,7 @@ def test_tags_are_grouped_and_epoch_is_gone(events):
     assert {"train/loss", "val/loss", "val/bpc", "val/ppl", "perf/tok_s", "perf/mfu", "hp_metric"} <= tags
     assert "epoch" not in tags
     lr = {t for t in tags if t.startswith("lr/")}
-    assert len(lr) == 3, tags  # Muon's group and AdamW's two (decayed, not decayed)
+    assert lr == {"lr/MuonAdamW/muon", "lr/MuonAdamW/adamw", "lr/MuonAdamW/adamw_no_decay"}, tags
     assert tags - lr == {"train/loss", "val/loss", "val/bpc", "val/ppl", "perf/tok_s", "perf/mfu", "hp_metric"}
 
 
