@@ -116,3 +116,10 @@ class RunSettings(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, Board):  # another logger may write its HPARAMS session at once
                 logger.log_hyperparams(settings)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run's hp_metric goes on from the best loss before the restart (restored by now).
+        score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        for logger in trainer.loggers:
+            if isinstance(logger, Board) and score is not None:
+                logger.best = min(logger.best, float(score))

@@ -18,6 +18,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from gptnano.checkpoint import read_checkpoint
 from gptnano.errors import UserError
 from gptnano.hardware import peak_flops
+from gptnano.lit import uses_fsdp
+
+
+def update_ended(trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended completed an optimizer update (it always does
+    unless gradients are accumulated over several batches)."""
+    return (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0
 
 
 class Checkpoint(ModelCheckpoint):
@@ -75,7 +82,7 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         validation_follows = (batch_idx + 1) % trainer.val_check_batch == 0  # it saves last.ckpt (and best) itself
-        if (self.save_last and not validation_follows and self._refresh_due(trainer)
+        if (self.save_last and not validation_follows and update_ended(trainer, batch_idx) and self._refresh_due(trainer)
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -125,16 +132,20 @@ class Throughput(L.Callback):
             self.peak_flops, self.peak_source = peak_flops(pl_module.device, str(trainer.precision))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._times.append(time.perf_counter())
-        self._times = self._times[-(self.window + 1):]
-        if len(self._times) < 2 or trainer.global_step % self.window:
+        self._times.append(time.perf_counter())  # per micro-batch: each holds batch[0].numel() tokens
+        self._times = self._times[-(self.window * trainer.accumulate_grad_batches + 1):]
+        if len(self._times) < 2 or trainer.global_step % self.window or not update_ended(trainer, batch_idx):
             return  # logging costs ~1 ms a call: refresh once per window
         tokens = batch[0].numel() * trainer.world_size * (len(self._times) - 1)
         tok_s = tokens / (self._times[-1] - self._times[0])
-        pl_module.log("perf/tok_s", tok_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        # As CPU tensors: the progress bar reads its values back at every step, and a Python
+        # number would be put on the training device, one host-device sync per step on a GPU.
+        pl_module.log("perf/tok_s", torch.tensor(tok_s), prog_bar=True, on_step=True, on_epoch=False,
+                      rank_zero_only=True)
         if self.peak_flops:
-            pl_module.log("perf/mfu", self.mfu(tok_s * pl_module.net.flops_per_token() / trainer.world_size),
-                          prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+            mfu = self.mfu(tok_s * pl_module.net.flops_per_token() / trainer.world_size)
+            pl_module.log("perf/mfu", torch.tensor(mfu), prog_bar=True, on_step=True, on_epoch=False,
+                          rank_zero_only=True)
 
     def mfu(self, flops_per_s: float) -> float:
         """Model FLOPs utilisation of one device doing ``flops_per_s``; at most 1."""
@@ -160,6 +171,8 @@ class TextSample(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero or pl_module.tokenizer is None:
             return
+        if uses_fsdp(trainer):
+            return  # rank 0 alone holds a shard of the weights, not a network it could sample from
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_text"):
             return

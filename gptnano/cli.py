@@ -19,13 +19,13 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import hardware, quiet
 from gptnano.board import RunSettings
 from gptnano.callbacks import AtomicCheckpointIO, Checkpoint, PredictionWriter, TextSample, Throughput
-from gptnano.checkpoint import architecture, read_checkpoint
+from gptnano.checkpoint import architecture, build_net, read_checkpoint
 from gptnano.commands import TOOLS
 from gptnano.data import ShakespeareDataModule
 from gptnano.errors import UserError
@@ -67,12 +67,6 @@ _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 _DATA_ARGS = set(inspect.signature(ShakespeareDataModule.__init__).parameters)
 
 
-def _weights_fit(net, state_dict: dict) -> bool:
-    """Whether ``state_dict`` (as LitLM saves it) has exactly the weights ``net`` needs, shape for shape."""
-    saved = {k.removeprefix("net."): tuple(v.shape) for k, v in state_dict.items() if k.startswith("net.")}
-    return saved == {k: tuple(v.shape) for k, v in net.state_dict().items()}
-
-
 def _data_from(hparams: dict) -> dict:
     """The data module's settings a checkpoint fixes: the tokenizer (its vocabulary and kind)."""
     saved = {"vocab": hparams.get("vocab") or None, "tokenizer": hparams.get("tokenizer", "char")}
@@ -106,7 +100,7 @@ class GPTNanoCLI(LightningCLI):
             ShakespeareDataModule,
             seed_everything_default=1337,
             save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # LitLM.configure_optimizers owns AdamW + schedule
+            auto_configure_optimizers=False,  # LitLM.configure_optimizers owns Muon/AdamW + schedule
             trainer_defaults={
                 "gradient_clip_val": 1.0,
                 "max_steps": 2000,
@@ -141,6 +135,7 @@ class GPTNanoCLI(LightningCLI):
     # ----- a checkpoint supplies the run's settings, the command line still wins ----
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict):
+            self._explicit = set()
             return super().parse_arguments(parser, args)
         argv = _architecture_names(sys.argv[1:] if args is None else args)
         self._explicit = _explicit_keys(argv)
@@ -182,14 +177,15 @@ class GPTNanoCLI(LightningCLI):
         if ckpt:
             saved = read_checkpoint(ckpt)
             self._take_from_checkpoint(cfg, saved, ckpt)
-        elif sub == "fit" and (folder / "last.ckpt").exists():
+        resuming_here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
+        if sub == "fit" and (folder / "last.ckpt").exists() and not resuming_here:
+            # A fresh run, or one resumed from another folder's checkpoint, would overwrite this run.
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
         if sub == "fit" and (cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0):
             raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
                             "(the learning rate decays over them)")
-        if cfg.trainer.precision is None:
-            cfg.trainer.precision = self._choose_precision(cfg, saved if sub == "fit" else None)
+        self._choose_arithmetic(cfg, saved if sub == "fit" else None)
 
     def _take_from_checkpoint(self, cfg, ckpt: dict, path: str) -> None:
         """The run's own settings from its checkpoint, over whatever config files say: the
@@ -206,10 +202,14 @@ class GPTNanoCLI(LightningCLI):
                             f"give the {cls.__name__}'s config, or none")
         typed = {k: net.init_args.get(k) for k in init_args
                  if f"model.net.{k}" in self._explicit and net.init_args.get(k) != init_args[k]}
-        if typed and not _weights_fit(cls(**{**init_args, **typed}), ckpt["state_dict"]):
-            shown = ", ".join(f"{k}={v} (saved: {init_args[k]})" for k, v in typed.items())
-            raise UserError(f"{path} cannot take {shown}: its saved weights have other shapes "
-                            "(start a new run with --run_name to change the network)")
+        if typed:  # allowed only if the saved weights still fit the network it asks for
+            try:
+                build_net({"class_path": hparams["net"]["class_path"], "init_args": {**init_args, **typed}},
+                          ckpt["state_dict"], path)
+            except UserError:
+                shown = ", ".join(f"{k}={v} (saved: {init_args[k]})" for k, v in typed.items())
+                raise UserError(f"{path} cannot take {shown}: its saved weights have other shapes "
+                                "(start a new run with --run_name to change the network)") from None
         for key, value in {**init_args, **typed}.items():
             net.init_args[key] = value
         for key, value in hparams.items():
@@ -218,27 +218,33 @@ class GPTNanoCLI(LightningCLI):
         for key, value in _data_from(hparams).items():
             cfg.data[key] = value
 
-    def _choose_precision(self, cfg, resumed: dict | None) -> str:
+    def _choose_arithmetic(self, cfg, resumed: dict | None) -> None:
         """The precision when none was given: the resumed run's own (bit-exact resume), else
-        what this device does fast. One line says which and why."""
+        what this device does fast; one line says which and why. A resumed run also keeps the
+        dtype its Muon orthogonalised in, unless --model.muon_dtype says otherwise."""
         device = hardware.device_type(cfg.trainer.accelerator)
         kept = (resumed or {}).get("gptnano", {})
-        if kept.get("device") == device and kept.get("precision"):
-            precision, why = kept["precision"], "the precision the resumed run trained in"
-        else:
-            precision, why = hardware.resolve_precision(device)
-        if device == "cpu":  # DDP processes started from this one make the same choice without measuring
+        if kept.get("device") != device:
+            kept = {}  # trained elsewhere: choose for this device
+        if kept.get("muon_dtype") and "model.muon_dtype" not in self._explicit:
+            cfg.model.muon_dtype = kept["muon_dtype"]
+        if device == "cpu":  # DDP processes started from this one decide alike, without measuring
             os.environ.setdefault(hardware.FAST_BF16_ENV, "1" if hardware.bf16_verdict("cpu").fast else "0")
+        if cfg.trainer.precision is not None:
+            return  # the user's
+        if kept.get("precision"):
+            cfg.trainer.precision, why = kept["precision"], "the precision the resumed run trained in"
+        else:
+            cfg.trainer.precision, why = hardware.resolve_precision(device)
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-            print(f"gptnano: precision {precision} ({why}); --trainer.precision overrides", file=sys.stderr)
-        return precision
+            print(f"gptnano: precision {cfg.trainer.precision} ({why}); --trainer.precision overrides", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with checkpoints written atomically and read through the safe reader,
         a model summary without Lightning's column of zero FLOPs, and TF32 on CUDA."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer wins
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         quiet.drop_flops_column(trainer.callbacks)

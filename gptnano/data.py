@@ -138,7 +138,15 @@ class EvalWindows(IterableDataset):
 
     def __iter__(self):
         n_mine = len(range(self.rank, self.n_scored, self.world_size))
-        for lo in range(0, n_mine, self.batch_size):
+        # Every rank yields as many batches as the busiest one: under DDP each forward may be a
+        # collective (buffers are broadcast), so a rank stopping one batch early would hang the
+        # others. A rank out of windows scores a repeat of window 0 with every target masked.
+        n_most = len(range(0, self.n_scored, self.world_size))
+        for lo in range(0, n_most, self.batch_size):
+            if lo >= n_mine:
+                r = rows(self.data, torch.zeros(1, dtype=torch.long), self.block_size + 1)
+                yield r[:, :-1], torch.full_like(r[:, 1:], -100)
+                continue
             j = self.rank + self.world_size * torch.arange(lo, min(lo + self.batch_size, n_mine))
             window = self._windows(j)
             starts = torch.where(window < self.n_full, window * self.block_size, self.n_targets - self.block_size)
@@ -178,7 +186,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         url: Where the default corpus is downloaded from.
         tokenizer: "char": one token per character, the vocabulary being the text's characters
             (the default). "byte": one token per UTF-8 byte, 256 of them, for any file whatever
-            its characters (the way enwik8 is reported: val_bpc is then bits per byte).
+            its characters (the way enwik8 is reported: val/bpc is then bits per byte).
         val_tokens: Score about this many tokens at each validation instead of the whole
             validation split: ceil(val_tokens / block_size) windows spread evenly over it,
             the same ones every time (default: all). For large corpora, whose full pass

@@ -63,10 +63,10 @@ def parser() -> argparse.ArgumentParser:
 def pick_device(name: str):
     import torch
 
+    from gptnano.hardware import device_type
+
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device(device_type("auto"))  # as the Trainer chooses: CUDA, then MPS, then the CPU
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -78,13 +78,9 @@ def pick_device(name: str):
 
 def read_prompt(args) -> str:
     if "prompt_file" in args:
-        path = Path(args.prompt_file)
-        try:
-            prompt = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"prompt file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the prompt file {path}: {e}") from None
+        from gptnano.corpus import read_text  # the data module's own reader: the same one-line errors
+
+        prompt = read_text(Path(args.prompt_file), "prompt file")
     else:
         prompt = getattr(args, "prompt", "\n")
     if not prompt:

@@ -8,8 +8,8 @@ whether bf16 matrix products are really faster than fp32 here:
 * CPU: measured, in ~0.1 s, on a product shaped like the models' own. A CPU with
   native bf16 (AVX512-BF16, AMX) runs them ~2x fp32; one without (AVX2 only, many
   laptops) emulates them ~75x *slower*, so the answer decides between a fast run
-  and a disaster. ``GPTNANO_FAST_BF16=1|0`` skips the measurement (the CLI sets it
-  for the DDP processes it launches, so every rank makes the same choice).
+  and a disaster. ``GPTNANO_FAST_BF16=1|0`` skips the CPU measurement (the CLI sets
+  it for the DDP processes it launches, so every rank makes the same choice).
 * CUDA: bf16 where the GPU has it natively (Ampere and later), else fp16 products.
 * MPS: fp32 (see ``resolve_precision``).
 """
@@ -22,6 +22,8 @@ import time
 from typing import NamedTuple
 
 import torch
+
+from gptnano.errors import UserError
 
 FAST_BF16_ENV = "GPTNANO_FAST_BF16"
 # bf16 products must beat fp32 by this much to pay for the casts that mixed
@@ -84,15 +86,15 @@ def compare_bf16_fp32(shape=PROBE_SHAPE) -> tuple[float, float]:
 @functools.cache
 def bf16_verdict(device_type: str = "cpu") -> Verdict:
     """Whether bf16 matrix products are fast on ``device_type`` ("cpu", "cuda", "mps")."""
-    forced = os.environ.get(FAST_BF16_ENV)
-    if forced in ("0", "1"):
-        return Verdict(forced == "1", f"{FAST_BF16_ENV}={forced}")
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability()
         fast = major >= 8  # Ampere and later have bf16 tensor cores; before, bf16 is emulated
         return Verdict(fast, f"compute capability {major}.{minor}: {'native' if fast else 'no native'} bf16")
     if device_type != "cpu":
         return Verdict(False, f"bf16 products are not measured on {device_type}")
+    forced = os.environ.get(FAST_BF16_ENV)
+    if forced in ("0", "1"):
+        return Verdict(forced == "1", f"{FAST_BF16_ENV}={forced}")
     bf16, fp32 = compare_bf16_fp32()
     rates = f"{gflops(bf16)} GFLOP/s in bf16 vs {gflops(fp32)} in fp32 on one core"
     if bf16 >= MIN_SPEEDUP * fp32:
@@ -117,6 +119,8 @@ def device_type(accelerator) -> str:
     """The device type ("cpu", "cuda", "mps") a Trainer given ``accelerator`` will train on,
     following Lightning's rules: "auto" prefers CUDA, then MPS; "gpu" means CUDA or MPS."""
     name = accelerator.lower() if isinstance(accelerator, str) else "auto"  # an Accelerator object: ask torch
+    if name in ("cuda", "gpu") and not torch.cuda.is_available() and not (name == "gpu" and _mps_available()):
+        raise UserError(f"--trainer.accelerator {accelerator}: no CUDA GPU is available to this process")
     if name in ("cpu", "cuda", "mps"):
         return name
     if torch.cuda.is_available():

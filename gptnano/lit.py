@@ -1,7 +1,7 @@
 """The one LightningModule: it trains any ``LanguageModel``.
 
-Nothing here knows which architecture it drives. It owns the loss, AdamW with
-weight-decay groups, warmup + cosine learning rate, the metrics (loss, bits per
+Nothing here knows which architecture it drives. It owns the loss, the optimizer
+(Muon + AdamW, or AdamW alone, with weight-decay groups), warmup + cosine learning rate, the metrics (loss, bits per
 char, perplexity) and generation; Lightning's Trainer owns everything else.
 """
 
@@ -19,6 +19,11 @@ from gptnano.models.base import LanguageModel
 from gptnano.optim import MuonAdamW, muon_matrices
 from gptnano.sampling import check_settings, generate
 from gptnano.tokenizer import make_tokenizer
+
+
+def uses_fsdp(trainer) -> bool:
+    """Whether the Trainer shards the weights across processes (FSDP)."""
+    return "fsdp" in type(getattr(trainer, "strategy", None)).__name__.lower()
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -57,7 +62,7 @@ class LitLM(L.LightningModule):
             products are fast on the training device (measured on a CPU; native on
             Ampere-or-later GPUs) and fp32 elsewhere (a CPU without native bf16 runs them
             ~75x slower); "bfloat16" or "float32" force one.
-        max_new_tokens: Characters to generate per prompt in `predict` (and for TensorBoard samples).
+        max_new_tokens: Tokens (characters, or bytes) to generate per prompt in `predict` (and for TensorBoard samples).
         temperature: Sampling temperature; 0 picks the most likely character (greedy).
         top_k: Sample only among the k most likely characters (None: all).
         top_p: Sample only from the smallest set of characters whose probability adds up to top_p (None: all).
@@ -153,15 +158,17 @@ class LitLM(L.LightningModule):
         self._note_if_not_finite(loss.detach())
         self.log("train/loss", loss)  # read by the logger every log_every_n_steps steps
         if self._is_logging_step():
-            # The progress bar reads its values at every step, a host-device sync on a GPU,
-            # so it gets the loss at logging steps only.
-            self.log("loss", loss, prog_bar=True, logger=False)
+            # The progress bar reads its values back at every step (a host-device sync on a
+            # GPU): it gets a copy on the CPU, made at logging steps only.
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
         return loss
 
     # ----- the NaN guard, without a host-device sync per step --------------
     # Each step folds "is this loss finite?" into a tensor on the device; the host reads it
-    # at every step on the CPU (free there) and every log_every_n_steps steps elsewhere, and
-    # before every checkpoint, which is also refused if any weight is not finite.
+    # at every step in a single CPU process (free there), every log_every_n_steps steps
+    # elsewhere, and before every checkpoint, which is also refused if any weight is not
+    # finite. With several processes the verdict is agreed by all of them first, so they
+    # stop together instead of some waiting forever in the next gradient all-reduce.
     def _note_if_not_finite(self, loss: torch.Tensor) -> None:
         if self._first_bad_step is None:
             self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
@@ -173,16 +180,34 @@ class LitLM(L.LightningModule):
         return trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0
 
     def stop_if_not_finite(self, check_weights: bool = False) -> None:
-        """Raise the one-line error if a loss (or, with ``check_weights``, a weight) is not finite."""
-        if self._first_bad_step is not None and (step := int(self._first_bad_step)) >= 0:
+        """Raise the one-line error if a loss (or, with ``check_weights``, a weight) is not finite,
+        on any process (every process must call it at the same point)."""
+        never = torch.iinfo(torch.long).max
+        first = self._first_bad_step if self._first_bad_step is not None else torch.tensor(-1, device=self.device)
+        first = self._agreed(torch.where(first < 0, never, first), "min")
+        if (step := int(first)) != never:
             raise UserError(f"training stopped: the loss became non-finite at step {step} (lower the learning "
                             "rate?); no checkpoint was written after it")
-        if check_weights and not torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all():
-            raise UserError(f"training stopped: the weights became non-finite by step {self.global_step} (lower the "
-                            "learning rate?); no checkpoint was written after it")
+        if check_weights:
+            finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
+            if not bool(self._agreed(finite.long(), "min")):
+                raise UserError(f"training stopped: the weights became non-finite by step {self.global_step} "
+                                "(lower the learning rate?); no checkpoint was written after it")
+
+    def _agreed(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        """``value`` reduced over every process (min or max); itself in a single process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+        return value
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.device.type == "cpu" or self._is_logging_step():
+        single_cpu = self.device.type == "cpu" and self.trainer.world_size == 1
+        if single_cpu or self._is_logging_step():
             self.stop_if_not_finite()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -200,7 +225,7 @@ class LitLM(L.LightningModule):
         # matrices inside the network move to Muon's own group (muon_weight_decay).
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
-        if hp.optimizer == "muon" and "fsdp" in type(self.trainer.strategy).__name__.lower():
+        if hp.optimizer == "muon" and uses_fsdp(self.trainer):
             # FSDP hands the optimizer flat shards; Muon must see whole matrices.
             raise UserError("--model.optimizer muon does not work with FSDP (it needs whole matrices): "
                             "use --model.optimizer adamw")
@@ -238,7 +263,9 @@ class LitLM(L.LightningModule):
         # unscale, so clip here exactly as the plugin would.
         if not gradient_clip_val or not optimizer.defaults.get("fused"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_algorithm == "value":
+        if uses_fsdp(self.trainer) and gradient_clip_algorithm != "value":
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP's: the norm over every rank's shard
+        elif gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
@@ -246,8 +273,8 @@ class LitLM(L.LightningModule):
     # ----- evaluation -----------------------------------------------------
     def _eval_step(self, batch, metric: MeanMetric) -> None:
         idx, targets = batch
-        n = (targets != -100).sum()
-        metric.update(self.loss(idx, targets, reduction="sum") / n, weight=n)
+        n = (targets != -100).sum()  # 0 in a batch a DDP rank runs only to keep in step with the others
+        metric.update(self.loss(idx, targets, reduction="sum") / n.clamp(min=1), weight=n)
 
     def _eval_end(self, metric: MeanMetric, prefix: str) -> None:
         loss = metric.compute()  # token-weighted mean over every rank's windows
@@ -285,8 +312,11 @@ class LitLM(L.LightningModule):
             generator = torch.Generator(device=prompt.device).manual_seed(hp.sample_seed)
         was_training = self.net.training
         self.net.eval()
-        out = generate(self.net, prompt, hp.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                       temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, generator=generator)
+        # In fp32 whatever the run trains in, so a seed gives the same text here (predict, the
+        # TensorBoard samples) as in `gptnano generate`, which samples from the checkpoint in fp32.
+        with torch.autocast(self.device.type, enabled=False):
+            out = generate(self.net, prompt, hp.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                           temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, generator=generator)
         self.net.train(was_training)
         return self.tokenizer.decode(out[0].tolist())
 

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelSummary
 
 WARNINGS = {  # regular expression matching the start of the message -> why it is hidden
     r"The '\w+_dataloader' does not have many workers":
-        "gptnano's loaders slice token tensors that are already in memory (or memory-mapped): "
-        "worker processes would only copy them",
+        "gptnano's loaders read each batch's windows straight from the prepared token file "
+        "(microseconds a batch): worker processes would only add start-up and copies",
     r".*isinstance\(treespec, LeafSpec\)": "torch and Lightning disagree about a pytree API; nothing to act on",
     r"The dirpath has changed from": "validating or predicting from another folder than the run's",
     r"Couldn't infer the batch indices": "LitLM.predict_step returns the prompt numbers itself",
@@ -53,7 +53,7 @@ class SummaryWithoutFlops(ModelSummary):
         if total_flops:  # a module with an example input: the counts mean something
             return ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
                                           total_training_modes, total_flops, **summarize_kwargs)
-        # Lightning's table formatter is private: tests/test_quiet.py fails if it changes.
+        # Lightning's table formatter is private: tests/test_commands.py fails if it changes.
         from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
         columns = [(name, values) for name, values in summary_data if name != "FLOPs"]

@@ -82,7 +82,8 @@ def main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
 
     net, tokenizer, _ = load_net(args.ckpt_path)
-    vocab = tokenizer.vocab
+    # A byte model's tokens are the bytes 0..255: shown as the characters of those code points.
+    vocab = tokenizer.vocab or "".join(map(chr, range(len(tokenizer))))
     if not hasattr(net, "sense_logits"):
         raise UserError(f"{args.ckpt_path} holds a {type(net).__name__}, not a Backpack: it has no senses")
     try:

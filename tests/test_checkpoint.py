@@ -136,3 +136,13 @@ def test_weights_that_do_not_fit_their_network_are_one_line(run, tmp_path):
     torch.save(ckpt, tmp_path / "bent.ckpt")
     with pytest.raises(UserError, match="do not fit a GPT"):
         load_net(tmp_path / "bent.ckpt")
+
+
+def test_resuming_a_checkpoint_from_elsewhere_never_overwrites_this_folders_run(run, tmp_path, gptnano):
+    work, data = run
+    elsewhere = tmp_path / "downloaded.ckpt"
+    elsewhere.write_bytes((work / "checkpoints" / "gpt" / "last.ckpt").read_bytes())
+    before = (work / "checkpoints" / "gpt" / "last.ckpt").read_bytes()
+    proc = gptnano(["fit", "--config", GPT_YAML, *data, "--ckpt_path", str(elsewhere), "--trainer.max_steps", "12"], work)
+    assert "checkpoints/gpt already holds a run" in _error_line(proc)
+    assert (work / "checkpoints" / "gpt" / "last.ckpt").read_bytes() == before

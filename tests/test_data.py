@@ -106,6 +106,14 @@ def test_validation_scores_every_target_exactly_once(n, block):
     assert sorted(shards[0] + shards[1]) == list(range(1, n))
 
 
+@pytest.mark.parametrize("n,block,batch,world,max_windows", [(101, 10, 3, 2, None), (57, 8, 3, 3, None),
+                                                             (9, 8, 1, 2, None), (1001, 10, 4, 3, 5)])
+def test_every_rank_runs_as_many_validation_batches(n, block, batch, world, max_windows):
+    """A DDP forward can be a collective: a rank with one batch fewer would leave the others waiting."""
+    counts = [len(list(EvalWindows(torch.arange(n), block, batch, r, world, max_windows))) for r in range(world)]
+    assert len(set(counts)) == 1, counts
+
+
 def test_read_text_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         read_text(tmp_path / "nope.txt")

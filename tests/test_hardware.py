@@ -55,6 +55,20 @@ def test_cuda_takes_bf16_where_the_gpu_has_it_else_fp16(fresh, monkeypatch, capa
     assert hardware.fast_dtype("cuda") == (torch.bfloat16 if expected == "bf16-mixed" else torch.float32)
 
 
+def test_the_cpu_override_leaves_gpus_alone(fresh, monkeypatch):
+    monkeypatch.setenv(hardware.FAST_BF16_ENV, "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))  # a V100: no bf16
+    assert hardware.resolve_precision("cuda")[0] == "16-mixed"
+
+
+def test_asking_for_a_gpu_without_one_is_one_line(monkeypatch):
+    from gptnano.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        hardware.device_type("cuda")
+
+
 def test_mps_trains_in_fp32(fresh):
     assert hardware.resolve_precision("mps")[0] == "32-true"
 

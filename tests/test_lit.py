@@ -22,7 +22,7 @@ def test_warmup_then_cosine_to_min():
 
 class _Trainer:
     max_steps, precision, strategy = 100, "bf16-mixed", None
-    global_step, log_every_n_steps, optimizers = 0, 50, []
+    global_step, log_every_n_steps, optimizers, world_size, accumulate_grad_batches = 0, 50, [], 1, 1
 
 
 def _lit(**kw):
@@ -137,6 +137,26 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
         monkeypatch.undo()
         _as_if_on_a_gpu(lit, monkeypatch)
         monkeypatch.setattr(lit, "log", lambda *a, **k: None)
+
+
+def test_progress_bar_values_live_on_the_cpu(monkeypatch):
+    """The progress bar reads every value it shows back to the host at every step: on a GPU
+    they must already be on the CPU, or each step would wait for the device."""
+    from gptnano.callbacks import Throughput
+
+    lit = _lit()
+    _as_if_on_a_gpu(lit, monkeypatch)
+    logged = []
+    monkeypatch.setattr(lit, "log", lambda name, value, **kw: logged.append((name, value, kw.get("prog_bar"))))
+    batch = (torch.randint(10, (2, 8)), torch.randint(10, (2, 8)))
+    lit.training_step(batch, 0)  # step 0: a logging step
+    meter = Throughput(window=1, peak_flops=1e15)
+    lit._trainer.global_step = 1
+    for _ in range(2):
+        meter.on_train_batch_end(lit._trainer, lit, None, batch, 0)
+    shown = {name: value for name, value, bar in logged if bar}
+    assert set(shown) == {"loss", "perf/tok_s", "perf/mfu"}
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in shown.values()), shown
 
 
 def test_a_non_finite_loss_between_checks_still_blocks_every_later_checkpoint(monkeypatch):

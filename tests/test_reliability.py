@@ -87,6 +87,16 @@ def test_resume_is_bit_exact(arch, text_file, tmp_path):
     assert after and all(la[s] == lb[s] for s in after), (la, lb)
 
 
+def test_a_resumed_run_keeps_its_arithmetic(text_file, tmp_path):
+    """Started where bf16 was slow (fp32, fp32 Newton-Schulz), resumed where the probe says it
+    is fast: the run goes on in the arithmetic it started with (resume stays bit-exact)."""
+    args = ["fit", *TINY["gpt-muon"], "--data.path", str(text_file), "--trainer.val_check_interval", "100"]
+    run_cli([*args, "--trainer.max_steps", "3"], tmp_path, env_extra={"GPTNANO_FAST_BF16": "0"})
+    run_cli([*args, "--trainer.max_steps", "5", "--ckpt_path", "last"], tmp_path, env_extra={"GPTNANO_FAST_BF16": "1"})
+    meta = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)["gptnano"]
+    assert meta == {"precision": "32-true", "device": "cpu", "muon_dtype": "float32"}
+
+
 def _start_fit(args, cwd, env_extra: dict | None = None):
     return subprocess.Popen([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=cli_env(env_extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,13 +4,15 @@ the HPARAMS tab beside the run's settings, a text sample headed by its settings;
 and `gptnano plot` reading both these logs and logs written before them."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gptnano.board import hparams_table
+from gptnano.board import Board, RunSettings, hparams_table
 from gptnano.plot import read_run, summary
 from tests.conftest import TINY_GPT, run_cli
 
@@ -97,3 +99,15 @@ def test_plot_reads_logs_written_before_the_grouped_tags(tmp_path):
     assert [s for _, s, _ in run["series"]["train/loss"]] == [4, 9, 14, 19]  # training steps were right already
     row = summary(run)
     assert row["steps"] == 20 and row["best val_loss"] == "2.1000" and row["tok/s"] == 1014 and row["MFU"] == "25.0%"
+
+
+def test_a_resumed_run_goes_on_from_its_best_loss(tmp_path):
+    """hp_metric after a restart is the best loss of the whole run, not of the resumed part."""
+    board = Board(save_dir=str(tmp_path), name="run")
+    trainer = SimpleNamespace(loggers=[board], checkpoint_callback=SimpleNamespace(best_model_score=torch.tensor(1.5)))
+    RunSettings().on_train_start(trainer, None)
+    written = {}
+    board._session_written = True
+    board.experiment.add_scalar = lambda tag, value, step: written.setdefault(tag, value)
+    board.log_metrics({"val/loss": 1.7}, step=10)
+    assert written["hp_metric"] == 1.5 and written["val/loss"] == 1.7
