@@ -67,6 +67,12 @@ _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 _DATA_ARGS = set(inspect.signature(ShakespeareDataModule.__init__).parameters)
 
 
+def subcommand_parser(parser, name: str):
+    """The parser of one subcommand (jsonargparse keeps them in a private map; tests/test_dependencies.py
+    fails loudly if that changes)."""
+    return parser._subcommands_action._name_parser_map[name]
+
+
 def _data_from(hparams: dict) -> dict:
     """The data module's settings a checkpoint fixes: the tokenizer (its vocabulary and kind)."""
     saved = {"vocab": hparams.get("vocab") or None, "tokenizer": hparams.get("tokenizer", "char")}
@@ -147,7 +153,7 @@ class GPTNanoCLI(LightningCLI):
             hparams = read_checkpoint(ckpt)["hyper_parameters"]
             defaults = {f"model.{k}": v for k, v in hparams.items() if k in _MODEL_ARGS}
             defaults.update({f"data.{k}": v for k, v in _data_from(hparams).items()})
-            parser._subcommands_action._name_parser_map[subcommand].set_defaults(defaults)
+            subcommand_parser(parser, subcommand).set_defaults(defaults)
         self.config = parser.parse_args(argv)
 
     def _parse_ckpt_path(self) -> None:

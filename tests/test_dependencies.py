@@ -1,0 +1,31 @@
+"""The private names of Lightning that gptnano relies on, checked in one place, so that a
+Lightning release that renames one fails here with its name instead of somewhere deep in a run."""
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_summary import model_summary
+
+USED = [
+    (ModelCheckpoint, "_save_last_checkpoint", "gptnano.callbacks.Checkpoint refreshes last.ckpt between validations"),
+    (ModelCheckpoint, "_should_skip_saving_checkpoint", "gptnano.callbacks.Checkpoint"),
+    (ModelCheckpoint, "_monitor_candidates", "gptnano.callbacks.Checkpoint"),
+    (LightningCLI, "_parse_ckpt_path", "gptnano.cli replaces it: the checkpoint must not override typed flags"),
+    (model_summary, "_format_summary_table", "gptnano.quiet prints the model summary without FLOPs"),
+]
+
+
+@pytest.mark.parametrize("owner,name,why", USED, ids=[n for _, n, _ in USED])
+def test_lightning_still_has_it(owner, name, why):
+    assert callable(getattr(owner, name, None)), f"Lightning no longer has {name}: {why}"
+
+
+def test_the_parser_still_keeps_its_subcommand_parsers():
+    """gptnano.cli gives a subcommand defaults from a checkpoint through jsonargparse's private map."""
+    from jsonargparse import ArgumentParser
+
+    from gptnano.cli import subcommand_parser
+
+    parser, fit = ArgumentParser(), ArgumentParser()
+    parser.add_subcommands().add_subcommand("fit", fit)
+    assert subcommand_parser(parser, "fit") is fit
