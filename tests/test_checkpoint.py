@@ -40,7 +40,7 @@ def _error_line(proc) -> str:
     return last
 
 
-def test_every_subcommand_takes_the_network_from_the_checkpoint(run):
+def test_every_subcommand_takes_the_network_from_the_checkpoint(run, gptnano):
     work, data = run
     resumed = run_cli(["fit", "--config", GPT_YAML, *data, *QUIET, "--ckpt_path", "last", "--trainer.max_steps", "9",
                        "--trainer.val_check_interval", "3"], work)
@@ -49,11 +49,12 @@ def test_every_subcommand_takes_the_network_from_the_checkpoint(run):
     assert last["global_step"] == 9
     assert last["hyper_parameters"]["net"]["init_args"]["n_layer"] == 2  # the checkpoint's, not the config's 4
 
-    val = run_cli(["validate", "--config", GPT_YAML, *data, "--ckpt_path", "last"], work)
+    # validate, test and predict in this process (the same command, without Lightning's start-up again)
+    val = gptnano(["validate", "--config", GPT_YAML, *data, "--ckpt_path", "last"], work)
     assert re.search(r"val/loss\s+[0-9.]+", val.stdout)
-    test = run_cli(["test", "--config", GPT_YAML, *data, "--ckpt_path", "best"], work)
+    test = gptnano(["test", "--config", GPT_YAML, *data, "--ckpt_path", "best"], work)
     assert re.search(r"test/loss\s+[0-9.]+", test.stdout)
-    out = run_cli(["predict", "--config", GPT_YAML, *data, "--ckpt_path", "last", "--data.prompt", "KING",
+    out = gptnano(["predict", "--config", GPT_YAML, *data, "--ckpt_path", "last", "--data.prompt", "KING",
                    "--model.max_new_tokens", "25"], work)
     assert out.stdout.startswith("KING") and len(out.stdout.rstrip("\n")) == len("KING") + 25
 

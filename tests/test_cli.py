@@ -115,25 +115,27 @@ def test_gptnano_data_and_run_name(tiny_run):
     assert not (work / "data" / "tinyshakespeare").exists()  # nothing downloaded
 
 
-def _predict(work, *args) -> str:
-    out = run_cli(["predict", "--ckpt_path", str(work / "checkpoints" / "mine" / "last.ckpt"), *args], work)
+def _predict(gptnano, work, *args) -> str:
+    """`gptnano predict` in this process (tests of sampling flags: no need to pay Lightning's start-up each time)."""
+    out = gptnano(["predict", "--ckpt_path", str(work / "checkpoints" / "mine" / "last.ckpt"), *args], work)
+    assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.rstrip("\n")
 
 
-def test_prompt_file(tiny_run, tmp_path):
+def test_prompt_file(tiny_run, tmp_path, gptnano):
     work, _ = tiny_run
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("KING HENRY:\nGood my lord", encoding="utf-8")
-    sample = _predict(work, "--data.prompt_file", str(prompt), "--model.max_new_tokens", "12")
+    sample = _predict(gptnano, work, "--data.prompt_file", str(prompt), "--model.max_new_tokens", "12")
     assert sample.startswith("KING HENRY:\nGood my lord") and len(sample) == len(prompt.read_text()) + 12
 
 
-def test_sampling_flags_reach_predict(tiny_run):
+def test_sampling_flags_reach_predict(tiny_run, gptnano):
     work, _ = tiny_run
     n = ["--data.prompt", "ROMEO:", "--model.max_new_tokens", "60"]
-    greedy = _predict(work, *n, "--model.temperature", "0")
+    greedy = _predict(gptnano, work, *n, "--model.temperature", "0")
     # top-k 1 and a vanishing top-p leave only the most likely character: greedy, whatever the seed
-    assert _predict(work, *n, "--model.temperature", "1.5", "--model.top_k", "1", "--model.sample_seed", "3") == greedy
-    assert _predict(work, *n, "--model.temperature", "1.5", "--model.top_p", "1e-6", "--model.sample_seed", "4") == greedy
-    hot = [_predict(work, *n, "--model.temperature", "1.5", "--model.sample_seed", s) for s in ("1", "1", "2")]
+    assert _predict(gptnano, work, *n, "--model.temperature", "1.5", "--model.top_k", "1", "--model.sample_seed", "3") == greedy
+    assert _predict(gptnano, work, *n, "--model.temperature", "1.5", "--model.top_p", "1e-6", "--model.sample_seed", "4") == greedy
+    hot = [_predict(gptnano, work, *n, "--model.temperature", "1.5", "--model.sample_seed", s) for s in ("1", "1", "2")]
     assert hot[0] == hot[1] != hot[2] and hot[0] != greedy  # a seed repeats a sample; another seed changes it

@@ -59,7 +59,8 @@ def _assert_equal_state(a, b, where=""):
         assert a == b, f"{where}: {a} != {b}"
 
 
-@pytest.mark.parametrize("arch", [a for a in TINY if a.split("-")[0] in MODELS])
+# The GPT with AdamW alone is left out: the RNN's case resumes AdamW's state, the GPT's two Muon cases the GPT.
+@pytest.mark.parametrize("arch", [a for a in TINY if a.split("-")[0] in MODELS and a != "gpt"])
 def test_resume_is_bit_exact(arch, text_file, tmp_path):
     """N steps in one go == k steps, stop, then --ckpt_path last to N in a new process.
 
