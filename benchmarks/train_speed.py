@@ -113,13 +113,15 @@ def ours_segment(arch: str, steps: int, state: dict | None, extra: tuple[str, ..
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)  # logs and checkpoints go to the temporary folder
-        cli = build_ours(arch, steps, folder, extra, device)
-        if state is not None:
-            cli.model.net.load_state_dict(state)
-        clock = Clock(device, steps)
-        cli.trainer.callbacks.append(StepTimer(clock))
-        cli.trainer.fit(cli.model, cli.datamodule)
-        os.chdir(here)
+        try:
+            cli = build_ours(arch, steps, folder, extra, device)
+            if state is not None:
+                cli.model.net.load_state_dict(state)
+            clock = Clock(device, steps)
+            cli.trainer.callbacks.append(StepTimer(clock))
+            cli.trainer.fit(cli.model, cli.datamodule)
+        finally:
+            os.chdir(here)
         return clock.rates(cli.datamodule.batch_size * cli.model.net.block_size), cli
 
 
