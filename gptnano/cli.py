@@ -101,6 +101,7 @@ def _architecture_names(argv: list[str]) -> list[str]:
 
 class GPTNanoCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
+        self._checkpoints = {}  # path -> checkpoint: read once, though parsing and building both need it
         super().__init__(
             LitLM,
             ShakespeareDataModule,
@@ -150,7 +151,7 @@ class GPTNanoCLI(LightningCLI):
         if subcommand and ckpt:
             # As defaults, so that `predict --ckpt_path X` needs no --config or --model.net;
             # before_instantiate_classes then makes the checkpoint win over config files too.
-            hparams = read_checkpoint(ckpt)["hyper_parameters"]
+            hparams = self._read_checkpoint(ckpt)["hyper_parameters"]
             defaults = {f"model.{k}": v for k, v in hparams.items() if k in _MODEL_ARGS}
             defaults.update({f"data.{k}": v for k, v in _data_from(hparams).items()})
             subcommand_parser(parser, subcommand).set_defaults(defaults)
@@ -181,7 +182,7 @@ class GPTNanoCLI(LightningCLI):
                 raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
             cfg.ckpt_path = ckpt = str(path)
         if ckpt:
-            saved = read_checkpoint(ckpt)
+            saved = self._read_checkpoint(ckpt)
             self._take_from_checkpoint(cfg, saved, ckpt)
         resuming_here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
         if sub == "fit" and (folder / "last.ckpt").exists() and not resuming_here:
@@ -192,6 +193,13 @@ class GPTNanoCLI(LightningCLI):
             raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
                             "(the learning rate decays over them)")
         self._choose_arithmetic(cfg, saved if sub == "fit" else None)
+
+    def _read_checkpoint(self, path: str) -> dict:
+        """``read_checkpoint``, once per file and command."""
+        key = str(Path(path).resolve())
+        if key not in self._checkpoints:
+            self._checkpoints[key] = read_checkpoint(path)
+        return self._checkpoints[key]
 
     def _take_from_checkpoint(self, cfg, ckpt: dict, path: str) -> None:
         """The run's own settings from its checkpoint, over whatever config files say: the
