@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, announce_machine, corpus_path, markdown_table, median, write_result
-from gptnano.plot import plot, read_run, summary
+from gptnano.cli.plot import plot, read_run, summary
 
 
 def planned_steps(arch: str, minutes: float) -> int:

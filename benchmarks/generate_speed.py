@@ -20,7 +20,6 @@ from benchmarks.common import announce_machine, build_net, markdown_table, media
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import generate, generate_naive
 
-
 # The CNN needs 8 dilated layers (1..128) for a receptive field of 256.
 OVERRIDES = {"cnn": {"n_layer": 8}}
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import ROOT, announce_machine, corpus_path, markdown_table, median, write_result
-from gptnano.cli import GPTNanoCLI
-from gptnano.data import TrainWindows
+from gptnano.cli.lightning import GPTNanoCLI
+from gptnano.data.windows import TrainWindows
 from gptnano.hardware import measured_peak, peak_flops
 
 WARMUP = 5

@@ -1,4 +1,4 @@
-from gptnano.commands import main
+from gptnano.cli.main import main
 
 if __name__ == "__main__":
     main()

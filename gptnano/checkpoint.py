@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
+from gptnano.data.tokenizer import make_tokenizer
 from gptnano.errors import UserError
 from gptnano.models import MODELS
 from gptnano.models.base import LanguageModel
-from gptnano.tokenizer import make_tokenizer
 
 PLAIN = (bool, int, float, str, type(None))
 

@@ -117,10 +117,10 @@ class Ran(NamedTuple):
 @pytest.fixture
 def gptnano(monkeypatch, capsys):
     """``gptnano(args, cwd)`` runs the command in this process, as the console script would
-    (gptnano.commands.main), and returns its exit status and output. For the tests of
+    (gptnano.cli.main.main), and returns its exit status and output. For the tests of
     mistakes, which stop before training: a new process would pay ~4 s of importing
     Lightning for each one. An exception escaping main fails the test, as a traceback would."""
-    from gptnano.commands import main
+    from gptnano.cli.main import main
 
     def run(args: list[str], cwd: Path, env_extra: dict | None = None) -> Ran:
         monkeypatch.chdir(cwd)

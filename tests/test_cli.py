@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptnano.cli import GPTNanoCLI
+from gptnano.cli.lightning import GPTNanoCLI
 from tests.conftest import TINY_GPT, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
-from gptnano.commands import LIGHTNING, TOOLS, wants_verbose
+from gptnano.cli.commands import LIGHTNING, TOOLS
+from gptnano.cli.main import wants_verbose
 from tests.conftest import TINY_GPT, run_cli
 
 # Runs the command in-process, then reports whether Lightning got imported along the way.
 IMPORTS_LIGHTNING = """
 import sys
-from gptnano.commands import main
+from gptnano.cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit:
@@ -79,7 +80,7 @@ def test_verbose_flag_and_environment(monkeypatch):
 MANY_CORES = """
 import os, sys
 os.sched_getaffinity = lambda pid: set(range(16))
-from gptnano.commands import main
+from gptnano.cli.main import main
 main(sys.argv[1:])
 """
 
@@ -107,7 +108,7 @@ def test_quiet_by_default_everything_with_verbose(text_file, tmp_path):
 
 def test_fp32_matmul_precision_is_chosen_not_left_to_a_hint(text_file, tmp_path, monkeypatch):
     """TF32 for CUDA's fp32 products (what Lightning's tensor-core hint asks for), exact fp32 on the CPU."""
-    from gptnano.cli import GPTNanoCLI
+    from gptnano.cli.lightning import GPTNanoCLI
 
     monkeypatch.chdir(tmp_path)
     before = torch.backends.cuda.matmul.allow_tf32

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import gptnano.corpus as corpus
+import gptnano.data.cache as corpus
+import gptnano.data.text as text_module
 from gptnano.checkpoint import load_net
-from gptnano.corpus import Corpus, dtype_for
+from gptnano.data.cache import Corpus, dtype_for
+from gptnano.data.tokenizer import ByteTokenizer, CharTokenizer
 from gptnano.errors import UserError
-from gptnano.tokenizer import ByteTokenizer, CharTokenizer
 from tests.conftest import TINY_GPT, make_text, run_cli
 
 
@@ -67,7 +68,7 @@ def test_ids_are_stored_in_the_smallest_dtype_and_equal_the_dict_encoding(tmp_pa
 
 
 def test_a_character_split_between_two_chunks_is_decoded_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 7)  # cuts through most multi-byte characters
+    monkeypatch.setattr(text_module, "CHUNK_BYTES", 7)  # cuts through most multi-byte characters
     text = "héllo wörld, ça va? 𝄞 ✓\n" * 5
     path = tmp_path / "utf8.txt"
     path.write_text(text, encoding="utf-8")
@@ -175,7 +176,7 @@ def test_checks_refuse_before_anything_is_written(tmp_path, text_file):
 
 
 def test_not_utf8_names_the_byte_offset_even_across_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 4)
+    monkeypatch.setattr(text_module, "CHUNK_BYTES", 4)
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo".encode() + b"\xe2\x82" + b"x")  # a 3-byte character cut short
     with pytest.raises(UserError, match=r"not valid UTF-8 \(byte offset 6: b'\\xe2'\).*--data.tokenizer byte"):

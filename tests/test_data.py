@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
-import gptnano.corpus as corpus
-from gptnano.corpus import Corpus
-from gptnano.data import CharTokenizer, EvalWindows, ShakespeareDataModule, TrainWindows, download, read_text
+import gptnano.data.cache as corpus
+from gptnano.data.cache import Corpus
+from gptnano.data.datamodule import ShakespeareDataModule
+from gptnano.data.text import download, read_text
+from gptnano.data.tokenizer import CharTokenizer
+from gptnano.data.windows import EvalWindows, TrainWindows
 from gptnano.errors import UserError
 from gptnano.models import GPT
 from tests.conftest import make_text

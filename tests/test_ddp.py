@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptnano.checkpoint import load_net
-from gptnano.data import EvalWindows
+from gptnano.data.windows import EvalWindows
 from tests.conftest import TINY_GPT, run_cli
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]

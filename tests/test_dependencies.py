@@ -7,11 +7,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_summary import model_summary
 
 USED = [
-    (ModelCheckpoint, "_save_last_checkpoint", "gptnano.callbacks.Checkpoint refreshes last.ckpt between validations"),
-    (ModelCheckpoint, "_should_skip_saving_checkpoint", "gptnano.callbacks.Checkpoint"),
-    (ModelCheckpoint, "_monitor_candidates", "gptnano.callbacks.Checkpoint"),
-    (LightningCLI, "_parse_ckpt_path", "gptnano.cli replaces it: the checkpoint must not override typed flags"),
-    (model_summary, "_format_summary_table", "gptnano.quiet prints the model summary without FLOPs"),
+    (ModelCheckpoint, "_save_last_checkpoint", "gptnano.train.checkpointing.Checkpoint refreshes last.ckpt between validations"),
+    (ModelCheckpoint, "_should_skip_saving_checkpoint", "gptnano.train.checkpointing.Checkpoint"),
+    (ModelCheckpoint, "_monitor_candidates", "gptnano.train.checkpointing.Checkpoint"),
+    (LightningCLI, "_parse_ckpt_path", "gptnano.cli.lightning replaces it: the checkpoint must not override typed flags"),
+    (model_summary, "_format_summary_table", "gptnano.cli.quiet prints the model summary without FLOPs"),
 ]
 
 
@@ -21,10 +21,10 @@ def test_lightning_still_has_it(owner, name, why):
 
 
 def test_the_parser_still_keeps_its_subcommand_parsers():
-    """gptnano.cli gives a subcommand defaults from a checkpoint through jsonargparse's private map."""
+    """gptnano.cli.lightning gives a subcommand defaults from a checkpoint through jsonargparse's private map."""
     from jsonargparse import ArgumentParser
 
-    from gptnano.cli import subcommand_parser
+    from gptnano.cli.lightning import subcommand_parser
 
     parser, fit = ArgumentParser(), ArgumentParser()
     parser.add_subcommands().add_subcommand("fit", fit)

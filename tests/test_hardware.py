@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from gptnano import hardware
-from gptnano.callbacks import Throughput
+from gptnano.train.callbacks import Throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_the_environment_override_skips_the_measurement(fresh, monkeypatch, forc
 
 
 def test_the_cli_resolves_and_an_explicit_flag_wins(fresh, text_file, tmp_path, monkeypatch):
-    from gptnano.cli import GPTNanoCLI
+    from gptnano.cli.lightning import GPTNanoCLI
 
     monkeypatch.chdir(tmp_path)
     fresh(fp32=142e9, bf16=1.9e9)
@@ -102,7 +102,7 @@ def test_no_config_pins_a_precision(path):
 
 
 def test_orthogonalisation_runs_in_the_chosen_dtype(monkeypatch):
-    from gptnano.optim import MuonAdamW
+    from gptnano.train.optim import MuonAdamW
 
     seen = []
     real = torch.baddbmm

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from gptnano.errors import UserError
-from gptnano.lit import LitLM, warmup_cosine
 from gptnano.models import GPT
 from gptnano.models.layers import CausalSelfAttention
-from gptnano.optim import MuonAdamW, muon_matrices
+from gptnano.train.module import LitLM, warmup_cosine
+from gptnano.train.optim import MuonAdamW, muon_matrices
 
 
 def test_warmup_then_cosine_to_min():
@@ -142,7 +142,7 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
 def test_progress_bar_values_live_on_the_cpu(monkeypatch):
     """The progress bar reads every value it shows back to the host at every step: on a GPU
     they must already be on the CPU, or each step would wait for the device."""
-    from gptnano.callbacks import Throughput
+    from gptnano.train.callbacks import Throughput
 
     lit = _lit()
     _as_if_on_a_gpu(lit, monkeypatch)
@@ -186,7 +186,7 @@ def test_non_finite_weights_are_never_checkpointed():
 def test_sampling_draws_on_the_device_that_samples(monkeypatch):
     """The prompt goes to the model's device before the seeded generator is made for it, so
     multinomial always gets probabilities and a generator on one device."""
-    import gptnano.lit as lit_module
+    import gptnano.train.module as lit_module
 
     seen = {}
 
@@ -201,7 +201,7 @@ def test_sampling_draws_on_the_device_that_samples(monkeypatch):
 
 
 def test_text_sample_leaves_the_random_streams_as_it_found_them(monkeypatch):
-    from gptnano.callbacks import TextSample
+    from gptnano.train.callbacks import TextSample
 
     class Experiment:
         def add_text(self, tag, text, step):
@@ -235,7 +235,7 @@ def test_attention_takes_sdpa_on_a_gpu_compiled_or_not(sdpa_dtype):
 def test_last_checkpoint_refreshes_by_wall_clock(monkeypatch):
     from datetime import timedelta
 
-    import gptnano.callbacks as callbacks
+    import gptnano.train.checkpointing as callbacks
 
     clock = [1000.0]
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])

@@ -1,4 +1,4 @@
-"""Muon + AdamW in one optimizer (gptnano/optim.py): the orthogonalisation, the
+"""Muon + AdamW in one optimizer (gptnano/train/optim.py): the orthogonalisation, the
 update rules against torch's own optimizers, and which parameters go where."""
 
 import copy
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gptnano.models import MODELS
-from gptnano.optim import MuonAdamW, muon_matrices, orthogonalize
+from gptnano.train.optim import MuonAdamW, muon_matrices, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (3, 24, 24)])

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from gptnano.cli.senses import inspect_senses, show_char
 from gptnano.models.backpack import Backpack
 from gptnano.models.gpt import GPT
-from gptnano.senses import inspect_senses, show_char
 from tests.conftest import scrambled
 
 VOCAB = "\n !abcdeXYZ\t"  # whitespace included on purpose: it must print visibly

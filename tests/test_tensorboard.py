@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gptnano.board import Board, RunSettings, hparams_table
-from gptnano.plot import read_run, summary
+from gptnano.cli.plot import read_run, summary
+from gptnano.train.logger import Board, RunSettings, hparams_table
 from tests.conftest import TINY_GPT, run_cli
 
 

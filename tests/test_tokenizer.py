@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from gptnano.data.tokenizer import TOKENIZERS, ByteTokenizer, CharTokenizer, make_tokenizer
 from gptnano.errors import UserError
-from gptnano.tokenizer import TOKENIZERS, ByteTokenizer, CharTokenizer, make_tokenizer
 
 TEXT = "Ça va? Grüße, 日本語 and a clef 𝄞.\n"
 

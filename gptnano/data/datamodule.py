@@ -1,160 +1,31 @@
-"""The text: getting it, its tokenizer, the splits and the batches.
+"""ShakespeareDataModule: the text as Lightning sees it. Getting it, its tokenizer, the
+splits and the batches.
 
-The text is tokenised once into a cache file (gptnano/corpus.py) that every
-run and rank reads windows from. Training windows are a pure function of (seed, step,
-rank): no sampler state, so a run resumed from a checkpoint draws exactly the
-batches it would have drawn, and DDP ranks draw different ones. Validation is
-one deterministic pass over the validation split (or a fixed, evenly spread
-part of it).
+The text is tokenised once into a cache file (gptnano/data/cache.py) that every run
+and rank reads windows from (gptnano/data/windows.py). This is the one module of
+``gptnano/data`` that imports Lightning.
 """
 
-import hashlib
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import numpy as np
-import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from gptnano.corpus import Corpus, Prepared, read_text
+from gptnano.data.cache import Corpus, Prepared
+from gptnano.data.text import download, read_text
+from gptnano.data.tokenizer import TOKENIZERS, CharTokenizer, make_tokenizer
+from gptnano.data.windows import EvalWindows, TrainWindows
 from gptnano.errors import UserError
-from gptnano.tokenizer import TOKENIZERS, CharTokenizer, make_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_CACHE = Path("data") / "tinyshakespeare" / "input.txt"
 FULL_PASS_HINT = 2_000_000  # validation splits above this many tokens get a hint about --data.val_tokens
-
-
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` to ``dest`` atomically: a temp file beside it, checked, then renamed.
-
-    Any failure raises UserError naming the URL and leaves no file behind.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    hint = "pass a local text file with --data.path (or set GPTNANO_DATA)"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            expected = response.headers.get("Content-Length")
-            size = 0
-            while chunk := response.read(1 << 16):
-                f.write(chunk)
-                size += len(chunk)
-        if expected is not None and size != int(expected):
-            raise UserError(f"download of {url} was truncated ({size} of {expected} bytes); {hint}")
-        if sha256 is not None:
-            got = hashlib.sha256(tmp.read_bytes()).hexdigest()
-            if got != sha256:
-                raise UserError(f"checksum mismatch for {url} (sha256 {got}, expected {sha256}); {hint}")
-        os.replace(tmp, dest)
-    except urllib.error.HTTPError as e:
-        raise UserError(f"could not download {url}: HTTP {e.code} {e.reason}; {hint}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"could not download {url}: {reason}; {hint}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def rows(data, starts: torch.Tensor, length: int) -> torch.Tensor:
-    """``data[s : s + length]`` for every start ``s``, as one int64 tensor ``[len(starts), length]``.
-
-    ``data`` is 1-D token ids: prepared ``Tokens`` in a file (only these rows are
-    read) or a tensor (one gather)."""
-    if isinstance(data, torch.Tensor):
-        return data[starts[:, None] + torch.arange(length)].long()
-    return torch.from_numpy(data.rows(starts.numpy(), length).astype(np.int64))
-
-
-class TrainWindows(IterableDataset):
-    """An endless stream of training batches ``(x, y)`` of shape ``[batch_size, block_size]``.
-
-    Batch number ``s`` is drawn from a generator seeded by ``(seed, s, rank)``,
-    and iteration starts at ``start()`` (the trainer's step), so resuming a run
-    continues the very same stream of batches.
-    """
-
-    def __init__(self, data, block_size: int, batch_size: int, seed: int, rank: int, start):
-        self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.seed, self.rank, self.start = seed, rank, start
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # A tuple of ints hashes the same in every process (no hash randomisation).
-        g = torch.Generator().manual_seed(hash((self.seed, step, self.rank)) % 2**63)
-        starts = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=g)
-        window = rows(self.data, starts, self.block_size + 1)  # (B, T+1)
-        return window[:, :-1], window[:, 1:]
-
-    def __iter__(self):
-        step = self.start()
-        while True:
-            yield self.batch(step)
-            step += 1
-
-
-class EvalWindows(IterableDataset):
-    """One deterministic pass over a split in non-overlapping windows.
-
-    Every character after the first is predicted exactly once: the last window
-    is aligned to the end of the split and its already-scored targets are
-    masked with -100 (ignored by the loss). With ``world_size > 1`` rank r
-    takes windows r, r + world, ...: no window is repeated or dropped, so a
-    token-weighted mean over ranks equals the single-process loss.
-
-    ``max_windows`` scores only that many of the N windows, spread evenly over
-    the split (window ``j * N // max_windows`` for j = 0, 1, ...): a fixed subset,
-    the same at every validation and for any number of ranks. Window starts are
-    computed per batch, so memory does not grow with the split.
-    """
-
-    def __init__(self, data, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 max_windows: int | None = None):
-        self.n_targets = len(data) - 1
-        self.n_full = self.n_targets // block_size  # windows that tile the split from its start
-        self.tail = self.n_targets - self.n_full * block_size  # targets not covered by them
-        self.n_windows = self.n_full + (self.tail > 0)  # + one window aligned to the end
-        self.n_scored = min(max_windows or self.n_windows, self.n_windows)
-        self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.rank, self.world_size = rank, world_size
-
-    def _windows(self, j: torch.Tensor) -> torch.Tensor:
-        """Window number of the j-th scored window."""
-        return j if self.n_scored == self.n_windows else j * self.n_windows // self.n_scored
-
-    @property
-    def scored_tokens(self) -> int:
-        """Targets scored by one pass (every rank's share together)."""
-        last_scored = self._windows(torch.tensor(self.n_scored - 1)).item() == self.n_full
-        return self.n_scored * self.block_size - (self.block_size - self.tail if self.tail and last_scored else 0)
-
-    def __iter__(self):
-        n_mine = len(range(self.rank, self.n_scored, self.world_size))
-        # Every rank yields as many batches as the busiest one: under DDP each forward may be a
-        # collective (buffers are broadcast), so a rank stopping one batch early would hang the
-        # others. A rank out of windows scores a repeat of window 0 with every target masked.
-        n_most = len(range(0, self.n_scored, self.world_size))
-        for lo in range(0, n_most, self.batch_size):
-            if lo >= n_mine:
-                r = rows(self.data, torch.zeros(1, dtype=torch.long), self.block_size + 1)
-                yield r[:, :-1], torch.full_like(r[:, 1:], -100)
-                continue
-            j = self.rank + self.world_size * torch.arange(lo, min(lo + self.batch_size, n_mine))
-            window = self._windows(j)
-            starts = torch.where(window < self.n_full, window * self.block_size, self.n_targets - self.block_size)
-            r = rows(self.data, starts, self.block_size + 1)
-            x, y = r[:, :-1], r[:, 1:].clone()
-            if self.tail:
-                y[window == self.n_full, : self.block_size - self.tail] = -100  # scored by the previous window
-            yield x, y
 
 
 def _rank_zero() -> bool:
@@ -165,7 +36,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     """Character-level text: tiny Shakespeare by default, or any UTF-8 file (any file with bytes).
 
     The text is tokenised once into ``data/prepared/`` and read from there by every
-    later run and every DDP rank (see gptnano/corpus.py), so memory does not grow
+    later run and every DDP rank (see gptnano/data/cache.py), so memory does not grow
     with the corpus.
 
     Args:

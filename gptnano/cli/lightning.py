@@ -1,4 +1,4 @@
-"""Lightning's four `gptnano` commands (fit, validate, test, predict; gptnano/commands.py
+"""Lightning's four `gptnano` commands (fit, validate, test, predict; gptnano/cli/main.py
 sends them here): LightningCLI with the defaults a user of this tool expects.
 
 What it adds to LightningCLI: checkpoints in a fixed folder per run
@@ -22,15 +22,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano import hardware, quiet
-from gptnano.board import RunSettings
-from gptnano.callbacks import AtomicCheckpointIO, Checkpoint, PredictionWriter, TextSample, Throughput
+from gptnano import hardware
 from gptnano.checkpoint import architecture, build_net, read_checkpoint
-from gptnano.commands import TOOLS
-from gptnano.data import ShakespeareDataModule
+from gptnano.cli import quiet
+from gptnano.cli.commands import TOOLS
+from gptnano.data.datamodule import ShakespeareDataModule
 from gptnano.errors import UserError
-from gptnano.lit import LitLM
 from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
+from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
+from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
+from gptnano.train.logger import RunSettings
+from gptnano.train.module import LitLM
 
 
 def _argv_value(args: list[str], flag: str) -> str | None:
@@ -170,7 +172,7 @@ class GPTNanoCLI(LightningCLI):
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
         if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
-            cfg.trainer.logger = Namespace(class_path="gptnano.board.Board",
+            cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board",
                                            init_args=Namespace(save_dir="lightning_logs", name=name))
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
@@ -270,7 +272,7 @@ class GPTNanoCLI(LightningCLI):
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
-    """Run one of Lightning's four commands (gptnano/commands.py sends them here)."""
+    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here)."""
     if not verbose:
         quiet.hide_noise()
     try:
@@ -278,14 +280,3 @@ def run(argv: list[str], verbose: bool = False) -> None:
     except SIGTERMException:
         print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(143)
-
-
-def main(args=None) -> None:
-    """The ``gptnano`` command, for Python callers (the console script calls gptnano.commands.main)."""
-    from gptnano.commands import main as command
-
-    command(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """The `gptnano` command: a light dispatcher in front of every subcommand.
 
 Lightning's four commands (fit, validate, test, predict) go to LightningCLI
-(gptnano/cli.py). The tools (generate, senses, plot) read a checkpoint or
+(gptnano/cli/lightning.py); the table of commands is gptnano/cli/commands.py. The tools (generate, senses, plot) read a checkpoint or
 TensorBoard logs and train nothing, so they run without importing Lightning,
 which costs seconds of start-up; so does ``gptnano --help``. This module
 imports only the standard library: keep it that way.
@@ -11,19 +11,9 @@ import os
 import sys
 from importlib import import_module
 
+from gptnano.cli.commands import LIGHTNING, TOOLS
 from gptnano.errors import UserError
 
-LIGHTNING = {  # LightningCLI's subcommands; `gptnano COMMAND --help` lists every option
-    "fit": "train a model (resume one with --ckpt_path last)",
-    "validate": "score a checkpoint on the validation split",
-    "test": "score a checkpoint on the test split (--data.test_fraction)",
-    "predict": "sample from a checkpoint in a batch, printed and written to predictions.txt (DDP-able)",
-}
-TOOLS = {  # name -> (module whose main(argv) runs it, what it does)
-    "generate": ("gptnano.generate", "stream text from a checkpoint as it is sampled; --interactive to talk to it"),
-    "senses": ("gptnano.senses", "print what each sense of a Backpack predicts; generate with a sense removed"),
-    "plot": ("gptnano.plot", "plot validation loss vs time and step for several runs, with a table"),
-}
 VERBOSE_ENV = "GPTNANO_VERBOSE"
 
 
@@ -64,7 +54,7 @@ def dispatch(argv: list[str]) -> None:
         print(usage(), file=sys.stderr)
         raise UserError("choose a command")
     elif command.startswith("-") or command in LIGHTNING:  # `gptnano -c cfg.yaml fit` is Lightning's too
-        from gptnano.cli import run
+        from gptnano.cli.lightning import run
 
         run(argv, verbose=verbose)
     else:

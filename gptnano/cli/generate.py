@@ -78,7 +78,7 @@ def pick_device(name: str):
 
 def read_prompt(args) -> str:
     if "prompt_file" in args:
-        from gptnano.corpus import read_text  # the data module's own reader: the same one-line errors
+        from gptnano.data.text import read_text  # the data module's own reader: the same one-line errors
 
         prompt = read_text(Path(args.prompt_file), "prompt file")
     else:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gptnano.errors import UserError
 
-# Tags of logs written before the grouped names of gptnano/board.py, and their names now.
+# Tags of logs written before the grouped names of gptnano/train/logger.py, and their names now.
 OLD_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_bpc": "val/bpc", "val_ppl": "val/ppl",
             "tok_s": "perf/tok_s", "mfu": "perf/mfu"}
 

@@ -23,7 +23,6 @@ a lock makes one process build while the others wait for it.
 This module has no Lightning in it: the data module decides when to call it.
 """
 
-import codecs
 import dataclasses
 import hashlib
 import json
@@ -31,14 +30,16 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from gptnano.data.text import CHUNK_BYTES, check_file, progress, read_units
+from gptnano.data.tokenizer import N_CODEPOINTS
+from gptnano.data.tokens import Tokens
 from gptnano.errors import UserError
-from gptnano.tokenizer import N_CODEPOINTS, codepoints
 
 try:
     import fcntl  # POSIX; elsewhere two processes may both build, and the rename keeps it safe
@@ -47,10 +48,6 @@ except ImportError:  # pragma: no cover
 
 CACHE_DIR = Path("data") / "prepared"
 FORMAT = 1  # bump when the files' layout changes: older caches are then rebuilt, not misread
-# Text read per step. Small enough that the arrays made from a chunk stay in the CPU's cache
-# and the allocator reuses their memory: on the reference machine 256 KiB prepared 100 MB
-# faster than 8 MiB did, at a peak resident memory 190 MB lower.
-CHUNK_BYTES = 256 << 10
 # A file written this shortly before it was scanned may be written again within the same
 # timestamp tick, leaving its stat unchanged: such a scan is not remembered ("racy git").
 RACY_NS = 2_000_000_000
@@ -63,82 +60,6 @@ def dtype_for(vocab_size: int) -> np.dtype:
         if vocab_size <= np.iinfo(dtype).max + 1:
             return np.dtype(dtype)
     raise UserError(f"a vocabulary of {vocab_size} tokens does not fit 32-bit ids")
-
-
-# ----- reading a text -------------------------------------------------------
-def check_file(path: Path, what: str = "data file") -> int:
-    """The size of a non-empty regular file, or one line that says what is wrong with it."""
-    if not path.exists():
-        raise UserError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise UserError(f"{what} {path} is not a regular file")
-    size = path.stat().st_size
-    if size == 0:
-        raise UserError(f"{what} is empty: {path}")
-    return size
-
-
-def not_utf8(path: Path, offset: int, bad: bytes, hint: str = "") -> UserError:
-    return UserError(f"{path} is not valid UTF-8 (byte offset {offset}: {bad!r}){hint}")
-
-
-def read_text(path: Path, what: str = "data file") -> str:
-    """A whole small UTF-8 file (a prompt), with one-line errors for the usual mistakes."""
-    check_file(path, what)
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise not_utf8(path, e.start, raw[e.start:e.start + 1]) from None
-
-
-@contextmanager
-def progress(path: Path, what: str, verbose: bool):
-    """A progress bar in MB/s on a terminal while ``path`` is read, and one line on stderr
-    at the end: "gptnano: <what>: <MB> in <s> (<MB/s>)"."""
-    from tqdm import tqdm  # a Lightning dependency
-
-    size = path.stat().st_size
-    start = time.perf_counter()
-    with tqdm(total=size, desc=what.split()[0], unit="B", unit_scale=True, file=sys.stderr,
-              disable=None if verbose else True, leave=False) as bar:
-        yield bar
-    if verbose:
-        seconds = time.perf_counter() - start
-        print(f"gptnano: {what}: {size / 1e6:.1f} MB in {seconds:.2f} s ({size / 1e6 / max(seconds, 1e-9):.0f} MB/s)",
-              file=sys.stderr)
-
-
-def read_units(path: Path, kind: str, bar) -> Iterator[tuple[bytes, np.ndarray]]:
-    """The file chunk by chunk as ``(raw bytes, units)``: the units are the bytes themselves
-    (kind "byte") or the code points of the characters they complete (kind "char": strict
-    UTF-8, a character split between two chunks is held back until its last byte)."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict") if kind == "char" else None
-    offset = 0
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(CHUNK_BYTES)
-            if decoder is None:
-                if not raw:
-                    return
-                yield raw, np.frombuffer(raw, dtype=np.uint8)
-            else:
-                yield raw, codepoints(_decode(decoder, raw, offset, path))
-                if not raw:
-                    return
-            offset += len(raw)
-            bar.update(len(raw))
-
-
-def _decode(decoder, raw: bytes, offset: int, path: Path) -> str:
-    held = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
-    try:
-        return decoder.decode(raw, final=not raw)
-    except UnicodeDecodeError as e:
-        hint = "; --data.tokenizer byte trains on any file's bytes"
-        raise not_utf8(path, offset - held + e.start, e.object[e.start:e.start + 1], hint) from None
 
 
 # ----- what a text is made of --------------------------------------------------
@@ -169,54 +90,6 @@ def scan(path: Path, kind: str, verbose: bool = True) -> Scan:
 
 
 # ----- the prepared ids ---------------------------------------------------------
-class Tokens:
-    """A 1-D run of token ids in a file, read on demand: ``len()``, slices (views: no
-    reading), ``rows(starts, length)`` for a batch of windows, ``np.asarray`` for all of it.
-
-    Why ``os.pread`` and not a memory map: on the reference machine (Linux 6.18) touching
-    one token of a mapped file maps the whole large folio the page cache holds it in,
-    ~1 MB, so 20 training steps of random windows added ~500 MB to the process's resident
-    memory, growing with every step towards the size of the file. ``pread`` copies only
-    the bytes of each window (one call per window, a few microseconds); the page cache
-    still keeps the hot parts of the file in memory, shared by every rank.
-    """
-
-    def __init__(self, path: Path, dtype, start: int = 0, stop: int | None = None, _file=None):
-        self.path, self.dtype = Path(path), np.dtype(dtype)
-        self._file = _file or open(self.path, "rb", buffering=0)  # shared by every view of it
-        self.start = start
-        self.stop = self._file.seek(0, os.SEEK_END) // self.dtype.itemsize if stop is None else stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, key: slice) -> "Tokens":
-        begin, end, step = key.indices(len(self))
-        if step != 1:
-            raise ValueError("Tokens slices must be contiguous")
-        return Tokens(self.path, self.dtype, self.start + begin, self.start + max(begin, end), self._file)
-
-    def __reduce__(self):  # a DataLoader worker process reopens the file
-        return Tokens, (self.path, self.dtype, self.start, self.stop)
-
-    def read(self, begin: int, end: int) -> np.ndarray:
-        return self.rows(np.array([begin]), end - begin)[0]
-
-    def rows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """``[len(starts), length]`` ids: row i holds tokens ``starts[i] : starts[i] + length`` of this view."""
-        if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
-            raise IndexError(f"windows outside 0..{len(self)}")
-        size, fd = length * self.dtype.itemsize, self._file.fileno()
-        raw = b"".join(os.pread(fd, size, (self.start + int(s)) * self.dtype.itemsize) for s in starts)
-        if len(raw) != size * len(starts):
-            raise UserError(f"{self.path} became shorter while it was read: delete it and run again")
-        return np.frombuffer(raw, dtype=self.dtype).reshape(len(starts), length)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        ids = self.read(0, len(self))
-        return ids if dtype is None else ids.astype(dtype)
-
-
 @dataclasses.dataclass
 class Prepared:
     """Token ids of a text, opened read-only, and the metadata they were written with."""

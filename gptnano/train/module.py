@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from gptnano.data.tokenizer import make_tokenizer
 from gptnano.errors import UserError
 from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
-from gptnano.optim import MuonAdamW, muon_matrices
 from gptnano.sampling import check_settings, generate
-from gptnano.tokenizer import make_tokenizer
+from gptnano.train.optim import MuonAdamW, muon_matrices
 
 
 def uses_fsdp(trainer) -> bool:
@@ -54,7 +54,7 @@ class LitLM(L.LightningModule):
         beta2: AdamW beta2.
         optimizer: "adamw" trains every parameter with AdamW; "muon" trains the weight
             matrices inside the network (every nn.Linear but the output head) with Muon and
-            the rest (embeddings, biases, norms, conv kernels) with AdamW. See gptnano/optim.py.
+            the rest (embeddings, biases, norms, conv kernels) with AdamW. See gptnano/train/optim.py.
         muon_lr: Muon's peak learning rate (the schedule scales it like learning_rate).
         muon_momentum: Muon's momentum.
         muon_weight_decay: Muon's decoupled weight decay.

@@ -1,0 +1,132 @@
+"""Reading a text file: one-line errors for the usual mistakes, strict UTF-8 streamed in
+chunks (a character split between two chunks is held back), a progress bar, and the
+download of the default corpus. No Lightning, no torch: the tools and the cache use it.
+"""
+
+import codecs
+import hashlib
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from gptnano.data.tokenizer import codepoints
+from gptnano.errors import UserError
+
+# Text read per step. Small enough that the arrays made from a chunk stay in the CPU's cache
+# and the allocator reuses their memory: on the reference machine 256 KiB prepared 100 MB
+# faster than 8 MiB did, at a peak resident memory 190 MB lower.
+CHUNK_BYTES = 256 << 10
+
+
+def check_file(path: Path, what: str = "data file") -> int:
+    """The size of a non-empty regular file, or one line that says what is wrong with it."""
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{what} is empty: {path}")
+    return size
+
+
+def not_utf8(path: Path, offset: int, bad: bytes, hint: str = "") -> UserError:
+    return UserError(f"{path} is not valid UTF-8 (byte offset {offset}: {bad!r}){hint}")
+
+
+def read_text(path: Path, what: str = "data file") -> str:
+    """A whole small UTF-8 file (a prompt), with one-line errors for the usual mistakes."""
+    check_file(path, what)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e.start, raw[e.start:e.start + 1]) from None
+
+
+@contextmanager
+def progress(path: Path, what: str, verbose: bool):
+    """A progress bar in MB/s on a terminal while ``path`` is read, and one line on stderr
+    at the end: "gptnano: <what>: <MB> in <s> (<MB/s>)"."""
+    from tqdm import tqdm  # a Lightning dependency
+
+    size = path.stat().st_size
+    start = time.perf_counter()
+    with tqdm(total=size, desc=what.split()[0], unit="B", unit_scale=True, file=sys.stderr,
+              disable=None if verbose else True, leave=False) as bar:
+        yield bar
+    if verbose:
+        seconds = time.perf_counter() - start
+        print(f"gptnano: {what}: {size / 1e6:.1f} MB in {seconds:.2f} s ({size / 1e6 / max(seconds, 1e-9):.0f} MB/s)",
+              file=sys.stderr)
+
+
+def read_units(path: Path, kind: str, bar) -> Iterator[tuple[bytes, np.ndarray]]:
+    """The file chunk by chunk as ``(raw bytes, units)``: the units are the bytes themselves
+    (kind "byte") or the code points of the characters they complete (kind "char": strict
+    UTF-8, a character split between two chunks is held back until its last byte)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict") if kind == "char" else None
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            if decoder is None:
+                if not raw:
+                    return
+                yield raw, np.frombuffer(raw, dtype=np.uint8)
+            else:
+                yield raw, codepoints(_decode(decoder, raw, offset, path))
+                if not raw:
+                    return
+            offset += len(raw)
+            bar.update(len(raw))
+
+
+def _decode(decoder, raw: bytes, offset: int, path: Path) -> str:
+    held = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
+    try:
+        return decoder.decode(raw, final=not raw)
+    except UnicodeDecodeError as e:
+        hint = "; --data.tokenizer byte trains on any file's bytes"
+        raise not_utf8(path, offset - held + e.start, e.object[e.start:e.start + 1], hint) from None
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` to ``dest`` atomically: a temp file beside it, checked, then renamed.
+
+    Any failure raises UserError naming the URL and leaves no file behind.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    hint = "pass a local text file with --data.path (or set GPTNANO_DATA)"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            expected = response.headers.get("Content-Length")
+            size = 0
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+                size += len(chunk)
+        if expected is not None and size != int(expected):
+            raise UserError(f"download of {url} was truncated ({size} of {expected} bytes); {hint}")
+        if sha256 is not None:
+            got = hashlib.sha256(tmp.read_bytes()).hexdigest()
+            if got != sha256:
+                raise UserError(f"checksum mismatch for {url} (sha256 {got}, expected {sha256}); {hint}")
+        os.replace(tmp, dest)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"could not download {url}: HTTP {e.code} {e.reason}; {hint}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"could not download {url}: {reason}; {hint}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
