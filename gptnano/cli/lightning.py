@@ -12,6 +12,7 @@ one-line errors instead of tracebacks for mistakes a user can fix.
 
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -81,6 +82,45 @@ def _data_from(hparams: dict) -> dict:
     return {k: v for k, v in saved.items() if k in _DATA_ARGS and v is not None}
 
 
+# Classes that config files of older runs name by a path that has since moved (the
+# package was regrouped into layers). A saved config.yaml naming one still works.
+MOVED = {
+    "gptnano.board.Board": "gptnano.train.logger.Board",
+    "gptnano.board.RunSettings": "gptnano.train.logger.RunSettings",
+    "gptnano.callbacks.Checkpoint": "gptnano.train.checkpointing.Checkpoint",
+    "gptnano.callbacks.AtomicCheckpointIO": "gptnano.train.checkpointing.AtomicCheckpointIO",
+    "gptnano.callbacks.Throughput": "gptnano.train.callbacks.Throughput",
+    "gptnano.callbacks.TextSample": "gptnano.train.callbacks.TextSample",
+    "gptnano.callbacks.PredictionWriter": "gptnano.train.callbacks.PredictionWriter",
+    "gptnano.lit.LitLM": "gptnano.train.module.LitLM",
+    "gptnano.data.ShakespeareDataModule": "gptnano.data.datamodule.ShakespeareDataModule",
+}
+
+
+def _moved_class_paths(argv: list[str]) -> list[str]:
+    """``--config FILE`` of a file that names a moved class: its text with today's paths
+    (jsonargparse takes a config's text where it takes its path); one line says so."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a in ("--config", "-c") and i + 1 < len(argv) else (
+            a.split("=", 1)[1] if a.startswith("--config=") else None)
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # the parser says what is wrong with it
+        old = [name for name in MOVED if re.search(rf"\b{re.escape(name)}\b", text)]
+        if not old:
+            continue
+        for name in old:
+            text = re.sub(rf"\b{re.escape(name)}\b", MOVED[name], text)
+        print(f"gptnano: {path} names {', '.join(old)}, since moved: read as "
+              f"{', '.join(MOVED[n] for n in old)}", file=sys.stderr)
+        argv[i + 1 if a in ("--config", "-c") else i] = text if a in ("--config", "-c") else f"--config={text}"
+    return argv
+
+
 class Parser(LightningArgumentParser):
     def print_usage(self, file=None) -> None:
         # The full usage runs to a hundred lines and buries the error under it.
@@ -146,7 +186,7 @@ class GPTNanoCLI(LightningCLI):
         if isinstance(args, dict):
             self._explicit = set()
             return super().parse_arguments(parser, args)
-        argv = _architecture_names(sys.argv[1:] if args is None else args)
+        argv = _moved_class_paths(_architecture_names(sys.argv[1:] if args is None else args))
         self._explicit = _explicit_keys(argv)
         subcommand = next((a for a in argv if a in self.subcommands()), None)
         ckpt = _known_ckpt_file(argv)
@@ -169,11 +209,16 @@ class GPTNanoCLI(LightningCLI):
         cfg = self.config[sub] if sub else self.config
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         cfg.run_name = name
+        if "run_name" in self._explicit and "checkpoint.dirpath" not in self._explicit:
+            cfg.checkpoint.dirpath = None  # a typed run name moves the run, whatever a saved config.yaml pinned
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
         if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
             cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board",
                                            init_args=Namespace(save_dir="lightning_logs", name=name))
+        elif getattr(cfg.trainer.logger, "class_path", None) == "gptnano.train.logger.Board":
+            # A saved config.yaml names the logger with its old run's name: logs follow the run.
+            cfg.trainer.logger.init_args.name = name
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
         ckpt, saved = cfg.get("ckpt_path"), None
