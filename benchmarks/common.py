@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from gptnano.files import atomic_write
 from gptnano.hardware import machine_info, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +53,7 @@ def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info(), **payload}
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")  # write then rename: never a half-written result
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(payload, indent=2) + "\n")
 
 
 def announce_machine() -> None:

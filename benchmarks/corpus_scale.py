@@ -37,6 +37,7 @@ from pathlib import Path
 import lightning as L
 
 from benchmarks.common import ROOT, corpus_path, markdown_table, write_result
+from gptnano.files import atomic_write
 
 SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt")
 UNITS = {"K": 10**3, "M": 10**6, "G": 10**9}
@@ -76,10 +77,11 @@ def build_corpus(label: str, folder: Path) -> tuple[Path, int]:
     passes_file = path.with_suffix(".passes")
     if path.is_file() and abs(path.stat().st_size - size) < 4 and passes_file.is_file():
         return path, int(passes_file.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    written, passes = 0, 1
-    with open(tmp, "wb") as out:
+    passes = 1
+
+    def write(out) -> None:
+        nonlocal passes
+        written = 0
         for raw in utf8_texts():
             if raw is None:
                 passes += 1
@@ -94,8 +96,9 @@ def build_corpus(label: str, folder: Path) -> tuple[Path, int]:
             written += len(piece)
             if written >= size or len(piece) < len(raw):
                 break
-    os.replace(tmp, path)
-    passes_file.write_text(str(passes))
+
+    atomic_write(path, write)
+    atomic_write(passes_file, str(passes))
     return path, passes
 
 

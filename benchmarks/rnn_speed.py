@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptnano.files import atomic_write
 from gptnano.hardware import machine_info, machine_line
 from gptnano.models.rnn import ElmanLayer
 
@@ -151,9 +152,7 @@ def main() -> None:
         warmup=args.warmup,
         results=rows,
     )
-    tmp = args.out.with_suffix(".json.tmp")  # write then rename: never a half-written result
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An impossible hyper-parameter (a ValueError to Python code, a one-line error to the CLI)."""
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only, permissions): names the path, the OS's
+    reason and what is intact."""

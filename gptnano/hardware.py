@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -100,6 +101,33 @@ def bf16_verdict(device_type: str = "cpu") -> Verdict:
     if bf16 >= MIN_SPEEDUP * fp32:
         return Verdict(True, f"bf16 products are {bf16 / fp32:.1f}x fp32 on this CPU: {rates}")
     return Verdict(False, f"this CPU has no fast bf16: {rates}")
+
+
+def time_steps(step: Callable[[], object], *, sync: Callable[[], None] | None = None, warmup: int = 1,
+               min_steps: int = 2, max_steps: int = 20, seconds: float = 1.0,
+               stop: Callable[[list[float]], bool] | None = None) -> list[float]:
+    """Seconds of each of a few real steps (a training step, a matrix product): the one way
+    gptnano times steps, shared by the device choice and ``gptnano compare``'s wall-time budget.
+
+    ``warmup`` untimed calls first (first-call costs: allocation, kernel selection), then timed
+    calls, each ended by ``sync()`` (a GPU's queue must drain for its time to be real), until
+    ``max_steps`` steps or ``seconds`` of timed work, but at least ``min_steps``; ``stop(times)``,
+    asked after each timed step, may end it sooner (e.g. this side is already clearly slower).
+    Returns the timed steps' seconds, in order: take their median, not their mean (a busy
+    moment of the machine slows one step, not the rate)."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times: list[float] = []
+    while len(times) < max_steps and (len(times) < min_steps or sum(times) < seconds):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+        if len(times) >= min_steps and stop is not None and stop(times):
+            break
+    return times
 
 
 def gflops(rate: float) -> str:

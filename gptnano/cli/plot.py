@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from gptnano.errors import UserError
+from gptnano.files import atomic_write
 
 # Tags of logs written before the grouped names of gptnano/train/logger.py, and their names now.
 OLD_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_bpc": "val/bpc", "val_ppl": "val/ppl",
@@ -76,8 +77,8 @@ def plot(runs: list[dict], out: Path) -> None:
         ax.grid(alpha=0.3)
     by_step.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -26,12 +26,9 @@ This module has no Lightning in it: the data module decides when to call it.
 import dataclasses
 import hashlib
 import json
-import os
-import sys
 import time
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +36,8 @@ import numpy as np
 from gptnano.data.text import CHUNK_BYTES, check_file, progress, read_units
 from gptnano.data.tokenizer import N_CODEPOINTS
 from gptnano.data.tokens import Tokens
-from gptnano.errors import UserError
-
-try:
-    import fcntl  # POSIX; elsewhere two processes may both build, and the rename keeps it safe
-except ImportError:  # pragma: no cover
-    fcntl = None
+from gptnano.errors import UserError, WriteError
+from gptnano.files import atomic_write, lock
 
 CACHE_DIR = Path("data") / "prepared"
 FORMAT = 1  # bump when the files' layout changes: older caches are then rebuilt, not misread
@@ -101,12 +94,7 @@ class Prepared:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, json.dumps(data, ensure_ascii=False))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -192,7 +180,7 @@ class Corpus:
             try:
                 self._memo.parent.mkdir(parents=True, exist_ok=True)
                 _write_json(self._memo, memo)
-            except OSError:
+            except (OSError, WriteError):
                 pass  # a read-only cache folder: the text is scanned again next time
 
     def check(self, tokenizer, verbose: bool = True) -> Scan:
@@ -244,22 +232,8 @@ class Corpus:
     def _write_meta(self, stem: str, meta: dict) -> None:
         try:
             _write_json(self.cache_dir / f"{stem}.json", meta)
-        except OSError:
+        except (OSError, WriteError):
             pass  # a read-only cache: it is checked again next time
-
-    @contextmanager
-    def _lock(self, verbose: bool):
-        """One builder at a time per cache folder; the others wait, then find its result."""
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_dir / ".lock", "a") as f:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if verbose:
-                        print(f"gptnano: waiting for another process preparing {self.cache_dir}", file=sys.stderr)
-                    fcntl.flock(f, fcntl.LOCK_EX)
-            yield  # closing the file releases the lock
 
     def _build(self, stem: str, facts: Scan, tokenizer) -> Prepared:
         """Encode the text chunk by chunk into ``stem.bin`` (temp file, fsync, rename), then
@@ -267,10 +241,11 @@ class Corpus:
         Whichever process builds says so on stderr."""
         dtype = dtype_for(len(tokenizer))
         bin_path = self.cache_dir / f"{stem}.bin"
-        tmp = bin_path.with_name(f".{bin_path.name}.{os.getpid()}.tmp")
         digest, crc = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as f, progress(self.path, f"tokenized {self.path} into {bin_path}", verbose=True) as bar:
+
+        def encode(f) -> None:
+            nonlocal crc
+            with progress(self.path, f"tokenized {self.path} into {bin_path}", verbose=True) as bar:
                 for raw, units in read_units(self.path, self.kind, bar):
                     digest.update(raw)
                     ids = tokenizer.encode_units(units)
@@ -279,13 +254,10 @@ class Corpus:
                     ids = ids.astype(dtype, copy=False)
                     crc = zlib.crc32(ids, crc)
                     f.write(ids)
-                f.flush()
-                os.fsync(f.fileno())
             if digest.hexdigest() != facts.sha256:
                 raise UserError(f"{self.path} changed while it was being prepared: run again")
-            os.replace(tmp, bin_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(bin_path, encode)
         meta = {"format": FORMAT, "sha256": facts.sha256, "kind": tokenizer.kind, "vocab": tokenizer.vocab,
                 "n_tokens": facts.n_tokens, "dtype": dtype.name, "crc32": crc,
                 "source": str(self.path.resolve()), "n_bytes": self.path.stat().st_size}
@@ -304,7 +276,8 @@ class Corpus:
         found = self._open(stem, facts, tokenizer)
         if found is None:
             try:
-                with self._lock(verbose):
+                with lock(self.cache_dir / ".lock", f"waiting for another process preparing {self.cache_dir}"
+                          if verbose else None):
                     found = self._open(stem, facts, tokenizer) or self._build(stem, facts, tokenizer)
             except OSError as e:
                 raise UserError(f"could not prepare {self.path} in {self.cache_dir}: {e.strerror or e}") from None

@@ -5,7 +5,6 @@ download of the default corpus. No Lightning, no torch: the tools and the cache 
 
 import codecs
 import hashlib
-import os
 import sys
 import time
 import urllib.error
@@ -18,6 +17,7 @@ import numpy as np
 
 from gptnano.data.tokenizer import codepoints
 from gptnano.errors import UserError
+from gptnano.files import atomic_write
 
 # Text read per step. Small enough that the arrays made from a chunk stay in the CPU's cache
 # and the allocator reuses their memory: on the reference machine 256 KiB prepared 100 MB
@@ -101,32 +101,39 @@ def _decode(decoder, raw: bytes, offset: int, path: Path) -> str:
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` to ``dest`` atomically: a temp file beside it, checked, then renamed.
+    """Fetch ``url`` to ``dest`` through ``atomic_write``: checked (length, sha256) before the rename.
 
-    Any failure raises UserError naming the URL and leaves no file behind.
+    A network failure or a wrong checksum raises UserError naming the URL; a failed write a
+    WriteError naming ``dest``. Either way no file is left behind.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     hint = "pass a local text file with --data.path (or set GPTNANO_DATA)"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+
+    def failed(e: Exception) -> UserError:
+        if isinstance(e, urllib.error.HTTPError):
+            return UserError(f"could not download {url}: HTTP {e.code} {e.reason}; {hint}")
+        return UserError(f"could not download {url}: {getattr(e, 'reason', e)}; {hint}")
+
+    def fetch(f) -> None:
+        digest, size = hashlib.sha256(), 0
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)
+        except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+            raise failed(e) from None
+        with response:
             expected = response.headers.get("Content-Length")
-            size = 0
-            while chunk := response.read(1 << 16):
-                f.write(chunk)
+            while True:
+                try:
+                    chunk = response.read(1 << 16)
+                except (OSError, ValueError) as e:
+                    raise failed(e) from None
+                if not chunk:
+                    break
+                f.write(chunk)  # an OSError here is the disk's: atomic_write names dest
+                digest.update(chunk)
                 size += len(chunk)
         if expected is not None and size != int(expected):
             raise UserError(f"download of {url} was truncated ({size} of {expected} bytes); {hint}")
-        if sha256 is not None:
-            got = hashlib.sha256(tmp.read_bytes()).hexdigest()
-            if got != sha256:
-                raise UserError(f"checksum mismatch for {url} (sha256 {got}, expected {sha256}); {hint}")
-        os.replace(tmp, dest)
-    except urllib.error.HTTPError as e:
-        raise UserError(f"could not download {url}: HTTP {e.code} {e.reason}; {hint}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"could not download {url}: {reason}; {hint}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise UserError(f"checksum mismatch for {url} (sha256 {digest.hexdigest()}, expected {sha256}); {hint}")
+
+    return atomic_write(dest, fetch)

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
+from gptnano.files import atomic_write
 from gptnano.hardware import peak_flops
 from gptnano.train.module import uses_fsdp
 
@@ -113,9 +114,7 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         texts = [text for _, text in sorted(dict(mine).items())]  # the sampler may pad with repeats
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / self.filename
-        self.path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+        self.path = atomic_write(folder / self.filename, "".join(t + "\n" for t in texts))
         for t in texts:
             sys.stdout.write(t + "\n")
         sys.stdout.flush()

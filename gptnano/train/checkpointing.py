@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -16,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano.checkpoint import read_checkpoint
 from gptnano.errors import UserError
+from gptnano.files import atomic_write
 from gptnano.train.callbacks import update_ended
 
 
@@ -110,34 +110,16 @@ class Checkpoint(ModelCheckpoint):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files written atomically, read through gptnano's one safe reader.
 
-    Writing: a temporary file in the checkpoint's own folder, flushed to disk, then
-    renamed over the old file. A rename within one file system is atomic, so a process
-    killed at any moment leaves the old checkpoint or the new one, never a torn file.
-    (Lightning's default writes the temporary file in the system's temp folder and moves
-    it: across file systems that move is a copy, which a kill can cut in half.)
+    Writing: ``gptnano.files.atomic_write``, a temporary file in the checkpoint's own folder,
+    flushed to disk, then renamed over the old file, so a process killed at any moment leaves
+    the old checkpoint or the new one, never a torn file. (Lightning's default writes the
+    temporary file in the system's temp folder and moves it: across file systems that move
+    is a copy, which a kill can cut in half.)
     Reading: ``gptnano.checkpoint.read_checkpoint`` (``weights_only=True``, a known architecture).
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        atomic_write(path, lambda f: torch.save(checkpoint, f), remove_stale=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(path)

@@ -10,7 +10,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from gptnano.data.tokenizer import make_tokenizer
@@ -18,7 +17,8 @@ from gptnano.errors import UserError
 from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import check_settings, generate
-from gptnano.train.optim import MuonAdamW, muon_matrices
+from gptnano.train.optim import MuonAdamW, build_optimizer
+from gptnano.train.steps import next_token_loss
 
 
 def uses_fsdp(trainer) -> bool:
@@ -150,8 +150,7 @@ class LitLM(L.LightningModule):
                 # the plain state_dict keys of self.net.
                 self._train_forward = torch.compile(self.net.forward)
             forward = self._train_forward
-        logits = forward(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+        return next_token_loss(forward(idx), targets, reduction)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
@@ -219,37 +218,18 @@ class LitLM(L.LightningModule):
                                  "muon_dtype": str(muon).removeprefix("torch.") if muon else None}
 
     def configure_optimizers(self):
-        # AdamW's weight decay on every matrix it trains (Linear weights and embeddings:
-        # the token embedding is also the output head, a matrix like any other), none
-        # on biases and LayerNorm gains, which only shift and scale. With Muon, the
-        # matrices inside the network move to Muon's own group (muon_weight_decay).
-        params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
         if hp.optimizer == "muon" and uses_fsdp(self.trainer):
             # FSDP hands the optimizer flat shards; Muon must see whole matrices.
             raise UserError("--model.optimizer muon does not work with FSDP (it needs whole matrices): "
                             "use --model.optimizer adamw")
-        muon = [p for p in muon_matrices(self.net) if p.requires_grad] if hp.optimizer == "muon" else []
-        in_muon = {id(p) for p in muon}
-        rest = [p for p in params if id(p) not in in_muon]
-        # Named groups: TensorBoard's learning-rate cards read lr/<optimizer>/<name>.
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": hp.weight_decay, "name": "adamw"},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "adamw_no_decay"},
-        ]
-        if muon:
-            groups.append({"params": muon, "muon": True, "lr": hp.muon_lr, "weight_decay": hp.muon_weight_decay,
-                           "name": "muon"})
-        # The fused kernel updates every tensor in one pass (CPU and CUDA): ~1.5 ms of a
-        # ~25 ms CPU step saved at the default size.
-        # (Not with fp16's loss scaling: a fused step would see still-scaled gradients when clipping.)
-        fused = all(p.device.type in ("cpu", "cuda") for p in params) and not str(self.trainer.precision).startswith("16")
-        if muon:
-            ns_dtype = fast_dtype(self.device.type) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
-            optimizer = MuonAdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2),
-                                  momentum=hp.muon_momentum, ns_dtype=ns_dtype, fused=fused)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused or None)
+        fused = (all(p.device.type in ("cpu", "cuda") for p in self.net.parameters())
+                 and not str(self.trainer.precision).startswith("16"))
+        ns_dtype = fast_dtype(self.device.type) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
+        optimizer = build_optimizer(self.net, optimizer=hp.optimizer, learning_rate=hp.learning_rate,
+                                    weight_decay=hp.weight_decay, beta1=hp.beta1, beta2=hp.beta2, muon_lr=hp.muon_lr,
+                                    muon_momentum=hp.muon_momentum, muon_weight_decay=hp.muon_weight_decay,
+                                    ns_dtype=ns_dtype, fused=fused)
         decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
         min_ratio = hp.min_lr / hp.learning_rate
         schedule = torch.optim.lr_scheduler.LambdaLR(

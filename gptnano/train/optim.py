@@ -146,3 +146,41 @@ class MuonAdamW(torch.optim.Optimizer):
         adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=group["fused"] or None,
               amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def param_groups(net: nn.Module, *, muon: bool, weight_decay: float, muon_lr: float,
+                 muon_weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups, named (TensorBoard's learning-rate cards read
+    ``lr/<optimizer>/<name>``). AdamW's weight decay goes on every matrix it trains (Linear
+    weights and embeddings: the token embedding is also the output head, a matrix like any
+    other), none on biases and LayerNorm gains, which only shift and scale. With ``muon``,
+    the matrices inside the network (``muon_matrices``) form Muon's own group."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    matrices = [p for p in muon_matrices(net) if p.requires_grad] if muon else []
+    in_muon = {id(p) for p in matrices}
+    rest = [p for p in params if id(p) not in in_muon]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "name": "adamw"},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "adamw_no_decay"},
+    ]
+    if matrices:
+        groups.append({"params": matrices, "muon": True, "lr": muon_lr, "weight_decay": muon_weight_decay,
+                       "name": "muon"})
+    return groups
+
+
+def build_optimizer(net: nn.Module, *, optimizer: str, learning_rate: float, weight_decay: float, beta1: float,
+                    beta2: float, muon_lr: float, muon_momentum: float, muon_weight_decay: float,
+                    ns_dtype: torch.dtype, fused: bool) -> torch.optim.Optimizer:
+    """The optimizer LitLM trains with (``optimizer`` "muon": MuonAdamW; "adamw": torch's AdamW),
+    built from its hyper-parameters, so a step timed outside Lightning is the same step.
+
+    ``fused`` takes torch's fused AdamW kernel, which updates every tensor in one pass (CPU and
+    CUDA: ~1.5 ms of a ~25 ms CPU step saved at the default size); not with fp16's loss scaling,
+    where a fused step would see still-scaled gradients when clipping."""
+    groups = param_groups(net, muon=optimizer == "muon", weight_decay=weight_decay, muon_lr=muon_lr,
+                          muon_weight_decay=muon_weight_decay)
+    if any(g.get("muon") for g in groups):
+        return MuonAdamW(groups, lr=learning_rate, betas=(beta1, beta2), momentum=muon_momentum,
+                         ns_dtype=ns_dtype, fused=fused)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=fused or None)

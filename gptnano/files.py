@@ -1,0 +1,139 @@
+"""Writing files so that nothing is lost: one atomic writer, one lock, one check of a folder.
+
+Every file gptnano writes (checkpoints, the prepared corpus and its metadata, downloads,
+exports, results) goes through ``atomic_write``: a temporary file in the target's own
+folder, flushed to disk, renamed over the target, and the folder's entry flushed too.
+A rename within one file system is atomic, so a process killed at any moment leaves the
+old file or the new one, never half of one. (A temporary file elsewhere, e.g. in /tmp,
+would be *copied* over on a rename across file systems, which a kill can cut in half.)
+
+A failed write (disk full, read-only file system, permission denied, a path that is a
+file where a folder is needed) is a ``WriteError``: one line naming the path and the
+OS's reason, and what is intact. No Lightning, no torch.
+"""
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from gptnano.errors import WriteError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _reason(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    return f"{e.strerror or e}" + (f" ({name})" if name else "")
+
+
+def write_error(path: Path | str, e: OSError, intact: str) -> WriteError:
+    """The one-line error for an OS error ``e`` while writing ``path``; ``intact`` says what survived."""
+    return WriteError(f"could not write {path}: {_reason(e)}; {intact}")
+
+
+def temp_path(path: Path) -> Path:
+    """Where ``atomic_write`` writes ``path`` before the rename: beside it, named after the process."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows has no folder handles to flush)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (network mounts) cannot flush a folder: the rename still happened
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], None], *,
+                 remove_stale: bool = False) -> Path:
+    """Write ``content`` to ``path`` atomically and durably; returns ``path``.
+
+    Args:
+        path: The file to write; its folder is created if needed.
+        content: bytes, a str (written as UTF-8), or a function that writes into the open
+            binary file (for streamed writes: a checkpoint, a prepared corpus). An exception
+            it raises aborts the write: the temporary file is removed and ``path`` untouched.
+        remove_stale: Also delete temporary files of ``path`` left by processes killed mid-write.
+
+    Raises:
+        WriteError: the OS refused (disk full, read-only, permissions, a file where a folder
+            should be); the message names the path and says that the previous file is intact.
+    """
+    path = Path(path)
+    intact = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e, intact) from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if remove_stale:
+        for stale in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+    return path
+
+
+def check_writable_folder(folder: Path | str, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any work that
+    would be lost if it could not (the first training step, say). ``what`` names its use."""
+    folder = Path(folder)
+    probe = folder / f".gptnano-write-check.{os.getpid()}{TEMP_SUFFIX}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise WriteError(f"cannot write {what} in {folder}: {_reason(e)}; nothing was started") from None
+    return folder
+
+
+@contextmanager
+def lock(path: Path | str, waiting: str | None = None):
+    """Hold an exclusive lock on ``path`` (a lock file, created if needed) across processes and
+    operating systems, for as long as the ``with`` block runs. If another process holds it, print
+    ``waiting`` (when given) once on stderr, then wait. Written by hand nowhere: ``filelock``
+    does this well on every OS (fcntl on POSIX, msvcrt on Windows)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e, "nothing was written") from None
+    held = FileLock(str(path))
+    try:
+        try:
+            held.acquire(timeout=0)
+        except Timeout:
+            if waiting:
+                print(f"gptnano: {waiting}", file=sys.stderr)
+            held.acquire()
+    except OSError as e:
+        raise write_error(path, e, "nothing was written") from None
+    try:
+        yield
+    finally:
+        held.release()
