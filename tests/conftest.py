@@ -1,27 +1,54 @@
-"""Shared fixtures: a small made-up text (tests never need the real corpus) and a
-helper that runs the real `gptnano` command in a fresh folder."""
+"""Fixtures, and the two layers of the suite.
 
+Fast unit tests, and slower end-to-end tests: those that start a `gptnano` process, run
+the command in-process, or run a Lightning Trainer. The end-to-end ones are marked ``e2e``
+automatically (``pytest_collection_modifyitems`` below), so ``python -m pytest -m "not e2e"``
+runs the fast layer alone; the README's command runs both. Shared helpers are in
+tests/helpers.py.
+"""
+
+import inspect
 import logging
 import os
-import random
-import subprocess
 import sys
+import types
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-WORDS = "the king queen my lord good sir thou art what say you come hither night day love death and of to".split()
+from tests.helpers import Ran, cli_env, make_text
+
+# What makes a test end-to-end: it, a fixture it uses, or a function of the tests it calls
+# reaches one of these names.
+END_TO_END = {"run_cli", "gptnano", "GPTNanoCLI", "Trainer", "subprocess", "Popen", "_start_fit", "spawn"}
 
 
-def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    lines = []
-    while sum(map(len, lines)) < n_chars:
-        speaker = rng.choice(["ROMEO", "JULIET", "KING HENRY"])
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-        lines.append(f"{speaker}:\n{words.capitalize()}{rng.choice('.,!?')}\n\n")
-    return "".join(lines)[:n_chars]
+def _reaches(obj, names: set[str], seen: set) -> bool:
+    """Whether a test function (or fixture) refers to one of ``names``, directly or through the
+    functions of the tests' own modules it calls."""
+    code = getattr(obj, "__code__", None)
+    if code is None or id(code) in seen:
+        return False
+    seen.add(id(code))
+    found = set(code.co_names) | set(code.co_varnames)
+    found |= {n for const in code.co_consts if isinstance(const, types.CodeType)
+              for n in (*const.co_names, *const.co_varnames)}
+    if found & names:
+        return True
+    module = inspect.getmodule(obj)
+    for name in found:
+        target = getattr(module, name, None)
+        if inspect.isfunction(target) and target.__module__.startswith("tests.") and _reaches(target, names, seen):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if "gptnano" in item.fixturenames or any(_reaches(f, END_TO_END, set())
+                                                  for f in [item.function, *fixtures]):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture
@@ -56,62 +83,6 @@ def no_leaked_hardware_choice():
     else:
         os.environ[FAST_BF16_ENV] = before
     bf16_verdict.cache_clear()
-
-
-def scrambled(model):
-    """Weights drawn far from their near-zero init, so a mistake shows up as a large
-    difference instead of hiding under tiny logits; returned in eval mode."""
-    import torch
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
-
-
-def random_tokens(vocab: int, B: int, T: int, seed: int = 1):
-    import torch
-
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-# A model small enough that a CLI round trip takes seconds.
-TINY_GPT = [
-    "--model.net", "GPT",
-    "--model.net.block_size", "16", "--model.net.n_layer", "1",
-    "--model.net.n_head", "2", "--model.net.n_embd", "16",
-    "--data.batch_size", "4", "--data.eval_batch_size", "256",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]
-
-
-def cli_env(env_extra: dict | None = None) -> dict:
-    """The environment of a `gptnano` subprocess: no GPTNANO_DATA from the outside, and
-    every process of a test training in the same precision: the machine's verdict, measured
-    once here (a probe in each process could differ on a busy machine, e.g. between the two
-    halves of a resume test; tests/test_hardware.py tests the probe's decisions themselves)."""
-    from gptnano.hardware import FAST_BF16_ENV, bf16_verdict
-
-    env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
-    env[FAST_BF16_ENV] = env.get(FAST_BF16_ENV) or ("1" if bf16_verdict("cpu").fast else "0")
-    env.update(env_extra or {})
-    return env
-
-
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):
-    """Run `python -m gptnano ARGS` in ``cwd``; return the CompletedProcess."""
-    env = cli_env(env_extra)
-    proc = subprocess.run([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"gptnano {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-class Ran(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gptnano.models.backpack import Backpack
 from gptnano.sampling import generate, generate_naive
-from tests.conftest import random_tokens, scrambled
+from tests.helpers import random_tokens, scrambled
 
 VOCAB, BLOCK, SENSES = 11, 12, 4
 

@@ -10,7 +10,7 @@ import torch
 
 from gptnano.checkpoint import load_net, read_checkpoint
 from gptnano.errors import UserError
-from tests.conftest import TINY_GPT, make_text, run_cli
+from tests.helpers import TINY_GPT, make_text, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_YAML = str(ROOT / "configs" / "gpt.yaml")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptnano.cli.lightning import GPTNanoCLI
-from tests.conftest import TINY_GPT, run_cli
+from tests.helpers import TINY_GPT, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/**/*.yaml"))
@@ -96,7 +96,7 @@ def test_compiled_training_matches_eager_and_keeps_plain_checkpoints(text_file, 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny GPT trained from a text given by GPTNANO_DATA (no --data.path), under its own --run_name."""
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     work = tmp_path_factory.mktemp("tiny")
     text = work / "corpus.txt"

@@ -9,7 +9,7 @@ from torch import nn
 
 from gptnano.models.cnn import CNN, CausalConv1d, dilation_schedule
 from gptnano.sampling import generate, generate_naive
-from tests.conftest import random_tokens, scrambled
+from tests.helpers import random_tokens, scrambled
 
 VOCAB, BLOCK = 11, 16
 

@@ -10,7 +10,7 @@ import torch
 
 from gptnano.cli.commands import LIGHTNING, TOOLS
 from gptnano.cli.main import wants_verbose
-from tests.conftest import TINY_GPT, run_cli
+from tests.helpers import TINY_GPT, run_cli
 
 # Runs the command in-process, then reports whether Lightning got imported along the way.
 IMPORTS_LIGHTNING = """
@@ -33,7 +33,7 @@ def lightning_imported(args: list[str], cwd) -> bool:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     folder = tmp_path_factory.mktemp("trained")
     (folder / "tiny.txt").write_text(make_text(), encoding="utf-8")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gptnano.checkpoint import load_net
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_GPT = FIXTURES / "gpt-45612a8.ckpt"

@@ -16,7 +16,7 @@ from gptnano.checkpoint import load_net
 from gptnano.data.cache import Corpus, dtype_for
 from gptnano.data.tokenizer import ByteTokenizer, CharTokenizer
 from gptnano.errors import UserError
-from tests.conftest import TINY_GPT, make_text, run_cli
+from tests.helpers import TINY_GPT, make_text, run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from gptnano.data.tokenizer import CharTokenizer
 from gptnano.data.windows import EvalWindows, TrainWindows
 from gptnano.errors import UserError
 from gptnano.models import GPT
-from tests.conftest import make_text
+from tests.helpers import make_text
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

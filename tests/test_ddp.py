@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gptnano.checkpoint import load_net
 from gptnano.data.windows import EvalWindows
-from tests.conftest import TINY_GPT, run_cli
+from tests.helpers import TINY_GPT, run_cli
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 FP32 = ["--trainer.precision", "32-true"]  # the comparison is about the reduction, not bf16 rounding

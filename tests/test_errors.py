@@ -4,12 +4,14 @@ status, no Python traceback, and nothing written or lost."""
 import hashlib
 import http.server
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import TINY_GPT, make_text, run_cli
+from tests.helpers import TINY_GPT, make_text, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -52,61 +54,75 @@ def _write(tmp: Path, name: str, data: bytes) -> str:
     return str(tmp / name)
 
 
-# (case id, function (tmp, ckpt, text, url) -> argv, regex the error line must match)
+class Where(NamedTuple):
+    """What a case's command line may name."""
+
+    tmp: Path  # the test's own empty folder (the command runs there)
+    ckpt: Path  # a tiny trained checkpoint
+    text: Path  # the text it was trained on
+    url: str  # a local web server: /input.txt (not the real corpus), /truncated.txt
+
+
+class Case(NamedTuple):
+    id: str
+    argv: Callable[[Where], list[str]]  # the command line, given where things are
+    error: str  # a regular expression the one error line must match
+
+
 CASES = [
-    ("data-missing", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(t / "nope.txt")], r"data file not found: .*nope\.txt"),
-    ("data-empty", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", _write(t, "e.txt", b"")], r"data file is empty"),
-    ("data-short", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", _write(t, "s.txt", b"abcdefghij" * 10)],
+    Case("data-missing", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.tmp / "nope.txt")], r"data file not found: .*nope\.txt"),
+    Case("data-empty", lambda w: ["fit", *TINY_GPT, "--data.path", _write(w.tmp, "e.txt", b"")], r"data file is empty"),
+    Case("data-short", lambda w: ["fit", *TINY_GPT, "--data.path", _write(w.tmp, "s.txt", b"abcdefghij" * 10)],
      r"val split .* has 10 characters, fewer than block_size \+ 1 = 17"),
-    ("data-not-utf8", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", _write(t, "b.txt", b"hello\n" * 50 + b"\xc3\x28")],
+    Case("data-not-utf8", lambda w: ["fit", *TINY_GPT, "--data.path", _write(w.tmp, "b.txt", b"hello\n" * 50 + b"\xc3\x28")],
      r"not valid UTF-8 \(byte offset 300"),
-    ("download-offline", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.url", "http://127.0.0.1:9/input.txt"],
+    Case("download-offline", lambda w: ["fit", *TINY_GPT, "--data.url", "http://127.0.0.1:9/input.txt"],
      r"could not download http://127\.0\.0\.1:9/input\.txt: .*--data\.path"),
-    ("download-404", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.url", f"{u}/missing.txt"], r"HTTP 404"),
-    ("download-truncated", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.url", f"{u}/truncated.txt"], r"truncated|could not download"),
-    ("download-checksum", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.url", f"{u}/input.txt"], r"checksum mismatch"),
-    ("prompt-unknown-chars", lambda t, c, x, u: ["predict", "--ckpt_path", str(c), "--data.prompt", "ROMEO€~"],
+    Case("download-404", lambda w: ["fit", *TINY_GPT, "--data.url", f"{w.url}/missing.txt"], r"HTTP 404"),
+    Case("download-truncated", lambda w: ["fit", *TINY_GPT, "--data.url", f"{w.url}/truncated.txt"], r"truncated|could not download"),
+    Case("download-checksum", lambda w: ["fit", *TINY_GPT, "--data.url", f"{w.url}/input.txt"], r"checksum mismatch"),
+    Case("prompt-unknown-chars", lambda w: ["predict", "--ckpt_path", str(w.ckpt), "--data.prompt", "ROMEO€~"],
      r"characters not in the model's vocabulary: '~', '€'"),
-    ("ckpt-missing", lambda t, c, x, u: ["predict", "--ckpt_path", str(t / "none.ckpt")], r"checkpoint not found"),
-    ("ckpt-truncated", lambda t, c, x, u: ["predict", "--ckpt_path", _write(t, "cut.ckpt", c.read_bytes()[: c.stat().st_size // 2])],
+    Case("ckpt-missing", lambda w: ["predict", "--ckpt_path", str(w.tmp / "none.ckpt")], r"checkpoint not found"),
+    Case("ckpt-truncated", lambda w: ["predict", "--ckpt_path", _write(w.tmp, "cut.ckpt", w.ckpt.read_bytes()[: w.ckpt.stat().st_size // 2])],
      r"not a readable gptnano checkpoint"),
-    ("ckpt-not-a-checkpoint", lambda t, c, x, u: ["validate", "--ckpt_path", str(x)], r"not a readable gptnano checkpoint"),
-    ("ckpt-other-vocabulary", lambda t, c, x, u: ["validate", "--ckpt_path", str(c), "--data.path", _write(t, "o.txt", "xyzw\n".encode() * 500)],
+    Case("ckpt-not-a-checkpoint", lambda w: ["validate", "--ckpt_path", str(w.text)], r"not a readable gptnano checkpoint"),
+    Case("ckpt-other-vocabulary", lambda w: ["validate", "--ckpt_path", str(w.ckpt), "--data.path", _write(w.tmp, "o.txt", "xyzw\n".encode() * 500)],
      r"characters not in the model's vocabulary .*different text"),
-    ("max-steps-zero", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--trainer.max_steps", "0"],
+    Case("max-steps-zero", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.max_steps", "0"],
      r"--trainer.max_steps must be a positive number of optimizer steps, got 0"),
-    ("max-steps-negative", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--trainer.max_steps", "-1"],
+    Case("max-steps-negative", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.max_steps", "-1"],
      r"--trainer.max_steps must be a positive number of optimizer steps, got -1"),
-    ("ckpt-is-a-folder", lambda t, c, x, u: ["validate", "--ckpt_path", str(t)], r"checkpoint is a folder, not a file"),
-    ("resume-without-checkpoint", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--ckpt_path", "last"],
+    Case("ckpt-is-a-folder", lambda w: ["validate", "--ckpt_path", str(w.tmp)], r"checkpoint is a folder, not a file"),
+    Case("resume-without-checkpoint", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--ckpt_path", "last"],
      r"no checkpoints/gpt/last\.ckpt to resume"),
-    ("n_embd-not-divisible", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--model.net.n_head", "3"], r"divisible by n_head"),
-    ("non-positive-size", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--model.net.n_layer", "0"], r"n_layer must be a positive"),
-    ("dropout-out-of-range", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--model.net.dropout", "1.5"], r"dropout must be in \[0, 1\)"),
-    ("cnn-receptive-field", lambda t, c, x, u: ["fit", "--model.net", "CNN", "--model.net.n_layer", "1", "--model.net.block_size", "256",
-                                                "--data.path", str(x)], r"receptive field"),
-    ("unknown-architecture", lambda t, c, x, u: ["fit", "--model.net", "Transformer9", "--data.path", str(x)], r"unknown architecture 'Transformer9'"),
-    ("bad-learning-rate", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(x), "--model.learning_rate", "-1"], r"learning_rate > 0"),
-    ("prompt-file-not-utf8", lambda t, c, x, u: ["predict", "--ckpt_path", str(c), "--data.prompt_file", _write(t, "p.txt", b"RO\xffMEO")],
+    Case("n_embd-not-divisible", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.net.n_head", "3"], r"divisible by n_head"),
+    Case("non-positive-size", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.net.n_layer", "0"], r"n_layer must be a positive"),
+    Case("dropout-out-of-range", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.net.dropout", "1.5"], r"dropout must be in \[0, 1\)"),
+    Case("cnn-receptive-field", lambda w: ["fit", "--model.net", "CNN", "--model.net.n_layer", "1", "--model.net.block_size", "256",
+                                                "--data.path", str(w.text)], r"receptive field"),
+    Case("unknown-architecture", lambda w: ["fit", "--model.net", "Transformer9", "--data.path", str(w.text)], r"unknown architecture 'Transformer9'"),
+    Case("bad-learning-rate", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.learning_rate", "-1"], r"learning_rate > 0"),
+    Case("prompt-file-not-utf8", lambda w: ["predict", "--ckpt_path", str(w.ckpt), "--data.prompt_file", _write(w.tmp, "p.txt", b"RO\xffMEO")],
      r"p\.txt is not valid UTF-8 \(byte offset 2: b'\\xff'\)"),
-    ("data-path-is-a-folder", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", str(t)], r"data file .* is a folder, not a file"),
-    ("data-one-character", lambda t, c, x, u: ["fit", *TINY_GPT, "--data.path", _write(t, "a.txt", b"a" * 1000)],
+    Case("data-path-is-a-folder", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.tmp)], r"data file .* is a folder, not a file"),
+    Case("data-one-character", lambda w: ["fit", *TINY_GPT, "--data.path", _write(w.tmp, "a.txt", b"a" * 1000)],
      r"one character repeated \('a' x 1000\): there is nothing to learn"),
-    ("prompt-empty", lambda t, c, x, u: ["predict", "--ckpt_path", str(c), "--data.prompt", ""], r"--data\.prompt is empty"),
+    Case("prompt-empty", lambda w: ["predict", "--ckpt_path", str(w.ckpt), "--data.prompt", ""], r"--data\.prompt is empty"),
 ]
 
 
-@pytest.mark.parametrize("case,make_args,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(case, make_args, message, trained, server, tmp_path, gptnano):
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_line(case, trained, server, tmp_path, gptnano):
     ckpt, text = trained
     before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    proc = gptnano(make_args(tmp_path, ckpt, text, server), tmp_path)
+    proc = gptnano(case.argv(Where(tmp_path, ckpt, text, server)), tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("gptnano: error: "), proc.stderr[-2000:]
     import re
-    assert re.search(message, last), last
+    assert re.search(case.error, last), last
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before  # nothing overwritten
     assert not (tmp_path / "checkpoints").exists()  # nothing half-made
     leftovers = list((tmp_path / "data").rglob("*")) if (tmp_path / "data").exists() else []

@@ -15,7 +15,7 @@ import torch
 
 from gptnano.checkpoint import load_net
 from gptnano.sampling import generate, stream
-from tests.conftest import TINY_GPT, make_text, run_cli, scrambled
+from tests.helpers import TINY_GPT, make_text, run_cli, scrambled
 
 SAMPLE = ["--model.max_new_tokens", "25", "--model.temperature", "0"]  # the checkpoint's settings: greedy, 25
 

@@ -181,3 +181,16 @@ def test_function_level_imports_do_not_count():
     tree = ast.parse("import os\nfrom gptnano import errors\ndef f():\n    import lightning\n"
                      "try:\n    import fcntl\nexcept ImportError:\n    fcntl = None\n")
     assert top_level_imports(tree, "gptnano.x", False) == {"os", "gptnano", "gptnano.errors", "fcntl"}
+
+
+def test_the_suite_tells_its_end_to_end_tests_apart():
+    """tests/conftest.py marks a test e2e when it, its fixtures or the test functions it calls
+    start gptnano or a Trainer: `pytest -m "not e2e"` is then the fast layer."""
+    from tests import test_compat, test_reliability, test_tokenizer
+    from tests.conftest import END_TO_END, _reaches
+
+    assert _reaches(test_reliability.test_last_checkpoint_holds_the_final_step, END_TO_END, set())  # run_cli
+    assert _reaches(test_reliability.test_sigkill_during_checkpoint_writes_leaves_a_whole_file, END_TO_END,
+                    set())  # through kill_during_writes -> _start_fit
+    assert not _reaches(test_compat.test_an_old_checkpoint_loads_and_gives_the_same_logits, END_TO_END, set())
+    assert not _reaches(test_tokenizer.test_char_encoding_is_the_dict_lookup, END_TO_END, set())

@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptnano.models import MODELS
-from tests.conftest import TINY_GPT, cli_env, run_cli
+from tests.helpers import TINY_GPT, cli_env, run_cli
 
 TINY = {
     "gpt": TINY_GPT,

@@ -6,7 +6,7 @@ import torch
 from gptnano.cli.senses import inspect_senses, show_char
 from gptnano.models.backpack import Backpack
 from gptnano.models.gpt import GPT
-from tests.conftest import scrambled
+from tests.helpers import scrambled
 
 VOCAB = "\n !abcdeXYZ\t"  # whitespace included on purpose: it must print visibly
 SENSES, K = 4, 3
@@ -62,7 +62,7 @@ def test_bad_requests_are_refused(model):
 
 def test_senses_command_on_a_trained_checkpoint(tmp_path):
     """`gptnano senses` on a tiny trained Backpack prints the table and two generations."""
-    from tests.conftest import make_text, run_cli
+    from tests.helpers import make_text, run_cli
 
     text = tmp_path / "tiny.txt"
     text.write_text(make_text(), encoding="utf-8")

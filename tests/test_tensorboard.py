@@ -14,13 +14,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gptnano.cli.plot import read_run, summary
 from gptnano.train.logger import Board, RunSettings, hparams_table
-from tests.conftest import TINY_GPT, run_cli
+from tests.helpers import TINY_GPT, run_cli
 
 
 @pytest.fixture(scope="module")
 def events(tmp_path_factory) -> EventAccumulator:
     """20 Muon steps, validation every 10, everything logged at every step."""
-    from tests.conftest import make_text
+    from tests.helpers import make_text
 
     folder = tmp_path_factory.mktemp("board")
     text = folder / "tiny.txt"

@@ -1,0 +1,78 @@
+"""Helpers the tests share: a small made-up text (tests never need the real corpus), a tiny
+GPT's command-line settings, and running the real `gptnano` command in a fresh folder.
+Fixtures live in conftest.py; everything a test imports lives here."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+WORDS = "the king queen my lord good sir thou art what say you come hither night day love death and of to".split()
+
+
+def make_text(n_chars: int = 20_000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while sum(map(len, lines)) < n_chars:
+        speaker = rng.choice(["ROMEO", "JULIET", "KING HENRY"])
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        lines.append(f"{speaker}:\n{words.capitalize()}{rng.choice('.,!?')}\n\n")
+    return "".join(lines)[:n_chars]
+
+
+def scrambled(model):
+    """Weights drawn far from their near-zero init, so a mistake shows up as a large
+    difference instead of hiding under tiny logits; returned in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def random_tokens(vocab: int, B: int, T: int, seed: int = 1):
+    import torch
+
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# A model small enough that a CLI round trip takes seconds.
+TINY_GPT = [
+    "--model.net", "GPT",
+    "--model.net.block_size", "16", "--model.net.n_layer", "1",
+    "--model.net.n_head", "2", "--model.net.n_embd", "16",
+    "--data.batch_size", "4", "--data.eval_batch_size", "256",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def cli_env(env_extra: dict | None = None) -> dict:
+    """The environment of a `gptnano` subprocess: no GPTNANO_DATA from the outside, and
+    every process of a test training in the same precision: the machine's verdict, measured
+    once here (a probe in each process could differ on a busy machine, e.g. between the two
+    halves of a resume test; tests/test_hardware.py tests the probe's decisions themselves)."""
+    from gptnano.hardware import FAST_BF16_ENV, bf16_verdict
+
+    env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
+    env[FAST_BF16_ENV] = env.get(FAST_BF16_ENV) or ("1" if bf16_verdict("cpu").fast else "0")
+    env.update(env_extra or {})
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):
+    """Run `python -m gptnano ARGS` in ``cwd``; return the CompletedProcess."""
+    env = cli_env(env_extra)
+    proc = subprocess.run([sys.executable, "-m", "gptnano", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gptnano {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
