@@ -1,11 +1,11 @@
-"""Text generation shared by every architecture.
+"""Text generation shared by every architecture: one streaming core, thin wrappers.
 
-``generate`` drives a model's ``forward_cached`` one token at a time, so each
-architecture's cache (keys/values, hidden state, activation queues) makes it
-fast; ``generate_naive`` re-runs the whole context for every token and is the
-reference that the cached path is tested and benchmarked against. ``stream``
-is ``generate`` one token at a time, for a caller that shows each token as
-soon as it is drawn (``gptnano generate``).
+``stream`` drives a model one token at a time and yields each token as soon as it is
+drawn; by default it steps through the model's ``forward_cached``, so each
+architecture's cache (keys/values, hidden state, activation queues) makes a token cost
+one step. ``generate`` collects what ``stream`` yields; ``generate_naive`` does the same
+through ``forward_naive``, which re-runs the whole context for every token: the
+reference the cached path is tested and benchmarked against.
 """
 
 from collections.abc import Callable, Iterator
@@ -42,79 +42,40 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one token per row from ``logits[B, V]``; temperature 0 means greedy."""
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from ``logits[B, V]``; returns ``[B, 1]``. Temperature 0 means greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
-def _tokens(step: Callable, idx: torch.Tensor, max_new_tokens: int, **sampling) -> Iterator[torch.Tensor]:
-    """Yield each new token ``[B, 1]`` as it is drawn; ``step(new, cache) -> (logits, cache)``."""
+@torch.inference_mode()
+def stream(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+           step: Callable | None = None) -> Iterator[torch.Tensor]:
+    """Continue ``idx[B, T]``, yielding each new token ``[B, 1]`` as soon as it is sampled.
+
+    ``step(new_tokens, cache) -> (logits[B, V], cache)`` is the model's ``forward_cached``
+    unless given. Models with a fixed context see only their last ``max_context`` tokens,
+    so any length can be generated. Stop iterating to stop generating.
+    """
+    step = step or model.forward_cached
     new, cache = idx, None
     for _ in range(max_new_tokens):
         logits, cache = step(new, cache)
-        new = sample_next(logits, **sampling)
+        new = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield new
 
 
-def _generate(step: Callable, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-    return torch.cat([idx, *_tokens(step, idx, max_new_tokens, **sampling)], dim=1)
-
-
 @torch.inference_mode()
-def generate(
-    model: LanguageModel,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Continue ``idx[B, T]`` by ``max_new_tokens`` tokens using the model's cache.
-
-    Returns ``[B, T + max_new_tokens]``. Models with a fixed context see only
-    their last ``max_context`` tokens, so any length can be generated.
-    """
-    return _generate(model.forward_cached, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+def generate(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """``idx[B, T]`` followed by what ``stream`` draws: ``[B, T + max_new_tokens]``. ``sampling`` is
+    ``stream``'s keywords (temperature, top_k, top_p, generator)."""
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, **sampling)], dim=1)
 
 
-@torch.inference_mode()
-def generate_naive(
-    model: LanguageModel,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The reference sampler: re-run the model on the whole (cropped) context per token."""
-    return _generate(
-        LanguageModel.forward_cached.__get__(model), idx, max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-    )
-
-
-@torch.inference_mode()
-def stream(
-    model: LanguageModel,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """``generate``, one token at a time: yields each new token ``[B, 1]`` as soon as
-    it is sampled (the same tokens ``generate`` returns after ``idx``, given the same
-    generator state). Stop iterating to stop generating."""
-    yield from _tokens(model.forward_cached, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+def generate_naive(model: LanguageModel, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """``generate`` through the reference ``forward_naive``: the whole (cropped) context per token."""
+    return generate(model, idx, max_new_tokens, step=model.forward_naive, **sampling)

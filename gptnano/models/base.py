@@ -54,6 +54,12 @@ class LanguageModel(nn.Module):
         Returns:
             ``(logits[B, vocab_size] of the last position, new cache)``.
         """
+        return self.forward_naive(idx, cache)
+
+    def forward_naive(self, idx: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """The reference every real cache is tested against: the cache is the token history
+        and each call re-runs ``forward`` over its (cropped) last ``max_context`` tokens.
+        Same arguments and results as ``forward_cached``."""
         history = idx if cache is None else torch.cat([cache, idx], dim=1)
         return self.naive_last_logits(history), history
 
