@@ -173,6 +173,21 @@ def resolve_precision(device: str) -> tuple[str, str]:
     return ("bf16-mixed" if verdict.fast else "32-true"), verdict.why
 
 
+def resumed_arithmetic(device: str, checkpoint: dict | None) -> dict:
+    """What a checkpoint's run trained in (``precision``, ``muon_dtype``), if it trained on this
+    kind of device; empty otherwise (trained elsewhere: choose for this device)."""
+    kept = (checkpoint or {}).get("gptnano") or {}
+    return kept if kept.get("device") == device else {}
+
+
+def choose_precision(device: str, resumed: dict | None = None) -> tuple[str, str]:
+    """The precision of a run when none was given, and why: a resumed run keeps its own (so a
+    resume stays bit-exact), anything else gets what ``device`` does fast (``resolve_precision``)."""
+    if (resumed or {}).get("precision"):
+        return resumed["precision"], "the precision the resumed run trained in"
+    return resolve_precision(device)
+
+
 def precision_dtypes(precision: str) -> list[torch.dtype]:
     """The dtypes a precision setting runs matrix products in (mixed: both)."""
     p = str(precision)

@@ -1,7 +1,8 @@
-"""The private names of Lightning that gptnano relies on, checked in one place, so that a
-Lightning release that renames one fails here with its name instead of somewhere deep in a run."""
+"""The private names of Lightning and jsonargparse that gptnano relies on, checked in one place,
+so that a release that renames one fails here with its name instead of somewhere deep in a run."""
 
 import pytest
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_summary import model_summary
@@ -12,7 +13,17 @@ USED = [
     (ModelCheckpoint, "_monitor_candidates", "gptnano.train.checkpointing.Checkpoint"),
     (LightningCLI, "_parse_ckpt_path", "gptnano.cli.lightning replaces it: the checkpoint must not override typed flags"),
     (model_summary, "_format_summary_table", "gptnano.cli.quiet prints the model summary without FLOPs"),
+    (LightningCLI, "_get", "gptnano.cli.lightning reads the trainer's plugins from the parsed config"),
 ]
+
+
+def test_a_module_outside_a_trainer_has_none():
+    """LitLM._is_logging_step reads LightningModule._trainer (self.trainer raises when there is none)."""
+    from gptnano.models import GPT
+    from gptnano.train.module import LitLM
+
+    lit = LitLM(GPT(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    assert "_trainer" in vars(lit) and lit._trainer is None and isinstance(lit, LightningModule)
 
 
 @pytest.mark.parametrize("owner,name,why", USED, ids=[n for _, n, _ in USED])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from gptnano.errors import UserError
 from gptnano.models import GPT
 from gptnano.models.layers import CausalSelfAttention
+from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.module import LitLM, warmup_cosine
 from gptnano.train.optim import MuonAdamW, muon_matrices
 
@@ -58,8 +59,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 
 
 def test_muon_refuses_fsdp_shards():
-    class FSDPStrategy:  # stands in for Lightning's: FSDP hands the optimizer flat shards
-        pass
+    from lightning.pytorch.strategies import FSDPStrategy  # FSDP hands the optimizer flat shards
 
     lit = _lit(optimizer="muon")
     lit._trainer.strategy = FSDPStrategy()
@@ -133,7 +133,6 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
             monkeypatch.setattr(torch.Tensor, name, lambda *a: pytest.fail("host-device sync in a training step"))
         lit.on_train_batch_start(batch, 0)
         lit.training_step(batch, 0)
-        lit.on_train_batch_end(None, batch, 0)
         monkeypatch.undo()
         _as_if_on_a_gpu(lit, monkeypatch)
         monkeypatch.setattr(lit, "log", lambda *a, **k: None)
@@ -159,28 +158,61 @@ def test_progress_bar_values_live_on_the_cpu(monkeypatch):
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in shown.values()), shown
 
 
+class _Agreeing:
+    """A strategy's reduce across processes, as the guard calls it: here another process
+    reports ``other`` (a bad step, or -1 / a finite flag of 1 for "fine")."""
+
+    def __init__(self):
+        self.calls = []
+
+    def reduce(self, value, reduce_op):
+        self.calls.append(reduce_op)
+        return value
+
+
+def _guarded(monkeypatch, on_gpu: bool = True):
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    lit = _lit()
+    if on_gpu:
+        _as_if_on_a_gpu(lit, monkeypatch)
+    trainer = lit._trainer
+    trainer.strategy = _Agreeing()
+    trainer.state = type("State", (), {"fn": TrainerFn.FITTING})()
+    return lit, trainer, NonFiniteGuard()
+
+
 def test_a_non_finite_loss_between_checks_still_blocks_every_later_checkpoint(monkeypatch):
-    lit = _lit()
-    _as_if_on_a_gpu(lit, monkeypatch)
-    lit._trainer.global_step = 3  # not a logging step (every 50): the host does not look now
-    lit._note_if_not_finite(torch.tensor(float("nan")))
-    lit.on_train_batch_end(None, None, 0)  # no check here on a GPU ...
-    lit._trainer.global_step = 4
-    lit._note_if_not_finite(torch.tensor(1.0))  # a later finite loss does not clear it
+    lit, trainer, guard = _guarded(monkeypatch)
+    trainer.global_step = 3  # not a logging step (every 50): the host does not look now
+    guard.on_before_backward(trainer, lit, torch.tensor(float("nan")))
+    guard.on_train_batch_end(trainer, lit, None, None, 0)  # no check here on a GPU ...
+    trainer.global_step = 4
+    guard.on_before_backward(trainer, lit, torch.tensor(1.0))  # a later finite loss does not clear it
     with pytest.raises(UserError, match="non-finite at step 3"):
-        lit.on_save_checkpoint({})  # ... but no checkpoint is ever written after it
-    lit._trainer.global_step = 50
+        guard.on_save_checkpoint(trainer, lit, {})  # ... but no checkpoint is ever written after it
+    trainer.global_step = 50
     with pytest.raises(UserError, match="non-finite at step 3"):
-        lit.on_train_batch_end(None, None, 0)  # and the next logging step stops the run
+        guard.on_train_batch_end(trainer, lit, None, None, 0)  # and the next logging step stops the run
+    assert set(trainer.strategy.calls) == {"min"}  # every verdict went through the strategy's reduction
 
 
-def test_non_finite_weights_are_never_checkpointed():
-    lit = _lit()
-    lit.on_save_checkpoint({})  # finite: fine
+def test_the_guard_reads_the_device_only_when_it_checks(monkeypatch):
+    lit, trainer, guard = _guarded(monkeypatch)
+    trainer.global_step = 7
+    for name in ("item", "__bool__", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a: pytest.fail("host-device sync in a training step"))
+    guard.on_before_backward(trainer, lit, torch.tensor(2.0))
+    guard.on_train_batch_end(trainer, lit, None, None, 0)
+
+
+def test_non_finite_weights_are_never_checkpointed(monkeypatch):
+    lit, trainer, guard = _guarded(monkeypatch, on_gpu=False)
+    guard.on_save_checkpoint(trainer, lit, {})  # finite: fine
     with torch.no_grad():
         lit.net.wte.weight[0, 0] = float("inf")
     with pytest.raises(UserError, match="weights became non-finite"):
-        lit.on_save_checkpoint({})
+        guard.on_save_checkpoint(trainer, lit, {})
 
 
 def test_sampling_draws_on_the_device_that_samples(monkeypatch):

@@ -12,7 +12,6 @@ one-line errors instead of tracebacks for mistakes a user can fix.
 
 import inspect
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -25,49 +24,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import hardware
 from gptnano.checkpoint import architecture, build_net, read_checkpoint
-from gptnano.cli import quiet
+from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
 from gptnano.errors import UserError
-from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
 from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
 from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
+from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
 
-
-def _argv_value(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _explicit_keys(args: list[str]) -> set[str]:
-    """The dotted keys typed on the command line (``--model.net.n_layer 2`` -> ``model.net.n_layer``),
-    with jsonargparse's optional ``init_args`` level dropped, so they compare with config keys."""
-    keys = set()
-    for a in args:
-        if a.startswith("--") and a != "--":
-            keys.add(a[2:].split("=", 1)[0].replace(".init_args.", "."))
-    return keys
-
-
-def _known_ckpt_file(args: list[str]) -> str | None:
-    """The checkpoint file ``--ckpt_path`` names, where the command line alone tells it."""
-    ckpt = _argv_value(args, "--ckpt_path")
-    if ckpt not in ("last", "best"):
-        return ckpt
-    folder = _argv_value(args, "--checkpoint.dirpath") or (
-        f"checkpoints/{name}" if (name := _argv_value(args, "--run_name")) else None)
-    path = Path(folder or "", f"{ckpt}.ckpt")
-    return str(path) if folder and path.is_file() else None
-
-
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
-_DATA_ARGS = set(inspect.signature(ShakespeareDataModule.__init__).parameters)
 
 
 def subcommand_parser(parser, name: str):
@@ -76,69 +43,10 @@ def subcommand_parser(parser, name: str):
     return parser._subcommands_action._name_parser_map[name]
 
 
-def _data_from(hparams: dict) -> dict:
-    """The data module's settings a checkpoint fixes: the tokenizer (its vocabulary and kind)."""
-    saved = {"vocab": hparams.get("vocab") or None, "tokenizer": hparams.get("tokenizer", "char")}
-    return {k: v for k, v in saved.items() if k in _DATA_ARGS and v is not None}
-
-
-# Classes that config files of older runs name by a path that has since moved (the
-# package was regrouped into layers). A saved config.yaml naming one still works.
-MOVED = {
-    "gptnano.board.Board": "gptnano.train.logger.Board",
-    "gptnano.board.RunSettings": "gptnano.train.logger.RunSettings",
-    "gptnano.callbacks.Checkpoint": "gptnano.train.checkpointing.Checkpoint",
-    "gptnano.callbacks.AtomicCheckpointIO": "gptnano.train.checkpointing.AtomicCheckpointIO",
-    "gptnano.callbacks.Throughput": "gptnano.train.callbacks.Throughput",
-    "gptnano.callbacks.TextSample": "gptnano.train.callbacks.TextSample",
-    "gptnano.callbacks.PredictionWriter": "gptnano.train.callbacks.PredictionWriter",
-    "gptnano.lit.LitLM": "gptnano.train.module.LitLM",
-    "gptnano.data.ShakespeareDataModule": "gptnano.data.datamodule.ShakespeareDataModule",
-}
-
-
-def _moved_class_paths(argv: list[str]) -> list[str]:
-    """``--config FILE`` of a file that names a moved class: its text with today's paths
-    (jsonargparse takes a config's text where it takes its path); one line says so."""
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        path = argv[i + 1] if a in ("--config", "-c") and i + 1 < len(argv) else (
-            a.split("=", 1)[1] if a.startswith("--config=") else None)
-        if path is None or not Path(path).is_file():
-            continue
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # the parser says what is wrong with it
-        old = [name for name in MOVED if re.search(rf"\b{re.escape(name)}\b", text)]
-        if not old:
-            continue
-        for name in old:
-            text = re.sub(rf"\b{re.escape(name)}\b", MOVED[name], text)
-        print(f"gptnano: {path} names {', '.join(old)}, since moved: read as "
-              f"{', '.join(MOVED[n] for n in old)}", file=sys.stderr)
-        argv[i + 1 if a in ("--config", "-c") else i] = text if a in ("--config", "-c") else f"--config={text}"
-    return argv
-
-
 class Parser(LightningArgumentParser):
     def print_usage(self, file=None) -> None:
         # The full usage runs to a hundred lines and buries the error under it.
         (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
-
-
-def _architecture_names(argv: list[str]) -> list[str]:
-    """Let ``--model.net rnn`` mean the registered class; refuse unknown short names clearly."""
-    argv = list(argv)
-    for i, a in enumerate(argv[:-1]):
-        name = argv[i + 1]
-        if a == "--model.net" and name.isidentifier():
-            cls = MODELS.get(name.lower())
-            if cls is None:
-                known = ", ".join(c.__name__ for c in MODELS.values())
-                raise UserError(f"unknown architecture {name!r}: choose one of {known} (or give a class path)")
-            argv[i + 1] = cls.__name__
-    return argv
 
 
 class GPTNanoCLI(LightningCLI):
@@ -155,7 +63,8 @@ class GPTNanoCLI(LightningCLI):
                 "max_steps": 2000,
                 "val_check_interval": 250,
                 "check_val_every_n_epoch": None,
-                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(), RunSettings()],
+                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(), RunSettings(),
+                              NonFiniteGuard()],
             },
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
@@ -181,22 +90,20 @@ class GPTNanoCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.tokenizer_kind", "model.tokenizer", apply_on="instantiate")
 
-    # ----- a checkpoint supplies the run's settings, the command line still wins ----
+    # ----- a checkpoint supplies the run's settings, typed flags win (gptnano/cli/settings.py) ----
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict):
-            self._explicit = set()
+            self._typed = set()
             return super().parse_arguments(parser, args)
-        argv = _moved_class_paths(_architecture_names(sys.argv[1:] if args is None else args))
-        self._explicit = _explicit_keys(argv)
-        subcommand = next((a for a in argv if a in self.subcommands()), None)
-        ckpt = _known_ckpt_file(argv)
-        if subcommand and ckpt:
+        argv = settings.moved_class_paths(settings.architecture_names(sys.argv[1:] if args is None else args))
+        cmd = settings.read_command_line(argv, self.subcommands())
+        self._typed = cmd.typed
+        ckpt = settings.checkpoint_named(cmd)
+        if cmd.subcommand and ckpt:
             # As defaults, so that `predict --ckpt_path X` needs no --config or --model.net;
             # before_instantiate_classes then makes the checkpoint win over config files too.
-            hparams = self._read_checkpoint(ckpt)["hyper_parameters"]
-            defaults = {f"model.{k}": v for k, v in hparams.items() if k in _MODEL_ARGS}
-            defaults.update({f"data.{k}": v for k, v in _data_from(hparams).items()})
-            subcommand_parser(parser, subcommand).set_defaults(defaults)
+            defaults = settings.parser_defaults(self._read_checkpoint(ckpt)["hyper_parameters"], _MODEL_ARGS)
+            subcommand_parser(parser, cmd.subcommand).set_defaults(defaults)
         self.config = parser.parse_args(argv)
 
     def _parse_ckpt_path(self) -> None:
@@ -209,7 +116,7 @@ class GPTNanoCLI(LightningCLI):
         cfg = self.config[sub] if sub else self.config
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         cfg.run_name = name
-        if "run_name" in self._explicit and "checkpoint.dirpath" not in self._explicit:
+        if "run_name" in self._typed and "checkpoint.dirpath" not in self._typed:
             cfg.checkpoint.dirpath = None  # a typed run name moves the run, whatever a saved config.yaml pinned
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
@@ -249,54 +156,34 @@ class GPTNanoCLI(LightningCLI):
         return self._checkpoints[key]
 
     def _take_from_checkpoint(self, cfg, ckpt: dict, path: str) -> None:
-        """The run's own settings from its checkpoint, over whatever config files say: the
-        network (the checkpoint's architecture, with its saved arguments, except one typed
-        on the command line that the saved weights still fit, such as dropout), the
-        vocabulary, and the module's other settings unless typed on the command line
-        (sampling options, learning rates: a user may change those)."""
+        """The run's own settings from its checkpoint, over config files, under typed flags."""
         hparams = ckpt["hyper_parameters"]
-        cls, init_args = architecture(hparams["net"], path)
-        net = cfg.model.net
-        asked = net.class_path.rsplit(".", 1)[-1]
-        if asked != cls.__name__:
-            raise UserError(f"{path} holds a {cls.__name__} network, but --config or --model.net ask for {asked}: "
-                            f"give the {cls.__name__}'s config, or none")
-        typed = {k: net.init_args.get(k) for k in init_args
-                 if f"model.net.{k}" in self._explicit and net.init_args.get(k) != init_args[k]}
-        if typed:  # allowed only if the saved weights still fit the network it asks for
+        _, net_args = architecture(hparams["net"], path)
+
+        def weights_fit(init_args: dict) -> bool:
             try:
-                build_net({"class_path": hparams["net"]["class_path"], "init_args": {**init_args, **typed}},
-                          ckpt["state_dict"], path)
+                build_net({"class_path": hparams["net"]["class_path"], "init_args": init_args}, ckpt["state_dict"], path)
             except UserError:
-                shown = ", ".join(f"{k}={v} (saved: {init_args[k]})" for k, v in typed.items())
-                raise UserError(f"{path} cannot take {shown}: its saved weights have other shapes "
-                                "(start a new run with --run_name to change the network)") from None
-        for key, value in {**init_args, **typed}.items():
-            net.init_args[key] = value
-        for key, value in hparams.items():
-            if key in _MODEL_ARGS and key != "net" and f"model.{key}" not in self._explicit:
-                cfg.model[key] = value
-        for key, value in _data_from(hparams).items():
-            cfg.data[key] = value
+                return False
+            return True
+
+        chosen = settings.from_checkpoint(hparams, cfg.model.net.class_path.rsplit(".", 1)[-1], net_args,
+                                          cfg.model.as_dict(), self._typed, weights_fit=weights_fit, source=path)
+        for key, value in chosen.items():
+            cfg[key] = value
 
     def _choose_arithmetic(self, cfg, resumed: dict | None) -> None:
-        """The precision when none was given: the resumed run's own (bit-exact resume), else
-        what this device does fast; one line says which and why. A resumed run also keeps the
-        dtype its Muon orthogonalised in, unless --model.muon_dtype says otherwise."""
+        """The precision when none was given (gptnano.hardware.choose_precision), one line saying
+        which and why; a resumed run also keeps the dtype its Muon orthogonalised in."""
         device = hardware.device_type(cfg.trainer.accelerator)
-        kept = (resumed or {}).get("gptnano", {})
-        if kept.get("device") != device:
-            kept = {}  # trained elsewhere: choose for this device
-        if kept.get("muon_dtype") and "model.muon_dtype" not in self._explicit:
+        kept = hardware.resumed_arithmetic(device, resumed)
+        if kept.get("muon_dtype") and "model.muon_dtype" not in self._typed:
             cfg.model.muon_dtype = kept["muon_dtype"]
         if device == "cpu":  # DDP processes started from this one decide alike, without measuring
             os.environ.setdefault(hardware.FAST_BF16_ENV, "1" if hardware.bf16_verdict("cpu").fast else "0")
         if cfg.trainer.precision is not None:
             return  # the user's
-        if kept.get("precision"):
-            cfg.trainer.precision, why = kept["precision"], "the precision the resumed run trained in"
-        else:
-            cfg.trainer.precision, why = hardware.resolve_precision(device)
+        cfg.trainer.precision, why = hardware.choose_precision(device, kept)
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             print(f"gptnano: precision {cfg.trainer.precision} ({why}); --trainer.precision overrides", file=sys.stderr)
 

@@ -1,8 +1,10 @@
 """The one LightningModule: it trains any ``LanguageModel``.
 
 Nothing here knows which architecture it drives. It owns the loss, the optimizer
-(Muon + AdamW, or AdamW alone, with weight-decay groups), warmup + cosine learning rate, the metrics (loss, bits per
-char, perplexity) and generation; Lightning's Trainer owns everything else.
+(gptnano/train/optim.py: Muon + AdamW, or AdamW alone) with its warmup + cosine learning
+rate, the metrics (loss, bits per char, perplexity) and sampling; Lightning's Trainer owns
+everything else, with gptnano's callbacks (gptnano/train/: throughput, text samples,
+checkpoints, the non-finite guard).
 """
 
 import math
@@ -10,6 +12,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from gptnano.data.tokenizer import make_tokenizer
@@ -23,7 +26,7 @@ from gptnano.train.steps import next_token_loss
 
 def uses_fsdp(trainer) -> bool:
     """Whether the Trainer shards the weights across processes (FSDP)."""
-    return "fsdp" in type(getattr(trainer, "strategy", None)).__name__.lower()
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -114,7 +117,6 @@ class LitLM(L.LightningModule):
         self.test_loss = MeanMetric()
         self._step_seed = None
         self._train_forward = None  # the compiled forward, built on the first training step
-        self._first_bad_step = None  # on the device: the first step whose loss was not finite, or -1
         self._random = None  # whether a training step draws random numbers (active dropout)
 
     # ----- training -------------------------------------------------------
@@ -154,7 +156,6 @@ class LitLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(*batch)
-        self._note_if_not_finite(loss.detach())
         self.log("train/loss", loss)  # read by the logger every log_every_n_steps steps
         if self._is_logging_step():
             # The progress bar reads its values back at every step (a host-device sync on a
@@ -162,55 +163,11 @@ class LitLM(L.LightningModule):
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
         return loss
 
-    # ----- the NaN guard, without a host-device sync per step --------------
-    # Each step folds "is this loss finite?" into a tensor on the device; the host reads it
-    # at every step in a single CPU process (free there), every log_every_n_steps steps
-    # elsewhere, and before every checkpoint, which is also refused if any weight is not
-    # finite. With several processes the verdict is agreed by all of them first, so they
-    # stop together instead of some waiting forever in the next gradient all-reduce.
-    def _note_if_not_finite(self, loss: torch.Tensor) -> None:
-        if self._first_bad_step is None:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        first = self._first_bad_step
-        self._first_bad_step = torch.where(~torch.isfinite(loss) & (first < 0), self.global_step, first)
-
     def _is_logging_step(self) -> bool:
-        trainer = self._trainer
+        trainer = self._trainer  # None outside a Trainer (self.trainer would raise)
         return trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0
 
-    def stop_if_not_finite(self, check_weights: bool = False) -> None:
-        """Raise the one-line error if a loss (or, with ``check_weights``, a weight) is not finite,
-        on any process (every process must call it at the same point)."""
-        never = torch.iinfo(torch.long).max
-        first = self._first_bad_step if self._first_bad_step is not None else torch.tensor(-1, device=self.device)
-        first = self._agreed(torch.where(first < 0, never, first), "min")
-        if (step := int(first)) != never:
-            raise UserError(f"training stopped: the loss became non-finite at step {step} (lower the learning "
-                            "rate?); no checkpoint was written after it")
-        if check_weights:
-            finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
-            if not bool(self._agreed(finite.long(), "min")):
-                raise UserError(f"training stopped: the weights became non-finite by step {self.global_step} "
-                                "(lower the learning rate?); no checkpoint was written after it")
-
-    def _agreed(self, value: torch.Tensor, op: str) -> torch.Tensor:
-        """``value`` reduced over every process (min or max); itself in a single process."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-        return value
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        single_cpu = self.device.type == "cpu" and self.trainer.world_size == 1
-        if single_cpu or self._is_logging_step():
-            self.stop_if_not_finite()
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.stop_if_not_finite(check_weights=True)  # raising here means the file is never written
         # What the run trained in: a resume keeps it (gptnano's CLI reads this), and a reader can see it.
         optimizers = self.trainer.optimizers
         muon = optimizers[0].ns_dtype if optimizers and isinstance(optimizers[0], MuonAdamW) else None
