@@ -1,15 +1,20 @@
 """The Backpack's defining properties: its sense network and logits are the
 reference implementation's equations, alpha is causal and normalised, the
 logits are exactly E (sum_j sum_l alpha C), a sense can be removed exactly,
-and cached generation equals the full forward pass."""
+cached generation equals the full forward pass, and weights of the earlier
+sense network are refused in one line."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from gptnano.checkpoint import load_net
+from gptnano.errors import UserError
 from gptnano.models.backpack import Backpack
 from gptnano.sampling import generate, generate_naive
 from tests.conftest import random_tokens, scrambled
@@ -220,3 +225,26 @@ def test_every_sense_needs_an_alpha_dimension():
     with pytest.raises(ValueError, match="n_senses"):
         Backpack(n_embd=8, n_senses=9)
 
+
+# ----- weights of the earlier sense network --------------------------------
+# tests/fixtures/backpack-45612a8.ckpt was written by `gptnano fit` at 45612a8, whose
+# sense network was Linear(e + MLP(LN(e))): its weights cannot be carried over.
+OLD_BACKPACK = Path(__file__).parent / "fixtures" / "backpack-45612a8.ckpt"
+REFUSED = "trained with gptnano's earlier sense network.*before it followed the paper.*retrain it"
+
+
+def test_an_earlier_backpack_checkpoint_is_refused_with_the_reason():
+    with pytest.raises(UserError, match=REFUSED) as refused:
+        load_net(OLD_BACKPACK)
+    assert str(OLD_BACKPACK) in str(refused.value) and "\n" not in str(refused.value)
+
+
+# A typed network setting makes the CLI check the saved weights before Lightning loads them.
+@pytest.mark.parametrize("command", [["generate"], ["senses", "--token", "e"], ["predict"],
+                                     ["predict", "--model.net.dropout", "0.1"]])
+def test_every_reader_refuses_an_earlier_backpack_in_one_line(command, tmp_path, gptnano):
+    ran = gptnano([*command, "--ckpt_path", str(OLD_BACKPACK)], tmp_path)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("gptnano: error:")]
+    assert len(errors) == 1 and errors == ran.stderr.strip().splitlines()[-1:], ran.stderr[-2000:]
+    assert re.search(REFUSED, errors[0])

@@ -28,7 +28,7 @@ from gptnano.checkpoint import architecture, build_net, read_checkpoint
 from gptnano.cli import quiet
 from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
-from gptnano.errors import UserError
+from gptnano.errors import ConfigError, UserError
 from gptnano.models import MODELS  # importing registers every architecture for --model.net NAME
 from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
 from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
@@ -267,6 +267,8 @@ class GPTNanoCLI(LightningCLI):
             try:
                 build_net({"class_path": hparams["net"]["class_path"], "init_args": {**init_args, **typed}},
                           ckpt["state_dict"], path)
+            except ConfigError:  # an impossible size, or weights the network refuses: its own line says why
+                raise
             except UserError:
                 shown = ", ".join(f"{k}={v} (saved: {init_args[k]})" for k, v in typed.items())
                 raise UserError(f"{path} cannot take {shown}: its saved weights have other shapes "
