@@ -83,6 +83,8 @@ def build_net(spec, state_dict: dict | None = None, source: str | Path = "the ch
         state = {k.removeprefix("net."): v for k, v in state_dict.items() if k.startswith("net.")}
         try:
             net.load_state_dict(state)
+        except UserError as e:  # the network refused these weights and said why (e.g. an earlier layout)
+            raise type(e)(f"{source}: {e}") from None
         except RuntimeError as e:
             first = str(e).splitlines()[0][:200]
             raise UserError(f"the weights in {source} do not fit a {cls.__name__} with {init_args}: {first}") from None

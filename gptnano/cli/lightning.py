@@ -27,7 +27,7 @@ from gptnano.checkpoint import architecture, build_net, read_checkpoint
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
-from gptnano.errors import UserError
+from gptnano.errors import ConfigError, UserError
 from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
 from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
 from gptnano.train.guard import NonFiniteGuard
@@ -163,6 +163,8 @@ class GPTNanoCLI(LightningCLI):
         def weights_fit(init_args: dict) -> bool:
             try:
                 build_net({"class_path": hparams["net"]["class_path"], "init_args": init_args}, ckpt["state_dict"], path)
+            except ConfigError:  # an impossible size, or weights the network refuses: its own line says why
+                raise
             except UserError:
                 return False
             return True

@@ -15,25 +15,54 @@ from gptnano.errors import ConfigError
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
 from gptnano.models.layers import MLP, Block, CausalSelfAttention, Dropout, attention_weights, init_gpt2
 
+EARLIER_SENSE_NETWORK = (
+    "this Backpack was trained with gptnano's earlier sense network, Linear(e + MLP(LN(e))), "
+    "before it followed the paper; its weights do not carry over: retrain it with the current version"
+)
+
+
+def refuse_earlier_sense_network(module, state_dict, prefix, *args) -> None:
+    """Load pre-hook: weights of the earlier sense network (a ``sense_proj`` Linear after one
+    ``ln`` + ``mlp``) are refused with the reason, not as a list of missing and unexpected keys.
+    A hook, not a ``load_state_dict`` override, so that it also runs when Lightning loads the
+    whole LightningModule."""
+    if any(k.startswith((f"{prefix}sense_proj.", f"{prefix}ln.")) for k in state_dict):
+        raise ConfigError(EARLIER_SENSE_NETWORK)
+
 
 class SenseNetwork(nn.Module):
-    """Context-free senses: ``e -> e + MLP(ln(e)) -> Linear`` to ``n_senses`` vectors of width C.
+    """Context-free senses C(x), as the paper's reference implementation computes them::
 
-    It sees one token embedding at a time (no position, no neighbours), so a
-    token's senses are the same wherever it occurs: that is what makes them
-    inspectable, and what the control experiments edit.
+        r1 = e + LN0(e)              # a GPT block whose attention is the identity
+        r2 = r1 + MLP(LN1(r1))
+        C(x) = FinalMLP(LN2(r2))     # Linear(C, 4C) -> GELU -> Linear(4C, n_senses * C)
+
+    ``e`` is the token's embedding, ``(..., C)``; the output is ``(..., n_senses, C)``.
+    It sees one token at a time (no position, no neighbours), so a token's senses are
+    the same wherever it occurs: that is what makes them inspectable, and what the
+    control experiments edit. Dropout sits where the reference's does: on ``e``, on
+    LN0's output before it is added, on the MLP's output; never on the senses.
     """
 
     def __init__(self, n_embd: int, n_senses: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         self.n_senses = n_senses
-        self.ln = nn.LayerNorm(n_embd, bias=bias)
+        self.drop = Dropout(dropout)
+        self.ln_0 = nn.LayerNorm(n_embd, bias=bias)
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
-        self.sense_proj = nn.Linear(n_embd, n_senses * n_embd, bias=bias)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.final_mlp = MLP(n_embd, 0.0, bias, n_out=n_senses * n_embd)
+        self.register_load_state_dict_pre_hook(refuse_earlier_sense_network)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        x = e + self.mlp(self.ln(e))
-        return self.sense_proj(x).unflatten(-1, (self.n_senses, -1))  # (..., C) -> (..., n_senses, C)
+        e = self.drop(e)
+        # The reference builds this from a pre-LN GPT block with its attention replaced by
+        # the identity, so the normalised embedding itself is what gets added to the residual.
+        x = e + self.drop(self.ln_0(e))
+        x = x + self.mlp(self.ln_1(x))
+        senses = self.final_mlp(self.ln_2(x))  # (..., n_senses * C)
+        return senses.unflatten(-1, (self.n_senses, -1))  # (..., n_senses, C)
 
 
 class BackpackCache(NamedTuple):
@@ -48,12 +77,35 @@ class BackpackCache(NamedTuple):
 class Backpack(LanguageModel):
     """Backpack LM: logits_i = E (sum_j sum_l alpha[l, i, j] C(x_j)[l]).
 
-    One token embedding E is shared three ways: input of the sense network,
-    input (plus learned positions) of the contextualization transformer, and
-    the tied output head (the paper's logits = E o). Sharing the input side too
-    is our choice: it saves a vocab x C table. Defaults are sized like the CPU GPT
-    (~0.84M parameters): the sense network's n_senses * n_embd projection is
-    large, so the contextualization transformer gets 2 layers instead of 4.
+    One token embedding E is shared three ways, as in the paper's reference code:
+    input of the sense network, input (plus learned positions) of the
+    contextualization transformer, and the tied output head (the paper's logits = E o).
+    Defaults are sized like the CPU GPT (823,680 parameters against its 809,856 at 65
+    characters): the sense network costs about (12 + 4 n_senses) C^2, so the width is
+    80 where the GPT's is 128; depth, heads and the paper's 16 senses stay.
+
+    Deliberate differences from the reference implementation (the code that trained
+    the paper's models, github.com/john-hewitt/backpacks-flash-attn):
+
+    - Attention in the contextualization transformer is the GPT's, scaled by
+      1/sqrt(head size); the reference's configs also divide layer i's scores by i + 1
+      (GPT-2's ``scale_attn_by_inverse_layer_idx``). The alpha heads: 1/sqrt(head size) in both.
+    - GELU is the exact (erf) one, as in our GPT; the reference uses GPT-2's tanh
+      approximation ("gelu_new") in every MLP, the sense network's included.
+    - One ``dropout`` rate where GPT-2's config has three (embeddings, attention
+      probabilities, residual branches; 0.1 each by default). The places are the
+      reference's: the transformer's as in GPT-2, the sense network's as ``SenseNetwork``
+      says, none on the senses or on alpha. (The Hugging Face port, modeling_backpack_gpt2.py,
+      places it otherwise: also on the final MLP's output, and twice on the middle MLP's.)
+    - Future positions get -inf before the alpha softmax where the reference adds -10000:
+      the same weights to float32 rounding.
+    - ``n_senses`` need not divide ``n_embd``: the alpha heads then use
+      n_senses * (n_embd // n_senses) dimensions (the reference requires it to divide).
+
+    Not a difference: the initialisation. Both draw every weight from N(0, 0.02), zero the
+    biases, start LayerNorms at the identity, and draw the second Linear of every MLP (the
+    sense network's 4C -> n_senses * C projection included) and every attention output
+    projection from N(0, 0.02 / sqrt(2 n_layer)), n_layer being the transformer's depth.
 
     Args:
         vocab_size: Number of distinct tokens (linked from the data; do not set by hand).
@@ -72,9 +124,9 @@ class Backpack(LanguageModel):
         self,
         vocab_size: int = 65,
         block_size: int = 64,
-        n_layer: int = 2,
+        n_layer: int = 4,
         n_head: int = 4,
-        n_embd: int = 128,
+        n_embd: int = 80,
         n_senses: int = 16,
         dropout: float = 0.0,
         bias: bool = True,
@@ -178,9 +230,10 @@ class Backpack(LanguageModel):
             self.sense_scale.copy_(saved)
 
     def flops_per_token(self) -> float:
-        # 6N for the weights (position lookups are free), the contextualization
-        # attention as in the GPT, the alpha heads' scores (QK^T only) and the
-        # weighted sum of T * n_senses sense vectors.
+        # 6N for the weights (position lookups are free; the sense network runs at
+        # every position, so its Linears count like the transformer's), the
+        # contextualization attention as in the GPT, the alpha heads' scores (QK^T
+        # only) and the weighted sum of T * n_senses sense vectors.
         T, C = self.block_size, self.n_embd
         n = self.num_params() - self.wpe.weight.numel()
         return 6.0 * n + 12.0 * self.n_layer * T * C + 6.0 * T * self.n_senses * (self.sense_head_size + C)

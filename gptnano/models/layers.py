@@ -45,12 +45,16 @@ class Dropout(nn.Dropout):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, C) -> dropout."""
+    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, n_out) -> dropout.
 
-    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True):
+    ``n_out`` is C (the residual width) unless a caller widens the output, as the
+    Backpack's sense network does to emit all of a token's sense vectors at once.
+    """
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, n_out: int | None = None):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_out or n_embd, bias=bias)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
