@@ -55,7 +55,7 @@ class CausalConv1d(nn.Module):
         window = torch.cat([cache, x], dim=1)  # (B, pad + T, C_in)
         if x.size(1) == 1:
             # One new token: the kernel's K taps are every dilation-th row of the window,
-            # so the step is one small matmul (F.conv1d's setup costs ~10x more here).
+            # so the step is one small matmul (F.conv1d's setup costs far more than the arithmetic here).
             taps = window[:, :: self.dilation].flatten(1)  # (B, K * C_in)
             y = F.linear(taps, self.weight.permute(0, 2, 1).flatten(1), self.bias)[:, None]  # (B, 1, C_out)
         else:
@@ -68,13 +68,9 @@ class ConvBlock(nn.Module):
 
     The conv mixes time and widens to 2C, the 1x1 ``c_proj`` mixes channels
     back to C, like a transformer MLP whose first layer also looks back in time.
-    GELU + LayerNorm rather than WaveNet's gated tanh * sigmoid because it won a
-    small measurement: CPU default size (0.76M-0.78M params), tiny Shakespeare,
-    batch 12 x 64, 1000 AdamW steps (lr 1e-3 -> 1e-4 cosine, warmup 100), full
-    validation pass, 4 seeds: GELU + LN 1.787 (width 144) vs gated + LN 1.795
-    (width 160, conv to 2C split into tanh and sigmoid halves, 1x1 proj C -> C):
-    better in all 4 seeds, by 0.009 on average, at equal speed and 3% fewer
-    parameters. The LayerNorm is what matters most: gated without it, 2.094 (2 seeds).
+    GELU + LayerNorm rather than WaveNet's gated tanh * sigmoid: it ended lower in every
+    seed of a small ablation at equal speed and slightly fewer parameters, and the
+    LayerNorm is what matters most (numbers: docs/results.md, "The CNN's block").
     """
 
     def __init__(self, n_embd: int, kernel_size: int, dilation: int, dropout: float = 0.0, bias: bool = True):

@@ -37,8 +37,8 @@ def init_gpt2(module: nn.Module, n_layer: int) -> None:
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` that is skipped outright when it would do nothing (in eval mode,
-    or with p = 0): a no-op ``nn.Dropout`` still dispatches an operator, ~6 µs on a
-    CPU, which is ~10 % of a cached GPT token during generation."""
+    or with p = 0): a no-op ``nn.Dropout`` still dispatches an operator, a noticeable
+    share of a cached token's time during generation (docs/results.md, "Generation")."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) if self.training and self.p > 0 else x
@@ -76,10 +76,10 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, causal_offset: int) -> t
 
 def hand_written_is_faster(device_type: str, dtype: torch.dtype, compiling: bool) -> bool:
     """Where the hand-written attention beats ``F.scaled_dot_product_attention``: on the CPU
-    only. In bf16 there, SDPA's bf16 kernel is several times slower than fp32 at these head
-    sizes, and SDPA in fp32 (casting q, k, v up) costs the whole CPU GPT step ~6 % against
-    bf16 products around a softmax that accumulates in fp32; under torch.compile the
-    hand-written lines fuse into a few kernels (README, "Training speed"). On a GPU, SDPA's
+    only. In bf16 there, SDPA's bf16 kernel is slower than its fp32 one at these head sizes,
+    and SDPA in fp32 (casting q, k, v up) costs the step more than bf16 products around a
+    softmax that accumulates in fp32; under torch.compile the hand-written lines fuse into
+    a few kernels (measurements: docs/results.md, "Training speed"). On a GPU, SDPA's
     flash / memory-efficient kernels never build the (B, H, T, T) matrix: always SDPA there."""
     return device_type == "cpu" and (dtype == torch.bfloat16 or compiling)
 

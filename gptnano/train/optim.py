@@ -37,7 +37,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     every value from (0, 1] into roughly [0.7, 1.2]. Scaling by the Frobenius norm
     first puts every singular value in (0, 1]. ``dtype`` is the arithmetic's: bf16 is
     enough (the result only sets a direction) and fastest where bf16 products are fast;
-    fp32 where they are not (a CPU without native bf16 runs them ~75x slower).
+    fp32 where they are not (a CPU without native bf16 emulates them, many times slower).
     """
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype).reshape(-1, *g.shape[-2:])  # a stack of matrices
@@ -176,8 +176,8 @@ def build_optimizer(net: nn.Module, *, optimizer: str, learning_rate: float, wei
     built from its hyper-parameters, so a step timed outside Lightning is the same step.
 
     ``fused`` takes torch's fused AdamW kernel, which updates every tensor in one pass (CPU and
-    CUDA: ~1.5 ms of a ~25 ms CPU step saved at the default size); not with fp16's loss scaling,
-    where a fused step would see still-scaled gradients when clipping."""
+    CUDA) instead of one small operation per tensor; not with fp16's loss scaling, where a
+    fused step would see still-scaled gradients when clipping."""
     groups = param_groups(net, muon=optimizer == "muon", weight_decay=weight_decay, muon_lr=muon_lr,
                           muon_weight_decay=muon_weight_decay)
     if any(g.get("muon") for g in groups):
