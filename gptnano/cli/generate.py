@@ -103,10 +103,11 @@ def ctrl_c_stops():
 class Writer:
     """Writes samples of one loaded model to ``out`` a character at a time."""
 
-    def __init__(self, net, tokenizer, settings: dict, device, out=sys.stdout):
+    def __init__(self, net, tokenizer, settings: dict, device, out=None):
         import torch
 
-        self.net, self.tokenizer, self.settings, self.device, self.out = net, tokenizer, settings, device, out
+        self.net, self.tokenizer, self.settings, self.device = net, tokenizer, settings, device
+        self.out = out or sys.stdout  # the stdout of the moment: a default argument would keep the first one forever
         # One generator for the session: every sample draws on from where the last one stopped,
         # so a seeded session repeats exactly. Without a seed it takes a fresh one, recorded in
         # the settings so the interactive banner can show how to repeat the session.
