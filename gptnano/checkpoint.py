@@ -4,8 +4,9 @@ Loading runs no code from the file: ``torch.load(..., weights_only=True)`` only
 rebuilds tensors, numbers, strings, lists and dicts, and the network a checkpoint
 names is built only if it is a gptnano architecture already known to this process
 (the registry in ``gptnano/models``), with plain-valued constructor arguments that
-its signature accepts. Anything else is one ``UserError`` line. No Lightning here,
-so tools such as ``gptnano generate`` start fast.
+its signature accepts. Weights that are not finite are refused too, by name. Anything
+else is one ``UserError`` line. No Lightning here, so tools such as ``gptnano generate``
+start fast.
 """
 
 import inspect
@@ -38,7 +39,17 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict) or "net" not in hparams:
         raise UserError(f"{path} is not a gptnano checkpoint (no model hyper-parameters in it)")
     architecture(hparams["net"], path)  # refuse a foreign network before anyone builds it
+    check_finite(ckpt["state_dict"], path)
     return ckpt
+
+
+def check_finite(state_dict: dict, source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: sampling from them
+    fails deep inside torch (or, greedy, prints nonsense), and training cannot recover them."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+            raise UserError(f"{source} holds non-finite weights (NaN or infinity) in {name}: refusing to load it "
+                            "(take an earlier checkpoint of the run)")
 
 
 def _known_architectures() -> dict[str, type[LanguageModel]]:

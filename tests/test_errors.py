@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from tests.helpers import TINY_GPT, make_text, run_cli
 
@@ -52,6 +53,17 @@ def server(tmp_path_factory):
 def _write(tmp: Path, name: str, data: bytes) -> str:
     (tmp / name).write_bytes(data)
     return str(tmp / name)
+
+
+def _non_finite(tmp: Path, ckpt: Path) -> str:
+    """A copy of ``ckpt`` with one weight set to NaN."""
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"]["net.blocks.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(saved, tmp / "nan.ckpt")
+    return str(tmp / "nan.ckpt")
+
+
+NAN = r"nan\.ckpt holds non-finite weights \(NaN or infinity\) in net\.blocks\.0\.mlp\.c_fc\.weight: refusing"
 
 
 class Where(NamedTuple):
@@ -109,6 +121,9 @@ CASES = [
     Case("data-one-character", lambda w: ["fit", *TINY_GPT, "--data.path", _write(w.tmp, "a.txt", b"a" * 1000)],
      r"one character repeated \('a' x 1000\): there is nothing to learn"),
     Case("prompt-empty", lambda w: ["predict", "--ckpt_path", str(w.ckpt), "--data.prompt", ""], r"--data\.prompt is empty"),
+    Case("ckpt-non-finite-generate", lambda w: ["generate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--temperature", "0"], NAN),
+    Case("ckpt-non-finite-predict", lambda w: ["predict", "--ckpt_path", _non_finite(w.tmp, w.ckpt)], NAN),
+    Case("ckpt-non-finite-validate", lambda w: ["validate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--data.path", str(w.text)], NAN),
 ]
 
 
