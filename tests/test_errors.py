@@ -55,6 +55,18 @@ def _write(tmp: Path, name: str, data: bytes) -> str:
     return str(tmp / name)
 
 
+def _rnn(w) -> str:
+    """A checkpoint of an RNN: the trained GPT's, renamed (what the export tool reads before anything else)."""
+    saved = torch.load(w.ckpt, weights_only=True)
+    args = {k: v for k, v in saved["hyper_parameters"]["net"]["init_args"].items() if k not in ("n_head", "use_sdpa")}
+    saved["hyper_parameters"]["net"] = {"class_path": "gptnano.models.RNN", "init_args": args}
+    from gptnano.models import RNN
+
+    saved["state_dict"] = {f"net.{k}": v for k, v in RNN(**args).state_dict().items()}
+    torch.save(saved, w.tmp / "rnn.ckpt")
+    return str(w.tmp / "rnn.ckpt")
+
+
 def _non_finite(tmp: Path, ckpt: Path) -> str:
     """A copy of ``ckpt`` with one weight set to NaN."""
     saved = torch.load(ckpt, weights_only=True)
@@ -124,6 +136,8 @@ CASES = [
     Case("ckpt-non-finite-generate", lambda w: ["generate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--temperature", "0"], NAN),
     Case("ckpt-non-finite-predict", lambda w: ["predict", "--ckpt_path", _non_finite(w.tmp, w.ckpt)], NAN),
     Case("ckpt-non-finite-validate", lambda w: ["validate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--data.path", str(w.text)], NAN),
+    Case("export-hf-of-an-rnn", lambda w: ["export", "--ckpt_path", _rnn(w), "--out", str(w.tmp / "hf"), "--format", "hf"],
+     r"--format hf is not available for RNN: use safetensors or onnx"),
 ]
 
 

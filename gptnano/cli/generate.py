@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gptnano generate", description=__doc__.split("\n\n    ")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)  # unset settings come from the checkpoint
-    ap.add_argument("--ckpt_path", required=True, help="a checkpoint written by gptnano fit")
+    ap.add_argument("--ckpt_path", required=True,
+                    help="a checkpoint written by gptnano fit, or a folder written by gptnano export")
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="text to continue (default: a newline)")
     source.add_argument("--prompt_file", help="a UTF-8 file whose whole content is the prompt")
