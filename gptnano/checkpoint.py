@@ -198,6 +198,36 @@ def build_net(spec, state_dict: dict | None = None, source: str | Path = "the ch
     return net
 
 
+def load_grown(net: LanguageModel, state_dict: dict, source: str | Path) -> list[str]:
+    """Copy the weights of ``state_dict`` (``net.`` keys) into ``net``, a network of the same
+    architecture and sizes whose vocabulary may be larger (``fit --init_from`` on a text with
+    new characters). A tensor with a vocabulary dimension (the token embedding, the output
+    head, tied or not) gets its old rows copied and keeps ``net``'s own fresh rows after them;
+    every other tensor is copied whole. Returns the names of the tensors that grew.
+
+    Raises:
+        UserError: a tensor is missing, or differs in shape other than by growing the vocabulary.
+    """
+    grown = []
+    state = {k.removeprefix("net."): v for k, v in state_dict.items() if k.startswith("net.")}
+    with torch.no_grad():
+        for name, target in net.state_dict(keep_vars=True).items():
+            src = state.get(name)
+            if src is None:
+                raise UserError(f"{source} has no tensor {name} for the new run's {type(net).__name__}")
+            if src.shape == target.shape:
+                target.copy_(src)
+                continue
+            differ = [d for d, (a, b) in enumerate(zip(src.shape, target.shape)) if a != b]
+            if (src.dim() != target.dim() or len(differ) != 1 or target.shape[differ[0]] != net.vocab_size
+                    or src.shape[differ[0]] > net.vocab_size):
+                raise UserError(f"{source}: tensor {name} has shape {list(src.shape)}, the new run's network needs "
+                                f"{list(target.shape)}: only the vocabulary can grow")
+            target.narrow(differ[0], 0, src.shape[differ[0]]).copy_(src)  # the old rows; new ones stay fresh
+            grown.append(name)
+    return grown
+
+
 def run_name(path: str | Path) -> str:
     """The run a checkpoint comes from, as its path tells: ``checkpoints/<run>/`` holds a run's
     checkpoint files; an exported folder is named by whoever exported it."""

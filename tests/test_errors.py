@@ -14,6 +14,8 @@ import torch
 
 from tests.helpers import TINY_GPT, make_text, run_cli
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -136,6 +138,15 @@ CASES = [
     Case("ckpt-non-finite-generate", lambda w: ["generate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--temperature", "0"], NAN),
     Case("ckpt-non-finite-predict", lambda w: ["predict", "--ckpt_path", _non_finite(w.tmp, w.ckpt)], NAN),
     Case("ckpt-non-finite-validate", lambda w: ["validate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--data.path", str(w.text)], NAN),
+    Case("init-from-and-ckpt-path", lambda w: ["fit", "--init_from", str(w.ckpt), "--ckpt_path", str(w.ckpt), "--data.path", str(w.text)],
+     r"--init_from starts a new run .* --ckpt_path resumes a run: give one of them"),
+    Case("init-from-other-size", lambda w: ["fit", "--init_from", str(w.ckpt), "--model.net.n_layer", "3", "--data.path", str(w.text)],
+     r"cannot take n_layer=3 \(its weights: 1\): the network and its sizes come from the trained model"),
+    Case("init-from-other-architecture", lambda w: ["fit", "--config", str(ROOT / "configs" / "rnn.yaml"), "--init_from", str(w.ckpt),
+                                                    "--data.path", str(w.text)], r"holds a GPT network, but --config or --model.net ask for RNN"),
+    Case("init-from-its-own-folder", lambda w: ["fit", "--init_from", str(w.ckpt), "--checkpoint.dirpath", str(w.ckpt.parent),
+                                                "--data.path", str(w.text)], r"the new run needs a folder of its own"),
+    Case("init-from-not-fit", lambda w: ["validate", "--init_from", str(w.ckpt), "--data.path", str(w.text)], r"--init_from is for fit"),
     Case("export-hf-of-an-rnn", lambda w: ["export", "--ckpt_path", _rnn(w), "--out", str(w.tmp / "hf"), "--format", "hf"],
      r"--format hf is not available for RNN: use safetensors or onnx"),
 ]

@@ -19,6 +19,8 @@ from gptnano.cli.export import main as export
 from gptnano.data.tokenizer import CharTokenizer, make_tokenizer
 from gptnano.errors import UserError
 from gptnano.models import MODELS
+from gptnano.models.gpt import GPT
+from gptnano.train.steps import next_token_loss
 from tests.helpers import make_text, scrambled
 
 SIZES = {  # tiny, with context 16 (the CNN's receptive field covers it)
@@ -225,3 +227,89 @@ def test_onnx_gives_gptnanos_logits_at_other_lengths(arch, tmp_path):
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["gptnano.vocab"] == load_net(ckpt).tokenizer.vocab
     assert meta["gptnano.max_context"] == ("" if arch == "rnn" else "16")
+
+
+# ----- fit --init_from ----------------------------------------------------------------------------
+NEW_TEXT = TEXT + "the king ~ë\n" * 20  # two characters the model has never seen: '~' and 'ë'
+FIT = ["--data.batch_size", "4", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+       "--model.warmup_steps", "0", "--model.learning_rate", "3e-3", "--model.lr_decay_steps", "8",
+       "--trainer.val_check_interval", "100"]
+
+
+def _cli(args: list[str], cwd: Path, monkeypatch):
+    """The CLI's classes, built as `gptnano fit ARGS` builds them, before any step."""
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    monkeypatch.chdir(cwd)
+    return GPTNanoCLI(args=args, run=False)
+
+
+def test_init_from_keeps_every_old_row_and_appends_new_characters(tmp_path, monkeypatch):
+    (tmp_path / "new.txt").write_text(NEW_TEXT, encoding="utf-8")
+    source = trained(tmp_path / "checkpoints" / "shakespeare" / "best.ckpt")
+    old = load_net(source)
+    cli = _cli(["--init_from", str(source), "--data.path", "new.txt", *FIT], tmp_path, monkeypatch)
+    net, vocab = cli.model.net, cli.model.hparams.vocab
+    assert vocab == old.tokenizer.vocab + "~ë" and cli.datamodule.vocab == vocab  # old order, new appended
+    assert cli.config.run_name == "shakespeare-ft"
+    n = len(old.tokenizer)
+    for name, weight in old.net.state_dict().items():  # before the first step: every old row as trained
+        mine = net.state_dict()[name]
+        assert torch.equal(mine[:n] if name in ("wte.weight", "lm_head.weight") else mine, weight), name
+    # The new rows are a fresh model's: what the run's seed (1337) draws for a new GPT of this vocabulary.
+    torch.manual_seed(1337)
+    assert torch.equal(net.wte.weight[n:], GPT(vocab_size=len(vocab), **SIZES["gpt"]).wte.weight[n:])
+    assert net.lm_head.weight is net.wte.weight  # still tied
+
+
+def test_init_from_a_byte_model_or_a_folder_adds_nothing(tmp_path, monkeypatch):
+    (tmp_path / "new.txt").write_text(NEW_TEXT, encoding="utf-8")
+    source = exported(trained(tmp_path / "b.ckpt", "rnn", kind="byte"), tmp_path / "bytes-rnn")
+    cli = _cli(["--init_from", str(source), "--data.path", "new.txt", "--model.net.block_size", "32", *FIT],
+               tmp_path, monkeypatch)
+    assert cli.config.run_name == "bytes-rnn-ft" and cli.datamodule.tokenizer_kind == "byte"
+    assert cli.model.net.block_size == 32  # the RNN's training context is the new run's to choose
+    for name, weight in load_net(source).net.state_dict().items():
+        assert torch.equal(cli.model.net.state_dict()[name], weight), name
+
+
+def leaves(tree) -> list:
+    """Every value of nested dicts and lists, in order, tensors as (dtype, shape, values): equal
+    lists mean bit-for-bit equal states."""
+    if isinstance(tree, dict):
+        return [(k, leaf) for k in sorted(tree, key=str) for leaf in leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in leaves(item)]
+    if isinstance(tree, torch.Tensor):
+        return [(tree.dtype, tuple(tree.shape), tree.flatten().tolist())]
+    return [tree]
+
+
+def _loss(net, tokenizer, text: str) -> float:
+    ids = tokenizer.encode(text)
+    with torch.no_grad():
+        return next_token_loss(net(ids[:-1].view(40, 16)), ids[1:].view(40, 16)).item()
+
+
+def test_init_from_learns_the_new_text_and_resumes_bit_exactly(tmp_path, gptnano, monkeypatch):
+    """Straight to step 8, or 4 then `--ckpt_path last` to 8: the same weights and optimizer
+    state, as for any run; and the loss on the new text falls from where the model started."""
+    (tmp_path / "new.txt").write_text(NEW_TEXT, encoding="utf-8")
+    source = trained(tmp_path / "src.ckpt")
+    common = ["fit", "--data.path", "new.txt", *FIT]
+    for args in ([*common, "--init_from", str(source), "--run_name", "straight", "--trainer.max_steps", "8"],
+                 [*common, "--init_from", str(source), "--run_name", "split", "--trainer.max_steps", "4"],
+                 [*common, "--ckpt_path", "last", "--run_name", "split", "--trainer.max_steps", "8"]):
+        ran = gptnano(args, tmp_path)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+    straight, split = (torch.load(tmp_path / "checkpoints" / name / "last.ckpt", weights_only=True)
+                       for name in ("straight", "split"))
+    assert straight["global_step"] == split["global_step"] == 8
+    assert straight["hyper_parameters"]["vocab"] == split["hyper_parameters"]["vocab"] == load_net(
+        source).tokenizer.vocab + "~ë"
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        assert leaves(straight[key]) == leaves(split[key]), key
+    start = _cli([*common[1:], "--init_from", str(source), "--run_name", "start"], tmp_path, monkeypatch)
+    after = load_net(tmp_path / "checkpoints" / "straight" / "last.ckpt")
+    text = NEW_TEXT[-16 * 40 - 1:]  # the end of the text: the new characters in it
+    assert _loss(after.net, after.tokenizer, text) < _loss(start.model.net.eval(), after.tokenizer, text)

@@ -150,6 +150,9 @@ class RNN(LanguageModel):
             the plain autograd loop (same result, faster).
     """
 
+    # The recurrence reads any length: block_size is only the length it trains on.
+    run_settings = (*LanguageModel.run_settings, "block_size")
+
     def __init__(
         self,
         vocab_size: int = 65,
