@@ -105,7 +105,10 @@ def _read_folder(folder: Path) -> dict:
         raise UserError(f"{config_file} has no tokenizer (a \"kind\" of {', '.join(TOKENIZERS)} and a \"vocab\")")
     if not isinstance(sampling, dict) or any(k not in SAMPLING or not isinstance(v, PLAIN) for k, v in sampling.items()):
         raise UserError(f"{config_file}: \"sampling\" may hold only plain values of {', '.join(SAMPLING)}")
-    state_dict = _read_weights(folder, cls, init_args)
+    state_dict, vocab_size = _read_weights(folder, cls, init_args)
+    n_tokens = len(make_tokenizer(tokenizer["vocab"], tokenizer["kind"]))  # a UserError for a repeated character
+    if n_tokens != vocab_size:
+        raise UserError(f"{config_file}: its tokenizer has {n_tokens} tokens but its network {vocab_size}")
     hparams = {"net": {"class_path": config["net"]["class_path"], "init_args": init_args},
                "vocab": tokenizer["vocab"], "tokenizer": tokenizer["kind"], **sampling}
     exported_from = config.get("exported_from")
@@ -120,9 +123,10 @@ def weight_names(net: LanguageModel) -> dict[str, str]:
     return {name: first.setdefault(id(t), name) for name, t in net.state_dict(keep_vars=True).items()}
 
 
-def _read_weights(folder: Path, cls: type[LanguageModel], init_args: dict) -> dict:
+def _read_weights(folder: Path, cls: type[LanguageModel], init_args: dict) -> tuple[dict, int]:
     """model.safetensors, checked against the network config.json describes: the same tensor
-    names and shapes, or one line saying which differs. Returns the ``net.`` state_dict."""
+    names and shapes, or one line saying which differs. Returns the ``net.`` state_dict and
+    the network's vocabulary size."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -147,7 +151,7 @@ def _read_weights(folder: Path, cls: type[LanguageModel], init_args: dict) -> di
         if stored[key].shape != shapes[key].shape or not stored[key].is_floating_point():
             raise UserError(f"{path}: tensor {key} is {stored[key].dtype} {list(stored[key].shape)}, but {described} "
                             f"needs a float tensor of shape {list(shapes[key].shape)}")
-    return {f"net.{name}": stored[key] for name, key in names.items()}
+    return {f"net.{name}": stored[key] for name, key in names.items()}, expected.vocab_size
 
 
 def _known_architectures() -> dict[str, type[LanguageModel]]:

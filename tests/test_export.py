@@ -134,6 +134,7 @@ def test_a_crafted_folder_is_refused_in_one_line(tmp_path, gptnano):
         "not finite": (None, lambda t: t["blocks.1.mlp.c_fc.weight"].__setitem__((0, 0), float("inf")),
                        "non-finite weights (NaN or infinity) in net.blocks.1.mlp.c_fc.weight"),
         "no format": (lambda c: c.pop("format"), None, 'has no "format": "gptnano"'),
+        "other vocabulary": (lambda c: c["tokenizer"].update(vocab="abc"), None, "its tokenizer has 3 tokens but its"),
         "code in sampling": (lambda c: c["sampling"].update(top_k=_touch(marker)), None, '"sampling" may hold only'),
     }
     for name, (config_change, tensors_change, says) in cases.items():
