@@ -1,44 +1,157 @@
 """The one safe way to read a checkpoint, for the CLI and for the tools alike.
 
+A checkpoint is a file written by ``gptnano fit`` (Lightning's, with the optimizer's
+state) or a folder written by ``gptnano export`` (``model.safetensors`` and
+``config.json``: the weights alone, read into the same shape of dict).
+
 Loading runs no code from the file: ``torch.load(..., weights_only=True)`` only
-rebuilds tensors, numbers, strings, lists and dicts, and the network a checkpoint
-names is built only if it is a gptnano architecture already known to this process
-(the registry in ``gptnano/models``), with plain-valued constructor arguments that
-its signature accepts. Anything else is one ``UserError`` line. No Lightning here,
-so tools such as ``gptnano generate`` start fast.
+rebuilds tensors, numbers, strings, lists and dicts, a safetensors file holds only
+tensors and a JSON header, and the network a checkpoint names is built only if it is
+a gptnano architecture already known to this process (the registry in
+``gptnano/models``), with plain-valued constructor arguments that its signature
+accepts. Weights that are not finite are refused too, by name. Anything else is one
+``UserError`` line. No Lightning here, so tools such as ``gptnano generate`` start fast.
 """
 
 import inspect
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from gptnano.data.tokenizer import make_tokenizer
+from gptnano.data.tokenizer import TOKENIZERS, make_tokenizer
 from gptnano.errors import UserError
 from gptnano.models import MODELS
 from gptnano.models.base import LanguageModel
 
 PLAIN = (bool, int, float, str, type(None))
 
+# An exported folder (``gptnano export --format safetensors``): its two files, and the values
+# of config.json that tell it from other folders holding a config.json (a transformers export).
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_FORMAT = "gptnano"
+EXPORT_VERSION = 1
+# The LightningModule's hyper-parameters an export keeps: how to sample. The rest (learning
+# rates, schedule) belong to a training run, and a run started from an export sets its own.
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "sample_seed")
+
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no pickle code runs) or explain why it is not one."""
+    """Load a checkpoint file (``weights_only=True``: no pickle code runs) or an exported folder,
+    or explain in one line why it is not one.
+
+    Returns:
+        A dict with ``state_dict`` (``net.`` + the network's keys, tied weights under each of
+        their names) and ``hyper_parameters`` (``net``: class_path and init_args, ``vocab``,
+        ``tokenizer``, the sampling settings, and for a file everything else the run was given).
+        A folder's dict also has ``exported_from``: what config.json says it was exported from.
+
+    Raises:
+        UserError: a missing or unreadable file, a folder that is no export, a network that is
+            not a gptnano architecture, or a weight that is NaN or infinite.
+    """
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"checkpoint is a folder, not a file: {path}")
-    if not p.is_file():
+        ckpt = _read_folder(p)
+    elif not p.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle ...
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"{path} is not a readable gptnano checkpoint ({type(e).__name__}: {first})") from None
+    else:
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated file, not a torch file, unsafe pickle ...
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise UserError(f"{path} is not a readable gptnano checkpoint ({type(e).__name__}: {first})") from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict) or "net" not in hparams:
         raise UserError(f"{path} is not a gptnano checkpoint (no model hyper-parameters in it)")
     architecture(hparams["net"], path)  # refuse a foreign network before anyone builds it
+    check_finite(ckpt["state_dict"], path)
     return ckpt
+
+
+def check_finite(state_dict: dict, source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: sampling from them
+    fails deep inside torch (or, greedy, prints nonsense), and training cannot recover them."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+            raise UserError(f"{source} holds non-finite weights (NaN or infinity) in {name}: refusing to load it "
+                            "(take an earlier checkpoint of the run)")
+
+
+def _read_folder(folder: Path) -> dict:
+    """An exported folder as a checkpoint dict (see ``read_checkpoint``)."""
+    config_file = folder / EXPORT_CONFIG
+    if not config_file.is_file():
+        raise UserError(f"checkpoint is a folder, not a file nor a `gptnano export` folder (it has no "
+                        f"{EXPORT_CONFIG}): {folder}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{config_file} is not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        hint = (": it is a transformers model (gptnano export --format hf); gptnano reads --format safetensors "
+                "exports" if isinstance(config, dict) and "model_type" in config else "")
+        raise UserError(f"{folder} is not a gptnano export (its {EXPORT_CONFIG} has no \"format\": "
+                        f"\"{EXPORT_FORMAT}\"){hint}")
+    if config.get("version") != EXPORT_VERSION:
+        raise UserError(f"{folder} is an export of version {config.get('version')!r}; this gptnano reads "
+                        f"version {EXPORT_VERSION}")
+    cls, init_args = architecture(config.get("net"), folder)
+    tokenizer, sampling = config.get("tokenizer"), config.get("sampling", {})
+    if (not isinstance(tokenizer, dict) or tokenizer.get("kind") not in TOKENIZERS
+            or not isinstance(tokenizer.get("vocab"), str)):
+        raise UserError(f"{config_file} has no tokenizer (a \"kind\" of {', '.join(TOKENIZERS)} and a \"vocab\")")
+    if not isinstance(sampling, dict) or any(k not in SAMPLING or not isinstance(v, PLAIN) for k, v in sampling.items()):
+        raise UserError(f"{config_file}: \"sampling\" may hold only plain values of {', '.join(SAMPLING)}")
+    state_dict, vocab_size = _read_weights(folder, cls, init_args)
+    n_tokens = len(make_tokenizer(tokenizer["vocab"], tokenizer["kind"]))  # a UserError for a repeated character
+    if n_tokens != vocab_size:
+        raise UserError(f"{config_file}: its tokenizer has {n_tokens} tokens but its network {vocab_size}")
+    hparams = {"net": {"class_path": config["net"]["class_path"], "init_args": init_args},
+               "vocab": tokenizer["vocab"], "tokenizer": tokenizer["kind"], **sampling}
+    exported_from = config.get("exported_from")
+    return {"state_dict": state_dict, "hyper_parameters": hparams,
+            "exported_from": exported_from if isinstance(exported_from, dict) else {}}
+
+
+def weight_names(net: LanguageModel) -> dict[str, str]:
+    """Every state_dict key of ``net`` -> the key its tensor is stored under in an export: itself,
+    or for a tied weight (the GPT's output head is its token embedding) the first key of that tensor."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(t), name) for name, t in net.state_dict(keep_vars=True).items()}
+
+
+def _read_weights(folder: Path, cls: type[LanguageModel], init_args: dict) -> tuple[dict, int]:
+    """model.safetensors, checked against the network config.json describes: the same tensor
+    names and shapes, or one line saying which differs. Returns the ``net.`` state_dict and
+    the network's vocabulary size."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / EXPORT_WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{folder} has a {EXPORT_CONFIG} but no {EXPORT_WEIGHTS}")
+    try:
+        stored = load_file(path)  # tensors and a JSON header only: nothing in it can run
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({str(e)[:200]})") from None
+    with torch.device("meta"):  # the network's shapes, without allocating or initialising anything
+        expected = cls(**init_args)
+    names = weight_names(expected)
+    shapes = expected.state_dict()
+    described = f"a {cls.__name__} with {init_args}"
+    missing, extra = sorted(set(names.values()) - stored.keys()), sorted(stored.keys() - set(names.values()))
+    if missing:
+        raise UserError(f"{path} lacks the tensor {missing[0]} that {described} needs")
+    if extra:
+        raise UserError(f"{path} holds a tensor {extra[0]} that {described} does not have")
+    for key in sorted(set(names.values())):
+        if stored[key].shape != shapes[key].shape or not stored[key].is_floating_point():
+            raise UserError(f"{path}: tensor {key} is {stored[key].dtype} {list(stored[key].shape)}, but {described} "
+                            f"needs a float tensor of shape {list(shapes[key].shape)}")
+    return {f"net.{name}": stored[key] for name, key in names.items()}, expected.vocab_size
 
 
 def _known_architectures() -> dict[str, type[LanguageModel]]:
@@ -91,15 +204,52 @@ def build_net(spec, state_dict: dict | None = None, source: str | Path = "the ch
     return net
 
 
+def load_grown(net: LanguageModel, state_dict: dict, source: str | Path) -> list[str]:
+    """Copy the weights of ``state_dict`` (``net.`` keys) into ``net``, a network of the same
+    architecture and sizes whose vocabulary may be larger (``fit --init_from`` on a text with
+    new characters). A tensor with a vocabulary dimension (the token embedding, the output
+    head, tied or not) gets its old rows copied and keeps ``net``'s own fresh rows after them;
+    every other tensor is copied whole. Returns the names of the tensors that grew.
+
+    Raises:
+        UserError: a tensor is missing, or differs in shape other than by growing the vocabulary.
+    """
+    grown = []
+    state = {k.removeprefix("net."): v for k, v in state_dict.items() if k.startswith("net.")}
+    with torch.no_grad():
+        for name, target in net.state_dict(keep_vars=True).items():
+            src = state.get(name)
+            if src is None:
+                raise UserError(f"{source} has no tensor {name} for the new run's {type(net).__name__}")
+            if src.shape == target.shape:
+                target.copy_(src)
+                continue
+            differ = [d for d, (a, b) in enumerate(zip(src.shape, target.shape)) if a != b]
+            if (src.dim() != target.dim() or len(differ) != 1 or target.shape[differ[0]] != net.vocab_size
+                    or src.shape[differ[0]] > net.vocab_size):
+                raise UserError(f"{source}: tensor {name} has shape {list(src.shape)}, the new run's network needs "
+                                f"{list(target.shape)}: only the vocabulary can grow")
+            target.narrow(differ[0], 0, src.shape[differ[0]]).copy_(src)  # the old rows; new ones stay fresh
+            grown.append(name)
+    return grown
+
+
+def run_name(path: str | Path) -> str:
+    """The run a checkpoint comes from, as its path tells: ``checkpoints/<run>/`` holds a run's
+    checkpoint files; an exported folder is named by whoever exported it."""
+    p = Path(path).resolve()
+    return p.name if p.is_dir() else p.parent.name
+
+
 class Loaded(NamedTuple):
     net: LanguageModel  # in eval mode
     tokenizer: object  # encode(str) -> ids, decode(ids) -> str
     hparams: dict  # the LightningModule's hyper-parameters (sampling settings and all)
 
 
-def load_net(path: str | Path) -> Loaded:
-    """The trained network of a checkpoint (in eval mode), its tokenizer and hyper-parameters."""
-    ckpt = read_checkpoint(path)
+def loaded(ckpt: dict, path: str | Path) -> Loaded:
+    """The trained network (in eval mode), tokenizer and hyper-parameters of a checkpoint dict
+    that ``read_checkpoint`` returned for ``path``."""
     hparams = ckpt["hyper_parameters"]
     net = build_net(hparams["net"], ckpt["state_dict"], path)
     vocab = hparams.get("vocab")
@@ -109,3 +259,9 @@ def load_net(path: str | Path) -> Loaded:
     if len(tokenizer) != net.vocab_size:
         raise UserError(f"{path}: its vocabulary has {len(tokenizer)} tokens but its network {net.vocab_size}")
     return Loaded(net.eval(), tokenizer, hparams)
+
+
+def load_net(path: str | Path) -> Loaded:
+    """The trained network of a checkpoint file or exported folder (in eval mode), its
+    tokenizer and hyper-parameters."""
+    return loaded(read_checkpoint(path), path)

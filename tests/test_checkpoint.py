@@ -10,6 +10,7 @@ import torch
 
 from gptnano.checkpoint import load_net, read_checkpoint
 from gptnano.errors import UserError
+from gptnano.train.checkpointing import AtomicCheckpointIO
 from tests.helpers import TINY_GPT, make_text, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +148,17 @@ def test_resuming_a_checkpoint_from_elsewhere_never_overwrites_this_folders_run(
     proc = gptnano(["fit", "--config", GPT_YAML, *data, "--ckpt_path", str(elsewhere), "--trainer.max_steps", "12"], work)
     assert "checkpoints/gpt already holds a run" in _error_line(proc)
     assert (work / "checkpoints" / "gpt" / "last.ckpt").read_bytes() == before
+
+
+def test_a_non_finite_weight_is_refused_by_every_reader(run, tmp_path, gptnano):
+    """Lightning's own resume reads through AtomicCheckpointIO: it refuses the file too, by name."""
+    work, data = run
+    ckpt = torch.load(work / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
+    ckpt["state_dict"]["net.blocks.1.mlp.c_proj.bias"][3] = float("-inf")
+    torch.save(ckpt, tmp_path / "diverged.ckpt")
+    for read in (read_checkpoint, load_net, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(UserError, match=r"non-finite weights \(NaN or infinity\) in net\.blocks\.1\.mlp\.c_proj\.bias"):
+            read(tmp_path / "diverged.ckpt")
+    resumed = gptnano(["fit", "--config", GPT_YAML, *data, "--ckpt_path", str(tmp_path / "diverged.ckpt"),
+                       "--run_name", "again"], tmp_path)
+    assert "non-finite weights" in _error_line(resumed)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gptnano.cli.commands import LIGHTNING, TOOLS
+from gptnano.cli.export import main as export
 from gptnano.cli.main import wants_verbose
 from tests.helpers import TINY_GPT, run_cli
 
@@ -18,15 +19,17 @@ import sys
 from gptnano.cli.main import main
 try:
     main(sys.argv[1:])
-except SystemExit:
-    pass
+except SystemExit as e:
+    assert not e.code, f"the command failed with status {e.code}"
 print("lightning imported:", any(m == "lightning" or m.startswith("lightning.") for m in sys.modules))
 """
 
 
 def lightning_imported(args: list[str], cwd) -> bool:
+    """Whether the command, which must succeed, imported Lightning."""
     proc = subprocess.run([sys.executable, "-c", IMPORTS_LIGHTNING, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     return line == "lightning imported: True"
 
@@ -37,7 +40,8 @@ def ckpt(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("trained")
     (folder / "tiny.txt").write_text(make_text(), encoding="utf-8")
-    run_cli(["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "3"], folder)
+    run_cli(["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "3",
+             "--trainer.val_check_interval", "3"], folder)  # a validation, so that plot has a loss to draw
     return folder / "checkpoints" / "gpt" / "last.ckpt"
 
 
@@ -48,6 +52,9 @@ def test_tools_and_top_level_help_start_without_lightning(ckpt, tmp_path):
     assert not lightning_imported(["generate", "--ckpt_path", str(ckpt), "--max_new_tokens", "5"], tmp_path)
     assert not lightning_imported(["plot", str(ckpt.parents[2] / "lightning_logs" / "gpt"), "--out",
                                    str(tmp_path / "p.png")], tmp_path)
+    export(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "exported")])  # (no Lightning: tests/test_layers.py)
+    assert not lightning_imported(["generate", "--ckpt_path", str(tmp_path / "exported"), "--max_new_tokens", "5"],
+                                  tmp_path)
     assert lightning_imported(["validate", "--help"], tmp_path)  # the check itself can fail
 
 
@@ -60,7 +67,7 @@ def test_top_level_help_lists_every_command(tmp_path):
 def test_unknown_or_missing_command_is_one_line(tmp_path):
     bad = run_cli(["fitt"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot"]
+        "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot, export"]
     none = run_cli([], tmp_path, check=False)
     assert none.returncode == 2 and none.stderr.strip().endswith("gptnano: error: choose a command")
 

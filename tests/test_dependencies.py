@@ -1,5 +1,5 @@
-"""The private names of Lightning and jsonargparse that gptnano relies on, checked in one place,
-so that a release that renames one fails here with its name instead of somewhere deep in a run."""
+"""The private names of Lightning, jsonargparse and torch that gptnano relies on, checked in one
+place, so that a release that renames one fails here with its name instead of somewhere deep in a run."""
 
 import pytest
 from lightning.pytorch import LightningModule
@@ -40,3 +40,15 @@ def test_the_parser_still_keeps_its_subcommand_parsers():
     parser, fit = ArgumentParser(), ArgumentParser()
     parser.add_subcommands().add_subcommand("fit", fit)
     assert subcommand_parser(parser, "fit") is fit
+
+
+def test_torch_still_has_its_scan_operator():
+    """The RNN exports its recurrence to ONNX as one loop through torch's scan, private in torch 2.13
+    (gptnano.models.rnn.elman_scan_exportable): it must still compute elman_scan's states."""
+    import torch
+
+    from gptnano.models.rnn import elman_scan, elman_scan_exportable
+
+    g = torch.Generator().manual_seed(0)
+    a, w_h, h0 = torch.randn(3, 7, 5, generator=g), torch.randn(5, 5, generator=g), torch.randn(3, 5, generator=g)
+    torch.testing.assert_close(elman_scan_exportable(a, w_h, h0), elman_scan(a, w_h, h0))

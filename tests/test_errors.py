@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from tests.helpers import TINY_GPT, make_text, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,29 @@ def server(tmp_path_factory):
 def _write(tmp: Path, name: str, data: bytes) -> str:
     (tmp / name).write_bytes(data)
     return str(tmp / name)
+
+
+def _rnn(w) -> str:
+    """A checkpoint of an RNN: the trained GPT's, renamed (what the export tool reads before anything else)."""
+    saved = torch.load(w.ckpt, weights_only=True)
+    args = {k: v for k, v in saved["hyper_parameters"]["net"]["init_args"].items() if k not in ("n_head", "use_sdpa")}
+    saved["hyper_parameters"]["net"] = {"class_path": "gptnano.models.RNN", "init_args": args}
+    from gptnano.models import RNN
+
+    saved["state_dict"] = {f"net.{k}": v for k, v in RNN(**args).state_dict().items()}
+    torch.save(saved, w.tmp / "rnn.ckpt")
+    return str(w.tmp / "rnn.ckpt")
+
+
+def _non_finite(tmp: Path, ckpt: Path) -> str:
+    """A copy of ``ckpt`` with one weight set to NaN."""
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state_dict"]["net.blocks.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    torch.save(saved, tmp / "nan.ckpt")
+    return str(tmp / "nan.ckpt")
+
+
+NAN = r"nan\.ckpt holds non-finite weights \(NaN or infinity\) in net\.blocks\.0\.mlp\.c_fc\.weight: refusing"
 
 
 class Where(NamedTuple):
@@ -109,6 +135,20 @@ CASES = [
     Case("data-one-character", lambda w: ["fit", *TINY_GPT, "--data.path", _write(w.tmp, "a.txt", b"a" * 1000)],
      r"one character repeated \('a' x 1000\): there is nothing to learn"),
     Case("prompt-empty", lambda w: ["predict", "--ckpt_path", str(w.ckpt), "--data.prompt", ""], r"--data\.prompt is empty"),
+    Case("ckpt-non-finite-generate", lambda w: ["generate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--temperature", "0"], NAN),
+    Case("ckpt-non-finite-predict", lambda w: ["predict", "--ckpt_path", _non_finite(w.tmp, w.ckpt)], NAN),
+    Case("ckpt-non-finite-validate", lambda w: ["validate", "--ckpt_path", _non_finite(w.tmp, w.ckpt), "--data.path", str(w.text)], NAN),
+    Case("init-from-and-ckpt-path", lambda w: ["fit", "--init_from", str(w.ckpt), "--ckpt_path", str(w.ckpt), "--data.path", str(w.text)],
+     r"--init_from starts a new run .* --ckpt_path resumes a run: give one of them"),
+    Case("init-from-other-size", lambda w: ["fit", "--init_from", str(w.ckpt), "--model.net.n_layer", "3", "--data.path", str(w.text)],
+     r"cannot take n_layer=3 \(its weights: 1\): the network and its sizes come from the trained model"),
+    Case("init-from-other-architecture", lambda w: ["fit", "--config", str(ROOT / "configs" / "rnn.yaml"), "--init_from", str(w.ckpt),
+                                                    "--data.path", str(w.text)], r"holds a GPT network, but --config or --model.net ask for RNN"),
+    Case("init-from-its-own-folder", lambda w: ["fit", "--init_from", str(w.ckpt), "--checkpoint.dirpath", str(w.ckpt.parent),
+                                                "--data.path", str(w.text)], r"the new run needs a folder of its own"),
+    Case("init-from-not-fit", lambda w: ["validate", "--init_from", str(w.ckpt), "--data.path", str(w.text)], r"--init_from is for fit"),
+    Case("export-hf-of-an-rnn", lambda w: ["export", "--ckpt_path", _rnn(w), "--out", str(w.tmp / "hf"), "--format", "hf"],
+     r"--format hf is not available for RNN: use safetensors or onnx"),
 ]
 
 

@@ -23,7 +23,7 @@ PACKAGE = Path(gptnano.__file__).parent
 LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
     0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines"],
     1: ["gptnano.models"],
-    2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware"],
+    2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export"],
     3: ["gptnano.train"],
     4: ["gptnano.cli", "gptnano.__main__"],
 }

@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gptnano generate", description=__doc__.split("\n\n    ")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)  # unset settings come from the checkpoint
-    ap.add_argument("--ckpt_path", required=True, help="a checkpoint written by gptnano fit")
+    ap.add_argument("--ckpt_path", required=True,
+                    help="a checkpoint written by gptnano fit, or a folder written by gptnano export")
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="text to continue (default: a newline)")
     source.add_argument("--prompt_file", help="a UTF-8 file whose whole content is the prompt")
@@ -103,10 +104,11 @@ def ctrl_c_stops():
 class Writer:
     """Writes samples of one loaded model to ``out`` a character at a time."""
 
-    def __init__(self, net, tokenizer, settings: dict, device, out=sys.stdout):
+    def __init__(self, net, tokenizer, settings: dict, device, out=None):
         import torch
 
-        self.net, self.tokenizer, self.settings, self.device, self.out = net, tokenizer, settings, device, out
+        self.net, self.tokenizer, self.settings, self.device = net, tokenizer, settings, device
+        self.out = out or sys.stdout  # the stdout of the moment: a default argument would keep the first one forever
         # One generator for the session: every sample draws on from where the last one stopped,
         # so a seeded session repeats exactly. Without a seed it takes a fresh one, recorded in
         # the settings so the interactive banner can show how to repeat the session.

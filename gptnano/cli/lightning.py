@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import hardware
-from gptnano.checkpoint import architecture, build_net, read_checkpoint
+from gptnano.checkpoint import architecture, build_net, load_grown, read_checkpoint, run_name
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
@@ -49,9 +49,21 @@ class Parser(LightningArgumentParser):
         (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
 
 
+def _rank_zero() -> bool:
+    """Whether this is the process that speaks (the first of a node's ranks, on the first node)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _home(source: str) -> Path:
+    """The folder a trained model lives in: an exported folder itself, a checkpoint file's run folder."""
+    path = Path(source).resolve()
+    return path if path.is_dir() else path.parent
+
+
 class GPTNanoCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         self._checkpoints = {}  # path -> checkpoint: read once, though parsing and building both need it
+        self._init_source = None  # (path, checkpoint) of fit --init_from, whose weights the new network takes
         super().__init__(
             LitLM,
             ShakespeareDataModule,
@@ -77,6 +89,13 @@ class GPTNanoCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Name of the run: checkpoints go to checkpoints/<run_name>/ and logs to "
                                  "lightning_logs/<run_name>/ (default: the architecture's name, e.g. gpt).")
+        parser.add_argument("--init_from", type=str | None, default=None,
+                            help="fit only: start a new run from a trained model, a checkpoint file or a folder "
+                                 "written by `gptnano export`: its network, sizes and weights, with a fresh "
+                                 "optimizer and schedule from step 0 and this command's other settings (learning "
+                                 "rates, dropout, sampling, text). Characters of the text the model has never seen "
+                                 "get new rows in the embedding and output head. The run is named <source run>-ft "
+                                 "unless --run_name says otherwise; resume it with --run_name and --ckpt_path last.")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/loss",
@@ -104,6 +123,11 @@ class GPTNanoCLI(LightningCLI):
             # before_instantiate_classes then makes the checkpoint win over config files too.
             defaults = settings.parser_defaults(self._read_checkpoint(ckpt)["hyper_parameters"], _MODEL_ARGS)
             subcommand_parser(parser, cmd.subcommand).set_defaults(defaults)
+        elif source := cmd.init_from:
+            self._check_fit(cmd.subcommand)
+            # (No subcommand: the CLI built in Python with run=False, whose classes are a fit's.)
+            target = subcommand_parser(parser, cmd.subcommand) if cmd.subcommand else parser
+            target.set_defaults(self._source_defaults(source))
         self.config = parser.parse_args(argv)
 
     def _parse_ckpt_path(self) -> None:
@@ -114,6 +138,8 @@ class GPTNanoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        if cfg.get("init_from"):
+            self._start_from(sub, cfg)
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         cfg.run_name = name
         if "run_name" in self._typed and "checkpoint.dirpath" not in self._typed:
@@ -135,18 +161,101 @@ class GPTNanoCLI(LightningCLI):
                 action = "resume" if sub == "fit" else sub
                 raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
             cfg.ckpt_path = ckpt = str(path)
+        if ckpt and sub == "fit" and Path(ckpt).is_dir():
+            raise UserError(f"--ckpt_path {ckpt} is an exported model, which holds no training state to resume: "
+                            f"start a new run from it with --init_from {ckpt}")
         if ckpt:
             saved = self._read_checkpoint(ckpt)
             self._take_from_checkpoint(cfg, saved, ckpt)
         resuming_here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
+        if self._init_source and folder.resolve() == _home(self._init_source[0]):
+            raise UserError(f"--init_from {self._init_source[0]}: the new run needs a folder of its own, not "
+                            f"the source's {folder}: give another --run_name")
         if sub == "fit" and (folder / "last.ckpt").exists() and not resuming_here:
             # A fresh run, or one resumed from another folder's checkpoint, would overwrite this run.
-            raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "
+            how = " (without --init_from)" if self._init_source else ""
+            raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
         if sub == "fit" and (cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0):
             raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
                             "(the learning rate decays over them)")
         self._choose_arithmetic(cfg, saved if sub == "fit" else None)
+
+    # ----- fit --init_from: a new run that starts from a trained model's weights --------------
+    def _source_defaults(self, path: str) -> dict:
+        """Parser defaults from a trained model, so that ``fit --init_from X`` needs no --config:
+        its architecture with the sizes its weights fix (the rest is a new run's), and its tokenizer."""
+        hparams = self._read_checkpoint(path)["hyper_parameters"]
+        cls, init_args = architecture(hparams["net"], path)
+        fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings}
+        return {"model.net": {"class_path": hparams["net"]["class_path"], "init_args": fixed},
+                "data.tokenizer": hparams.get("tokenizer", "char")}
+
+    @staticmethod
+    def _check_fit(sub: str | None) -> None:
+        if sub not in ("fit", None):
+            raise UserError(f"--init_from is for fit; {sub} takes a checkpoint or an exported folder as --ckpt_path")
+
+    def _start_from(self, sub: str | None, cfg) -> None:
+        """Set up ``fit --init_from PATH``: the network and its sizes from PATH (a size typed
+        otherwise on the command line is one line), its tokenizer with the text's new characters
+        appended, the run's name; the weights are copied in once the network is built
+        (``instantiate_classes``). Everything else is a new run's, from the config and flags."""
+        source = cfg.init_from
+        self._check_fit(sub)
+        if cfg.get("ckpt_path"):
+            if "init_from" in self._typed:
+                raise UserError("--init_from starts a new run from a trained model, --ckpt_path resumes a run: give "
+                                "one of them (a run begun with --init_from resumes with --run_name NAME --ckpt_path last)")
+            cfg.init_from = None  # from the saved config.yaml of a run begun with --init_from, now resumed
+            return
+        ckpt = self._read_checkpoint(source)
+        hparams = ckpt["hyper_parameters"]
+        cls, init_args = architecture(hparams["net"], source)
+        net = cfg.model.net
+        asked = net.class_path.rsplit(".", 1)[-1]
+        if asked != cls.__name__:
+            raise UserError(f"--init_from {source} holds a {cls.__name__} network, but --config or --model.net ask "
+                            f"for {asked}: give the {cls.__name__}'s config, or none")
+        fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings and k != "vocab_size"}
+        typed = {k: net.init_args.get(k) for k in fixed
+                 if f"model.net.{k}" in self._typed and net.init_args.get(k) != fixed[k]}
+        if typed:
+            shown = ", ".join(f"{k}={v} (its weights: {fixed[k]})" for k, v in typed.items())
+            raise UserError(f"--init_from {source} cannot take {shown}: the network and its sizes come from the "
+                            "trained model (train one of other sizes without --init_from)")
+        for key, value in fixed.items():
+            net.init_args[key] = value
+        kind = hparams.get("tokenizer", "char")
+        if ("data.tokenizer" in self._typed and cfg.data.tokenizer != kind) or "data.vocab" in self._typed:
+            raise UserError(f"--init_from {source}: the tokenizer is the trained model's ({kind}), "
+                            "with the text's new characters appended: leave out --data.tokenizer and --data.vocab")
+        cfg.data.tokenizer = kind
+        cfg.data.vocab = self._grown_vocabulary(cfg, hparams["vocab"]) if kind == "char" else None
+        cfg.run_name = cfg.run_name or f"{run_name(source)}-ft"
+        self._init_source = (source, ckpt)
+
+    def _grown_vocabulary(self, cfg, old: str) -> str:
+        """The trained model's vocabulary in its own order, then the characters of the text it has
+        never seen (sorted): old ids keep their meaning, new ones come after them."""
+        text = ShakespeareDataModule(**{**cfg.data.as_dict(), "vocab": None}).vocab  # the text's characters
+        new = "".join(c for c in text if c not in old)
+        if new and _rank_zero():
+            print(f"gptnano: {len(new)} characters of the text are new to the model ({new!r}): they get new rows "
+                  "in the embedding and output head, after its own", file=sys.stderr)
+        return old + new
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self._init_source:
+            # The network was just built fresh (seeded) for the new vocabulary: the trained weights
+            # replace its own, except the rows of new characters, which stay as a fresh model has them.
+            source, ckpt = self._init_source
+            load_grown(self.model.net, ckpt["state_dict"], source)
+            if _rank_zero():
+                step = ckpt.get("global_step", ckpt.get("exported_from", {}).get("global_step"))
+                print(f"gptnano: starting from {source}" + (f" (step {step})" if step is not None else "") +
+                      ": a new run from step 0, optimizer and schedule fresh", file=sys.stderr)
 
     def _read_checkpoint(self, path: str) -> dict:
         """``read_checkpoint``, once per file and command."""

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     from gptnano.sampling import generate
 
     ap = argparse.ArgumentParser(prog="gptnano senses", description=main.__doc__)
-    ap.add_argument("--ckpt_path", required=True, help="a Backpack checkpoint")
+    ap.add_argument("--ckpt_path", required=True, help="a Backpack checkpoint, or a folder written by gptnano export")
     ap.add_argument("--token", required=True, help="the character whose senses to show")
     ap.add_argument("--k", type=int, default=5, help="characters listed at each end (default 5)")
     ap.add_argument("--sense", type=int, help="also generate with this sense scaled by --scale")

@@ -50,19 +50,20 @@ class CommandLine(NamedTuple):
     dirpath: str | None  # --checkpoint.dirpath
     configs: list[str]
     typed: set[str]  # dotted keys typed, jsonargparse's optional "init_args" level dropped
+    init_from: str | None  # fit --init_from: a trained model a new run starts from
 
 
 def read_command_line(argv: list[str], subcommands) -> CommandLine:
     """The few options that decide which checkpoint to read, from ``argv``, with argparse."""
     scan = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--ckpt_path", "--run_name", "--checkpoint.dirpath"):
+    for flag in ("--ckpt_path", "--run_name", "--checkpoint.dirpath", "--init_from"):
         scan.add_argument(flag)
     scan.add_argument("--config", "-c", action="append", default=[])
     known, _ = scan.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     subcommand = next((a for a in argv if a in subcommands), None)
     typed = {a[2:].split("=", 1)[0].replace(".init_args.", ".") for a in argv if a.startswith("--") and a != "--"}
     return CommandLine(subcommand, known.ckpt_path, known.run_name, getattr(known, "checkpoint.dirpath"),
-                       known.config, typed)
+                       known.config, typed, known.init_from)
 
 
 def run_folder(run_name: str | None, dirpath: str | None) -> Path | None:

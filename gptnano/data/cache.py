@@ -195,7 +195,8 @@ class Corpus:
             if missing:
                 shown = "".join(missing[:20])
                 raise UserError(f"{self.path} has {len(missing)} characters not in the model's vocabulary "
-                                f"({shown!r}): the checkpoint was trained on a different text")
+                                f"({shown!r}): the checkpoint was trained on a different text (fit --init_from "
+                                "starts a new run from it that learns them)")
         return facts
 
     def _stem(self, facts: Scan, tokenizer) -> str:

@@ -27,7 +27,8 @@ def codepoints(text: str) -> np.ndarray:
 
 
 class CharTokenizer:
-    """Characters <-> integer ids. The vocabulary is the sorted set of characters,
+    """Characters <-> integer ids. The vocabulary is a text's sorted set of characters (or
+    a checkpoint's, in its own order: ``fit --init_from`` appends new characters to it),
     kept as one plain string so it travels in a checkpoint without pickle."""
 
     kind = "char"

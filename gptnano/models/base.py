@@ -31,6 +31,10 @@ class LanguageModel(nn.Module):
 
     vocab_size: int
     block_size: int
+    # Constructor arguments that do not change what a trained network computes (how it trains,
+    # or which kernel computes the same thing): a run started from trained weights
+    # (``fit --init_from``) takes them from its own config. The weights fix every other one.
+    run_settings: tuple[str, ...] = ("dropout", "use_sdpa", "fast")
 
     @property
     def max_context(self) -> int | None:

@@ -29,6 +29,20 @@ def elman_scan(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Te
     return torch.stack(hs, dim=1)  # (B, T, H)
 
 
+def elman_scan_exportable(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """``elman_scan`` for ``torch.export`` (the ONNX exporter): a Python loop would be unrolled
+    into a graph of fixed length, while torch's ``scan`` operator stays one loop that ONNX
+    runs for any length. Same arguments and result as ``elman_scan``; forward only.
+    ``scan`` is not public in torch 2.13 (tests/test_dependencies.py fails loudly if it moves)."""
+    from torch._higher_order_ops.scan import scan
+
+    def step(h: torch.Tensor, a_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(a_t + h @ w_h.t())  # (B, H)
+        return h, h.clone()  # (carry, output): scan wants them as separate tensors
+
+    return scan(step, h0, a.transpose(0, 1))[1].transpose(0, 1)  # over time-major (T, B, H); back to (B, T, H)
+
+
 class ElmanScan(torch.autograd.Function):
     """``elman_scan`` with a hand-written backward pass (BPTT): same numbers, less overhead.
 
@@ -94,7 +108,10 @@ class ElmanLayer(nn.Module):
         dtype = torch.promote_types(a.dtype, self.w_h.weight.dtype)
         w_h = self.w_h.weight.to(dtype)
         h0 = a.new_zeros(a.size(0), w_h.size(0), dtype=dtype) if h0 is None else h0.to(dtype)
-        scan = ElmanScan.apply if self.fast else elman_scan
+        if torch.compiler.is_exporting():
+            scan = elman_scan_exportable  # a graph with a loop in it, for any sequence length
+        else:
+            scan = ElmanScan.apply if self.fast else elman_scan
         hs = scan(a.to(dtype), w_h, h0)  # (B, T, H)
         return hs, hs[:, -1]
 
@@ -132,6 +149,9 @@ class RNN(LanguageModel):
         fast: Run the recurrence with the hand-written backward pass instead of
             the plain autograd loop (same result, faster).
     """
+
+    # The recurrence reads any length: block_size is only the length it trains on.
+    run_settings = (*LanguageModel.run_settings, "block_size")
 
     def __init__(
         self,

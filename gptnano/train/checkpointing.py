@@ -8,6 +8,7 @@ import threading
 import time
 from datetime import timedelta
 
+import lightning
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -122,4 +123,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f), remove_stale=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return read_checkpoint(path)
+        checkpoint = read_checkpoint(path)
+        # An exported folder holds no Lightning version (Lightning would try to upgrade it): it is
+        # read now, by this version. (Fit never gets one: the CLI sends a folder to --init_from.)
+        checkpoint.setdefault("pytorch-lightning_version", lightning.__version__)
+        return checkpoint
