@@ -60,7 +60,8 @@ def test_top_level_help_lists_every_command(tmp_path):
 def test_unknown_or_missing_command_is_one_line(tmp_path):
     bad = run_cli(["fitt"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot"]
+        "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot, "
+        "compare"]
     none = run_cli([], tmp_path, check=False)
     assert none.returncode == 2 and none.stderr.strip().endswith("gptnano: error: choose a command")
 
