@@ -45,6 +45,7 @@ def test_tools_and_top_level_help_start_without_lightning(ckpt, tmp_path):
     assert not lightning_imported(["--help"], tmp_path)
     assert not lightning_imported(["plot", "--help"], tmp_path)
     assert not lightning_imported(["senses", "--help"], tmp_path)
+    assert not lightning_imported(["compare", "--help"], tmp_path)
     assert not lightning_imported(["generate", "--ckpt_path", str(ckpt), "--max_new_tokens", "5"], tmp_path)
     assert not lightning_imported(["plot", str(ckpt.parents[2] / "lightning_logs" / "gpt"), "--out",
                                    str(tmp_path / "p.png")], tmp_path)

@@ -222,6 +222,42 @@ def resolve(points: list[Point], fit_flags: list[str], env: dict) -> None:
         point.facts = got
 
 
+RESOLVED = ("config", "text", "text_sha256", "n_tokens", "vocab_size", "net", "params", "flops_per_token", "block_size")
+
+
+def text_stat(path: str) -> list[int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def resolution_key(requests: list[list[str]], env: dict) -> str:
+    """What the configuration of every entry follows from: the command lines, the content of
+    the config files they name, the working folder and GPTNANO_DATA, and the code that parses
+    them (gptnano's files, Lightning's and jsonargparse's versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    files = {}
+    for argv in requests:
+        for i, a in enumerate(argv):
+            name = argv[i + 1] if a in ("--config", "-c") and i + 1 < len(argv) else (
+                a.split("=", 1)[1] if a.startswith("--config=") else None)
+            if name and Path(name).is_file():
+                files[name] = hashlib.sha256(Path(name).read_bytes()).hexdigest()
+    package = Path(__file__).resolve().parents[1]
+    code = sorted((str(p.relative_to(package)), *text_stat(p)) for p in package.rglob("*.py"))
+    versions = []
+    for dist in ("lightning", "jsonargparse"):
+        try:
+            versions.append(version(dist))
+        except PackageNotFoundError:
+            versions.append(None)
+    blob = json.dumps([requests, files, os.getcwd(), env.get("GPTNANO_DATA"), code, versions])
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def parser_error(text: str) -> str:
     """jsonargparse's error (several indented lines after ``error:``) as one line."""
     found = text.split("error:", 1)
@@ -346,15 +382,20 @@ class Job:
     beat: float = 0.0
 
 
-def _die_with_parent() -> None:
-    """In the fit's process before it starts (Linux): a SIGTERM when compare dies, however it
-    dies, so that the fit saves last.ckpt and stops instead of training on unwatched."""
+def _pdeathsig():
+    """Linux only: what a fit runs in its process before it starts, so that it gets a SIGTERM
+    when compare dies, however it dies (even by SIGKILL): it then saves last.ckpt and stops
+    instead of training on unwatched into the folder of a run the next compare resumes. libc
+    is opened here, in compare, so the child between fork and exec only makes one call."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 class Comparison:
@@ -378,13 +419,18 @@ class Comparison:
         self.name = stats.safe_name(args.name or f"{stems}-{self.budget.text}")
         self.folder = ROOT / self.name
         self.done_now: list[Run] = []  # finished by this command: their pace makes the ETA
+        self.die_with_me = _pdeathsig()
 
     # ----- before any training -----------------------------------------------------------
     def prepare(self) -> None:
         from gptnano import hardware
 
+        self.check_recorded_command()
+        if self.args.parallel > 1:
+            self.check_gpus()
         self.env = dict(os.environ)
-        resolve(self.points, self.fit_flags, self.env)
+        if not self.reuse_resolved():
+            resolve(self.points, self.fit_flags, self.env)
         for p in self.points:
             trainer = p.facts["config"]["trainer"]
             p.facts["device"] = device = hardware.device_type(trainer.get("accelerator"))
@@ -410,17 +456,60 @@ class Comparison:
                 raise UserError(f"{self.folder} holds run {run.name} of another command (its configuration, budget, "
                                 f"seed or text differ): give another --name, or delete {self.folder}")
 
-    def check_parallel(self) -> None:
-        k = self.args.parallel
-        if k == 1:
-            return
-        if any(p.facts["device"] != "cuda" for p in self.points):
-            raise UserError(f"--parallel {k} runs one run per GPU, and these runs train on a CPU: parallel runs would "
-                            "share its cores and distort every speed and time budget; leave --parallel out")
+    def requests(self) -> list[list[str]]:
+        return [["--config", p.config, *self.fit_flags, *p.flags()] for p in self.points]
+
+    def reuse_resolved(self) -> bool:
+        """Take the entries' facts from resolved.json when nothing they came from has changed
+        (the fit command lines, the config files, the text, gptnano's and the parser's code):
+        a rerun that only resumes or redraws then starts in a second."""
+        try:
+            saved = json.loads((self.folder / "resolved.json").read_text(encoding="utf-8"))
+            if saved["key"] != resolution_key(self.requests(), self.env):
+                return False
+            facts = saved["facts"]
+            if len(facts) != len(self.points) or any(text_stat(f["text"]) != f["text_stat"] for f in facts):
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        for p, f in zip(self.points, facts):
+            p.facts = f
+        return True
+
+    def save_resolved(self) -> None:
+        facts = [{k: v for k, v in p.facts.items() if k in RESOLVED} for p in self.points]
+        for f in facts:
+            f["text_stat"] = text_stat(f["text"])
+        atomic_write(self.folder / "resolved.json", json.dumps(
+            {"key": resolution_key(self.requests(), self.env), "facts": facts}, default=str) + "\n")
+
+    def check_recorded_command(self) -> None:
+        """Every run's identity holds the budget and the validations: if they changed, every
+        recorded run would differ, which is said at once, before the configs are resolved."""
+        path = self.folder / "compare.json"
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            before = (budgets.parse_budget(recorded["budget"]), recorded["validations"])
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            return  # nothing recorded yet (or not by compare): the runs' own records decide
+        now = (self.budget, self.args.validations)
+        if (before[0].kind, before[0].amount, before[1]) != (now[0].kind, now[0].amount, now[1]):
+            raise UserError(f"{self.folder} holds runs of another command (--budget {before[0].text}, --validations "
+                            f"{before[1]}): give another --name, or delete {self.folder}")
+
+    def check_gpus(self) -> None:
         import torch
 
-        if torch.cuda.device_count() < k:
-            raise UserError(f"--parallel {k} needs {k} GPUs; this machine has {torch.cuda.device_count()}")
+        k, have = self.args.parallel, torch.cuda.device_count()
+        if have < k:
+            cpu = " (on a CPU, parallel runs would share its cores and distort every speed and time budget)" if not have else ""
+            raise UserError(f"--parallel {k} runs one run per GPU and needs {k} GPUs; this machine has {have}{cpu}")
+
+    def check_parallel(self) -> None:
+        k = self.args.parallel
+        if k > 1 and any(p.facts["device"] != "cuda" for p in self.points):
+            raise UserError(f"--parallel {k} runs one run per GPU, and these runs train on a CPU: parallel runs would "
+                            "share its cores and distort every speed and time budget; leave --parallel out")
 
     def plan_point(self, p: Point, probe: budgets.Probe | None = None, slowdown: float = 1.0) -> budgets.Plan:
         f = p.facts
@@ -513,7 +602,7 @@ class Comparison:
             what = (f"{plan.steps} steps, {lines.quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
                     f"validating every {plan.val_every}")
         self.write_record(run)
-        lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", what, self.eta(run))
+        lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", what, self.eta())
         env = dict(self.env)
         if self.args.parallel > 1:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
@@ -524,8 +613,7 @@ class Comparison:
         cmd = [sys.executable, "-m", "gptnano", "fit", *run.record["argv"], *(["--ckpt_path", "last"] if resume else [])]
         log.write(f"$ gptnano {' '.join(cmd[3:])}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.die_with_me)
         now = time.monotonic()
         return Job(run, proc, now, index, log, beat=now)
 
@@ -544,7 +632,7 @@ class Comparison:
         self.done_now.append(run)
         lines.say(f"compare {self.name}", f"done {job.index}/{len(self.runs)} {run.name}",
                   f"final val loss {result['final_val_loss']:.4f}",
-                  f"trained {lines.duration(result['train_s'])}", self.eta(None))
+                  f"trained {lines.duration(result['train_s'])}", self.eta())
 
     def last_error(self, run: Run) -> str:
         try:
@@ -555,7 +643,7 @@ class Comparison:
         last = found[-1] if found else (text.strip().splitlines() or ["no output"])[-1]
         return last.removeprefix("gptnano: error: ")[:150]
 
-    def eta(self, current: Run | None, elapsed: float = 0.0) -> str:
+    def eta(self, elapsed: float = 0.0) -> str:
         """``ETA 12m30s``: the runs left at the pace of those this command finished (process time
         per FLOP; per run for wall-time budgets), less what the current run has done."""
         if not self.done_now:
@@ -563,10 +651,12 @@ class Comparison:
         left = [r for r in self.runs if not r.done]
         if self.budget.machine_dependent:
             per_run = sum(r.record["process_s"] for r in self.done_now) / len(self.done_now)
-            return f"ETA {lines.duration(max(0.0, per_run * len(left) - elapsed))}"
-        pace = sum(r.record["process_s"] for r in self.done_now) / sum(r.record["plan"]["flops"] for r in self.done_now)
-        todo = sum(self.plans[r.point.label].flops for r in left)
-        return f"ETA {lines.duration(max(0.0, pace * todo - elapsed))}"
+            seconds = per_run * len(left)
+        else:
+            done_flops = sum(r.record["plan"]["flops"] for r in self.done_now)
+            seconds = sum(r.record["process_s"] for r in self.done_now) / done_flops * sum(
+                self.plans[r.point.label].flops for r in left)
+        return f"ETA {lines.duration(max(0.0, seconds / self.args.parallel - elapsed))}"
 
     def execute(self) -> None:
         todo = [(i, r) for i, r in enumerate(self.runs, 1) if not r.done]
@@ -592,7 +682,7 @@ class Comparison:
                         job.beat = time.monotonic()
                         elapsed = job.beat - job.started
                         lines.say(f"compare {self.name}", f"run {job.index}/{len(self.runs)} {job.run.name}",
-                                  f"training for {lines.duration(elapsed)}", self.eta(job.run, elapsed))
+                                  f"training for {lines.duration(elapsed)}", self.eta(elapsed))
         except KeyboardInterrupt:
             self.stop(running.values())
             names = ", ".join(f"{j.index}/{len(self.runs)} {j.run.name}" for j in running.values())
@@ -665,6 +755,7 @@ class Comparison:
         return written
 
     def write_command(self) -> None:
+        self.save_resolved()
         atomic_write(self.folder / "compare.json", json.dumps(
             {"command": ["gptnano", "compare", *self.argv], "budget": self.budget.text, "seeds": self.args.seeds,
              "validations": self.args.validations, "entries": [p.label for p in self.points],
