@@ -624,6 +624,9 @@ class Comparison:
         code = job.proc.returncode
         if code != 0:
             self.write_record(run)
+            if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):  # stopped from outside, not failed
+                raise UserError(f"run {run.name} was stopped by a signal (exit {code}); run the same command "
+                                "again to resume it")
             raise UserError(f"run {run.name} failed (exit {code}): {self.last_error(run)}; "
                             f"its output: {log.name}; run the same command again to resume it")
         result = stats.read_result(self.logs(run), self.checkpoints(run) / "last.ckpt", run.record["plan"]["steps"])
