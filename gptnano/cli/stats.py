@@ -191,7 +191,7 @@ def markdown(report: dict) -> str:
         rows.append([str(i), label, _pm(f), f"{f['min']:.4f}–{f['max']:.4f}", _pm(e["bpc"], 3),
                      f"{e['best_val_loss']['mean']:.4f}", _si(e["params"]), f"{e['steps']:.0f}", _si(e["tokens"]),
                      _si(e["flops"]), f"{e['train_s']:.0f}" if e["train_s"] is not None else "",
-                     _si(e["tok_s"]), f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "", verdict])
+                     _si(e["tok_s"]), f"{100 * e['mfu']:.3g}%" if e["mfu"] is not None else "", verdict])
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     foot = ["", "Two entries are *not distinguishable at N seeds* when their mean final losses differ by less "
