@@ -250,10 +250,38 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
              for s in (0, 1)]
     assert [(c["seed_everything"], c["data"]["seed"]) for c in saved] == [(0, 0), (1, 1)]
 
-    # A command whose runs would differ is refused before anything runs.
-    changed = start_compare([*configs, "--budget", "30steps", "--seeds", "2", "--validations", "2", "--name", "t"],
-                            tmp_path)
+    # A command whose runs would differ (here: another dropout for every run) is refused before any training.
+    changed = start_compare([*args, "--model.net.dropout", "0.1"], tmp_path)
     _, err = changed.communicate(timeout=300)
     assert changed.returncode == 2 and err.strip().splitlines() == [
-        f"gptnano: error: {Path('compare', 't')} holds runs of another command (--budget 40steps, --validations 2): "
-        f"give another --name, or delete {Path('compare', 't')}"]
+        f"gptnano: error: {Path('compare', 't')} holds run gpt-s0 of another command (its configuration, budget, "
+        f"seed or text differ): give another --name, or delete {Path('compare', 't')}"]
+    assert first.stat().st_mtime_ns == first_written
+
+
+def test_a_run_is_known_by_its_configuration_budget_seed_and_text():
+    config = {"model": {"learning_rate": 1e-3, "lr_decay_steps": None}, "seed_everything": 1337, "run_name": "gpt",
+              "trainer": {"max_steps": 1000, "enable_progress_bar": True}, "data": {"seed": 1337, "batch_size": 4}}
+    budget = budgets.parse_budget("5e13flop")
+    h = compare.config_hash(config, budget, 0, 10, "abc")
+    # What compare sets for each run, and what measures nothing, is not part of it ...
+    same = {**config, "seed_everything": 7, "run_name": "x", "trainer": {"max_steps": 5, "enable_progress_bar": False},
+            "data": {"seed": 7, "batch_size": 4}}
+    assert compare.config_hash(same, budget, 0, 10, "abc") == h
+    # ... everything else is.
+    assert compare.config_hash({**config, "model": {"learning_rate": 2e-3}}, budget, 0, 10, "abc") != h
+    assert compare.config_hash(config, budgets.parse_budget("5e13tok"), 0, 10, "abc") != h
+    assert compare.config_hash(config, budget, 1, 10, "abc") != h
+    assert compare.config_hash(config, budget, 0, 5, "abc") != h
+    assert compare.config_hash(config, budget, 0, 10, "abd") != h
+
+
+def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path):
+    configs = write_configs(tmp_path)
+    folder = tmp_path / "compare" / "t"
+    folder.mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"budget": "40steps", "validations": 2}))
+    error = one_line(gptnano(["compare", *configs, "--budget", "30steps", "--validations", "2", "--name", "t"],
+                             tmp_path))
+    assert error == (f"gptnano: error: {Path('compare', 't')} holds runs of another command (--budget 40steps, "
+                     f"--validations 2): give another --name, or delete {Path('compare', 't')}")
