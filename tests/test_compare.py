@@ -19,8 +19,10 @@ from gptnano.models import GPT, RNN
 from tests.helpers import cli_env, make_text
 
 TINY = {  # two architectures small enough that a fit of a few dozen steps takes a second
-    "gpt": {"class_path": "gptnano.models.GPT", "init_args": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}},
-    "rnn": {"class_path": "gptnano.models.RNN", "init_args": {"block_size": 16, "n_layer": 1, "n_embd": 16, "n_hidden": 24}},
+    "gpt": {"class_path": "gptnano.models.GPT",
+            "init_args": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}},
+    "rnn": {"class_path": "gptnano.models.RNN",
+            "init_args": {"block_size": 16, "n_layer": 1, "n_embd": 16, "n_hidden": 24}},
 }
 
 

@@ -21,13 +21,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptnano import lines
-from gptnano.cli import budgets, stats
+from gptnano.cli import budgets, resolve, stats
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
 
@@ -49,7 +48,9 @@ OWNED = {
 }
 # Settings that change nothing a comparison measures: left out of a run's hash.
 COSMETIC = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "weights_only")
-TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}  # training time, kept across a resume
+# Lightning's Timer measures each run's training time, and a resumed run carries it on. Its interval is
+# given as text: the enum default would stop fit's SaveConfigCallback from writing config.yaml.
+TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
 HEARTBEAT_S = 60.0  # a progress line at least this often while a run trains
 POLL_S = 0.25
 
@@ -177,7 +178,7 @@ class Point:
     config: str
     grid: dict[str, str]
     label: str
-    facts: dict = field(default_factory=dict)  # what the real CLI resolved (resolve_child)
+    facts: dict = field(default_factory=dict)  # what fit's parser resolved (gptnano/cli/resolve.py), and more
 
     def flags(self) -> list[str]:
         return [a for key, value in self.grid.items() for a in (f"--{key}", value)]
@@ -185,7 +186,9 @@ class Point:
 
 def make_points(configs: list[str], grid: list[tuple[str, list[str]]]) -> list[Point]:
     stems = [Path(c).stem for c in configs]
-    names = [s if stems.count(s) == 1 else stats.safe_name(str(Path(c).with_suffix(""))) for s, c in zip(stems, configs)]
+    # A config's name, or its path where two configs share a name (configs/gpt.yaml, configs/gpu/gpt.yaml).
+    names = [s if stems.count(s) == 1 else stats.safe_name(str(Path(c).with_suffix("")))
+             for s, c in zip(stems, configs)]
     if len(set(names)) < len(names):
         raise UserError("a config is given twice")
     points = []
@@ -197,118 +200,6 @@ def make_points(configs: list[str], grid: list[tuple[str, list[str]]]) -> list[P
     if len({p.label for p in points}) < len(points):
         raise UserError("two grid keys end in the same name: their runs would be named alike")
     return points
-
-
-# ----- resolving configs with the real CLI, in a child process ----------------------------
-def resolve(points: list[Point], fit_flags: list[str], env: dict) -> None:
-    """Parse every entry's fit command with `gptnano fit`'s own parser (in one child process:
-    this one never imports Lightning) and record what it resolved in ``point.facts``. An
-    unknown key, a bad value or an impossible network is one UserError naming the entry."""
-    requests = [["--config", p.config, *fit_flags, *p.flags()] for p in points]
-    with tempfile.TemporaryDirectory(prefix="gptnano-compare-") as tmp:
-        ask, answer = Path(tmp, "requests.json"), Path(tmp, "answers.json")
-        ask.write_text(json.dumps(requests), encoding="utf-8")
-        code = "from gptnano.cli.compare import resolve_child; resolve_child()"
-        proc = subprocess.run([sys.executable, "-c", code, str(ask), str(answer)], env=env, capture_output=True,
-                              text=True)
-        if proc.returncode != 0 or not answer.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"could not check the configs (exit {proc.returncode}): {last}")
-        answers = json.loads(answer.read_text(encoding="utf-8"))
-    for point, got in zip(points, answers):
-        if "error" in got:
-            where = point.config + "".join(f" --grid {k}={v}" for k, v in point.grid.items())
-            raise UserError(f"{where}: {got['error']}")
-        point.facts = got
-
-
-RESOLVED = ("config", "text", "text_sha256", "n_tokens", "vocab_size", "net", "params", "flops_per_token", "block_size")
-
-
-def text_stat(path: str) -> list[int] | None:
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def resolution_key(requests: list[list[str]], env: dict) -> str:
-    """What the configuration of every entry follows from: the command lines, the content of
-    the config files they name, the working folder and GPTNANO_DATA, and the code that parses
-    them (gptnano's files, Lightning's and jsonargparse's versions)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    files = {}
-    for argv in requests:
-        for i, a in enumerate(argv):
-            name = argv[i + 1] if a in ("--config", "-c") and i + 1 < len(argv) else (
-                a.split("=", 1)[1] if a.startswith("--config=") else None)
-            if name and Path(name).is_file():
-                files[name] = hashlib.sha256(Path(name).read_bytes()).hexdigest()
-    package = Path(__file__).resolve().parents[1]
-    code = sorted((str(p.relative_to(package)), *text_stat(p)) for p in package.rglob("*.py"))
-    versions = []
-    for dist in ("lightning", "jsonargparse"):
-        try:
-            versions.append(version(dist))
-        except PackageNotFoundError:
-            versions.append(None)
-    blob = json.dumps([requests, files, os.getcwd(), env.get("GPTNANO_DATA"), code, versions])
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def parser_error(text: str) -> str:
-    """jsonargparse's error (several indented lines after ``error:``) as one line."""
-    found = text.split("error:", 1)
-    body = found[1] if len(found) == 2 else (text.strip().splitlines() or ["the configuration did not parse"])[-1]
-    return " ".join(body.split())[:400]
-
-
-def resolve_child() -> None:
-    """The child of ``resolve``: argv = [requests.json, answers.json]. For each fit command line,
-    the configuration `gptnano fit --print_config` resolves, the text it trains on, and the
-    network's size and FLOPs per token (built on PyTorch's meta device: no memory, no time)."""
-    import contextlib
-    import io
-
-    import torch
-    import yaml
-
-    from gptnano.checkpoint import build_net
-    from gptnano.cli import quiet
-    from gptnano.cli.lightning import GPTNanoCLI
-    from gptnano.data.datamodule import ShakespeareDataModule
-
-    quiet.hide_noise()
-    requests = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
-    answers, texts = [], {}
-    for argv in requests:
-        out, err = io.StringIO(), io.StringIO()
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    GPTNanoCLI(args=[*argv, "--print_config"], run=False)  # fit's parser: it prints, then exits
-                except SystemExit as e:
-                    if e.code not in (0, None):
-                        raise UserError(parser_error(err.getvalue())) from None
-                config = yaml.safe_load(out.getvalue())
-                data = ShakespeareDataModule(**config["data"])
-                key = (str(data.text_path), data.tokenizer_kind, config["data"].get("vocab"))
-                if key not in texts:
-                    scan = data.corpus.scan(verbose=False)
-                    texts[key] = {"text": str(data.text_path), "text_sha256": scan.sha256,
-                                  "n_tokens": scan.n_tokens, "vocab_size": data.vocab_size}
-                net = config["model"]["net"]
-                spec = {"class_path": net["class_path"],
-                        "init_args": {**(net.get("init_args") or {}), "vocab_size": texts[key]["vocab_size"]}}
-                with torch.device("meta"):
-                    built = build_net(spec, source="the config")
-            answers.append({"config": config, **texts[key], "net": spec, "params": built.num_params(),
-                            "flops_per_token": built.flops_per_token(), "block_size": built.block_size})
-        except UserError as e:
-            answers.append({"error": str(e)})
-    atomic_write(sys.argv[2], json.dumps(answers))
 
 
 # ----- what a run is -----------------------------------------------------------------------
@@ -430,7 +321,11 @@ class Comparison:
             self.check_gpus()
         self.env = dict(os.environ)
         if not self.reuse_resolved():
-            resolve(self.points, self.fit_flags, self.env)
+            for p, got in zip(self.points, resolve.resolve(self.requests(), self.env)):
+                if "error" in got:
+                    where = p.config + "".join(f" --grid {k}={v}" for k, v in p.grid.items())
+                    raise UserError(f"{where}: {got['error']}")
+                p.facts = got
         for p in self.points:
             trainer = p.facts["config"]["trainer"]
             p.facts["device"] = device = hardware.device_type(trainer.get("accelerator"))
@@ -443,9 +338,12 @@ class Comparison:
                                           * int(trainer.get("accumulate_grad_batches") or 1)
                                           * world_size(trainer, device, self.args.parallel))
         self.check_parallel()
-        self.runs = [Run(f"{p.label}-s{seed}", p, seed,
-                         config_hash(p.facts["config"], self.budget, seed, self.args.validations, p.facts["text_sha256"]))
-                     for p in self.points for seed in range(self.args.seeds)]
+        self.runs = []
+        for p in self.points:
+            for seed in range(self.args.seeds):
+                identity = config_hash(p.facts["config"], self.budget, seed, self.args.validations,
+                                       p.facts["text_sha256"])
+                self.runs.append(Run(f"{p.label}-s{seed}", p, seed, identity))
         self.plans = {}
         if not self.budget.machine_dependent:
             for p in self.points:
@@ -465,10 +363,10 @@ class Comparison:
         a rerun that only resumes or redraws then starts in a second."""
         try:
             saved = json.loads((self.folder / "resolved.json").read_text(encoding="utf-8"))
-            if saved["key"] != resolution_key(self.requests(), self.env):
+            if saved["key"] != resolve.key(self.requests(), self.env):
                 return False
             facts = saved["facts"]
-            if len(facts) != len(self.points) or any(text_stat(f["text"]) != f["text_stat"] for f in facts):
+            if len(facts) != len(self.points) or any(resolve.file_stat(f["text"]) != f["text_stat"] for f in facts):
                 return False
         except (OSError, ValueError, KeyError, TypeError):
             return False
@@ -477,11 +375,11 @@ class Comparison:
         return True
 
     def save_resolved(self) -> None:
-        facts = [{k: v for k, v in p.facts.items() if k in RESOLVED} for p in self.points]
+        facts = [{k: v for k, v in p.facts.items() if k in resolve.FACTS} for p in self.points]
         for f in facts:
-            f["text_stat"] = text_stat(f["text"])
+            f["text_stat"] = resolve.file_stat(f["text"])
         atomic_write(self.folder / "resolved.json", json.dumps(
-            {"key": resolution_key(self.requests(), self.env), "facts": facts}, default=str) + "\n")
+            {"key": resolve.key(self.requests(), self.env), "facts": facts}, default=str) + "\n")
 
     def check_recorded_command(self) -> None:
         """Every run's identity holds the budget and the validations: if they changed, every
@@ -502,8 +400,9 @@ class Comparison:
 
         k, have = self.args.parallel, torch.cuda.device_count()
         if have < k:
-            cpu = " (on a CPU, parallel runs would share its cores and distort every speed and time budget)" if not have else ""
-            raise UserError(f"--parallel {k} runs one run per GPU and needs {k} GPUs; this machine has {have}{cpu}")
+            why = " (on a CPU, parallel runs would share its cores and distort every speed and time budget)"
+            raise UserError(f"--parallel {k} runs one run per GPU and needs {k} GPUs; this machine has {have}"
+                            + ("" if have else why))
 
     def check_parallel(self) -> None:
         k = self.args.parallel
@@ -610,7 +509,8 @@ class Comparison:
         log_path = self.folder / "logs" / f"{run.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(log_path, "a", encoding="utf-8")
-        cmd = [sys.executable, "-m", "gptnano", "fit", *run.record["argv"], *(["--ckpt_path", "last"] if resume else [])]
+        cmd = [sys.executable, "-m", "gptnano", "fit", *run.record["argv"]]
+        cmd += ["--ckpt_path", "last"] if resume else []
         log.write(f"$ gptnano {' '.join(cmd[3:])}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.die_with_me)
@@ -664,10 +564,11 @@ class Comparison:
     def execute(self) -> None:
         todo = [(i, r) for i, r in enumerate(self.runs, 1) if not r.done]
         started = sum(1 for _, r in todo if r.record)
-        lines.say(f"compare {self.name}", f"{len(self.points)} entries x {self.args.seeds} seeds = {len(self.runs)} runs",
+        machine = " (wall time: machine-dependent)" if self.budget.machine_dependent else ""
+        lines.say(f"compare {self.name}",
+                  f"{len(self.points)} entries x {self.args.seeds} seeds = {len(self.runs)} runs",
                   f"{len(self.runs) - len(todo)} done", f"{started} to resume" if started else "",
-                  f"budget {self.budget.text}" + (" (wall time: machine-dependent)" if self.budget.machine_dependent else ""),
-                  f"output of each fit in {self.folder / 'logs'}")
+                  f"budget {self.budget.text}{machine}", f"output of each fit in {self.folder / 'logs'}")
         free, running = list(range(self.args.parallel)), {}
         try:
             while todo or running:
@@ -741,7 +642,8 @@ class Comparison:
         machine = machine_info()
         texts = sorted({p.facts["text"] for p in self.points})
         report = {"name": self.name, "command": ["gptnano", "compare", *self.argv], "budget_text": self.budget.text,
-                  "budget": self.budget.describe(), "budget_kind": self.budget.kind, "budget_amount": self.budget.amount,
+                  "budget": self.budget.describe(), "budget_kind": self.budget.kind,
+                  "budget_amount": self.budget.amount,
                   "seeds": self.args.seeds, "validations": self.args.validations, "text": ", ".join(texts),
                   "machine": machine, "machine_line": machine_line(machine), "entries": entries,
                   "ranking": [{"entry": label, "vs_above": verdict} for label, _, verdict in stats.ranking(entries)],
