@@ -559,7 +559,10 @@ class Comparison:
             done_flops = sum(r.record["plan"]["flops"] for r in self.done_now)
             seconds = sum(r.record["process_s"] for r in self.done_now) / done_flops * sum(
                 self.plans[r.point.label].flops for r in left)
-        return f"ETA {lines.duration(max(0.0, seconds / self.args.parallel - elapsed))}"
+        remaining = seconds / self.args.parallel - elapsed
+        if remaining <= 0 and left:
+            return "ETA ? (slower than the runs so far)"
+        return f"ETA {lines.duration(max(0.0, remaining))}"
 
     def execute(self) -> None:
         todo = [(i, r) for i, r in enumerate(self.runs, 1) if not r.done]
