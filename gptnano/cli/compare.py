@@ -549,9 +549,11 @@ class Comparison:
     def eta(self, elapsed: float = 0.0) -> str:
         """``ETA 12m30s``: the runs left at the pace of those this command finished (process time
         per FLOP; per run for wall-time budgets), less what the current run has done."""
-        if not self.done_now:
-            return "ETA after the first run" if any(not r.done for r in self.runs) else ""
         left = [r for r in self.runs if not r.done]
+        if not left:
+            return ""
+        if not self.done_now:
+            return "ETA after the first run"
         if self.budget.machine_dependent:
             per_run = sum(r.record["process_s"] for r in self.done_now) / len(self.done_now)
             seconds = per_run * len(left)
