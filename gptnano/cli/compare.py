@@ -326,13 +326,23 @@ class Comparison:
                     where = p.config + "".join(f" --grid {k}={v}" for k, v in p.grid.items())
                     raise UserError(f"{where}: {got['error']}")
                 p.facts = got
+        # One arithmetic for every run of the comparison, chosen once (and kept by a rerun): measured
+        # in each fit, a noisy bf16 probe could give two architectures different precisions.
+        self.precisions = dict(self.recorded.get("precisions") or {})
+        if self.recorded.get("fast_bf16") in ("0", "1"):
+            self.env.setdefault(hardware.FAST_BF16_ENV, self.recorded["fast_bf16"])
         for p in self.points:
             trainer = p.facts["config"]["trainer"]
             p.facts["device"] = device = hardware.device_type(trainer.get("accelerator"))
-            if device == "cpu":  # every run (and the probe) makes the same bf16 choice, measured once here
-                self.env.setdefault(hardware.FAST_BF16_ENV, "1" if hardware.bf16_verdict("cpu").fast else "0")
+            if device == "cpu":  # Muon's dtype ("auto") follows the same verdict in every fit and in the probe
+                if hardware.FAST_BF16_ENV not in self.env:
+                    self.env[hardware.FAST_BF16_ENV] = "1" if hardware.bf16_verdict("cpu").fast else "0"
+                os.environ[hardware.FAST_BF16_ENV] = self.env[hardware.FAST_BF16_ENV]
+                hardware.bf16_verdict.cache_clear()
+            if device not in self.precisions:
+                self.precisions[device] = hardware.resolve_precision(device)[0]
             p.facts["precision_given"] = trainer.get("precision") is not None
-            p.facts["precision"] = trainer.get("precision") or hardware.resolve_precision(device)[0]
+            p.facts["precision"] = trainer.get("precision") or self.precisions[device]
             data = p.facts["config"]["data"]
             p.facts["tokens_per_step"] = (data["batch_size"] * p.facts["block_size"]
                                           * int(trainer.get("accumulate_grad_batches") or 1)
@@ -384,12 +394,13 @@ class Comparison:
     def check_recorded_command(self) -> None:
         """Every run's identity holds the budget and the validations: if they changed, every
         recorded run would differ, which is said at once, before the configs are resolved."""
-        path = self.folder / "compare.json"
+        self.recorded = {}
         try:
-            recorded = json.loads(path.read_text(encoding="utf-8"))
+            recorded = json.loads((self.folder / "compare.json").read_text(encoding="utf-8"))
             before = (budgets.parse_budget(recorded["budget"]), recorded["validations"])
         except (OSError, ValueError, KeyError, TypeError, UserError):
             return  # nothing recorded yet (or not by compare): the runs' own records decide
+        self.recorded = recorded
         now = (self.budget, self.args.validations)
         if (before[0].kind, before[0].amount, before[1]) != (now[0].kind, now[0].amount, now[1]):
             raise UserError(f"{self.folder} holds runs of another command (--budget {before[0].text}, --validations "
@@ -650,6 +661,7 @@ class Comparison:
                   "budget": self.budget.describe(), "budget_kind": self.budget.kind,
                   "budget_amount": self.budget.amount,
                   "seeds": self.args.seeds, "validations": self.args.validations, "text": ", ".join(texts),
+                  "precision": ", ".join(sorted({r.record["precision"] for r in finished})),
                   "machine": machine, "machine_line": machine_line(machine), "entries": entries,
                   "ranking": [{"entry": label, "vs_above": verdict} for label, _, verdict in stats.ranking(entries)],
                   "warnings": warnings, "runs": [r.record for r in finished]}
@@ -665,10 +677,13 @@ class Comparison:
         return written
 
     def write_command(self) -> None:
+        from gptnano.hardware import FAST_BF16_ENV
+
         self.save_resolved()
         atomic_write(self.folder / "compare.json", json.dumps(
             {"command": ["gptnano", "compare", *self.argv], "budget": self.budget.text, "seeds": self.args.seeds,
-             "validations": self.args.validations, "entries": [p.label for p in self.points],
+             "validations": self.args.validations, "precisions": self.precisions,
+             "fast_bf16": self.env.get(FAST_BF16_ENV), "entries": [p.label for p in self.points],
              "runs": {r.name: r.hash for r in self.runs}}, indent=1) + "\n")
 
 

@@ -184,7 +184,7 @@ def markdown(report: dict) -> str:
             "(a seed sets seed_everything and data.seed: initialisation, dropout and the order of training windows).",
             "Final validation loss: at the last step of each run's finished schedule (nats per token), mean ± "
             "standard deviation over seeds; bpc: bits per token (per character for a character-level text).",
-            f"Text: {report['text']}. Machine: {report['machine_line']}.", ""]
+            f"Text: {report['text']}. Precision: {report['precision']}. Machine: {report['machine_line']}.", ""]
     rows = []
     for i, (label, e, verdict) in enumerate(ranking(report["entries"]), 1):
         f = e["final_val_loss"]
