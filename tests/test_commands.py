@@ -49,6 +49,7 @@ def test_tools_and_top_level_help_start_without_lightning(ckpt, tmp_path):
     assert not lightning_imported(["--help"], tmp_path)
     assert not lightning_imported(["plot", "--help"], tmp_path)
     assert not lightning_imported(["senses", "--help"], tmp_path)
+    assert not lightning_imported(["compare", "--help"], tmp_path)
     assert not lightning_imported(["generate", "--ckpt_path", str(ckpt), "--max_new_tokens", "5"], tmp_path)
     assert not lightning_imported(["plot", str(ckpt.parents[2] / "lightning_logs" / "gpt"), "--out",
                                    str(tmp_path / "p.png")], tmp_path)
@@ -67,7 +68,8 @@ def test_top_level_help_lists_every_command(tmp_path):
 def test_unknown_or_missing_command_is_one_line(tmp_path):
     bad = run_cli(["fitt"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot, export"]
+        "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot, "
+        "compare, export"]
     none = run_cli([], tmp_path, check=False)
     assert none.returncode == 2 and none.stderr.strip().endswith("gptnano: error: choose a command")
 

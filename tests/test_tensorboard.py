@@ -62,7 +62,7 @@ def test_hp_metric_is_the_best_validation_loss(events):
 def test_hparams_tab_has_the_runs_settings_and_the_metric(events):
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert [m.name.tag for m in experiment.metric_infos] == ["hp_metric"]
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp_metric", "val/loss"]  # best and last
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     hp = {k: v.string_value or v.number_value for k, v in session.hparams.items()}
     assert hp["net"] == "GPT" and hp["net.n_layer"] == 1 and hp["optimizer"] == "muon"

@@ -7,14 +7,15 @@ prefix):
     val/loss, val/bpc, val/ppl    full validation pass: loss, bits per character, perplexity
     perf/tok_s, perf/mfu          training tokens per second, model FLOPs utilisation
     lr/...                        learning rate of each optimizer parameter group
-    hp_metric                     best val/loss so far: the metric of the HPARAMS tab
+    hp_metric                     best val/loss so far: with val/loss, the metrics of the HPARAMS tab
 
 and under *Text* a sample generated at each validation, headed by its step and
 sampling settings. A step is the number of optimizer updates the scored weights
 have had: ``train/loss`` at step s is the loss before update s + 1, ``val/loss``
 at step s the loss after update s. The HPARAMS tab lists each run's
 hyper-parameters (model, optimizer, batch size, steps, precision, seed) next to
-its best validation loss. Lightning's ``epoch`` scalar is left out: a gptnano
+its best validation loss and its last one (``val/loss``: the loss `gptnano compare`
+ranks runs by, once their schedule has finished). Lightning's ``epoch`` scalar is left out: a gptnano
 run is one endless epoch, so it is always 0.
 """
 
@@ -88,11 +89,12 @@ class Board(TensorBoardLogger):
             super().log_metrics(tagged, step)
 
     def _write_hparams_session(self) -> None:
-        """The HParams plugin's records for this run: its settings, and hp_metric declared as
-        the metric (its values are the hp_metric scalars)."""
+        """The HParams plugin's records for this run: its settings, and hp_metric and val/loss
+        declared as its metrics (the tab shows the last value of each: the best and the latest
+        validation loss)."""
         from torch.utils.tensorboard.summary import hparams as hparams_summaries  # 40 ms: only when logging
 
-        for summary in hparams_summaries(hparams_table(self.hparams), {"hp_metric": math.nan}):
+        for summary in hparams_summaries(hparams_table(self.hparams), {"hp_metric": math.nan, BEST_OF: math.nan}):
             self.experiment.file_writer.add_summary(summary)
         self._session_written = True
 

@@ -1,0 +1,289 @@
+"""`gptnano compare`: budgets that become schedules (steps, validations, warmup, decay), seeds
+and the statistics over them, runs that resume instead of training twice, and every mistake
+one line before any training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptnano.cli import budgets, compare, stats
+from gptnano.errors import UserError
+from gptnano.models import GPT, RNN
+from tests.helpers import cli_env, make_text
+
+TINY = {  # two architectures small enough that a fit of a few dozen steps takes a second
+    "gpt": {"class_path": "gptnano.models.GPT",
+            "init_args": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}},
+    "rnn": {"class_path": "gptnano.models.RNN",
+            "init_args": {"block_size": 16, "n_layer": 1, "n_embd": 16, "n_hidden": 24}},
+}
+
+
+def write_configs(folder: Path) -> list[str]:
+    (folder / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    names = []
+    for name, net in TINY.items():
+        config = {"model": {"net": net, "warmup_steps": 2},
+                  "data": {"path": "tiny.txt", "batch_size": 4, "eval_batch_size": 256},
+                  "trainer": {"enable_model_summary": False}}
+        (folder / f"{name}.yaml").write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
+        names.append(f"{name}.yaml")
+    return names
+
+
+# ----- budgets become schedules -----------------------------------------------------------
+def test_budgets_are_read_with_their_units():
+    parse = budgets.parse_budget
+    assert (parse("2000steps").kind, parse("2000steps").amount) == ("steps", 2000)
+    assert (parse("20Mtok").kind, parse("20Mtok").amount) == ("tokens", 20e6)
+    assert (parse("5e13flop").kind, parse("5e13flop").amount) == ("flops", 5e13)
+    assert (parse("5min").kind, parse("5min").amount) == ("seconds", 300)
+    assert parse("1.5h").amount == 5400 and parse("300s").amount == 300 and parse("2kstep").amount == 2000
+    assert parse("5min").machine_dependent and not parse("5e13flop").machine_dependent
+    for bad in ("5", "5 minutes", "fast", "-3steps", "0tok", "2.5steps", ""):
+        with pytest.raises(UserError, match="bad --budget"):
+            parse(bad)
+
+
+@pytest.mark.parametrize("target", [4, 37, 113.4, 2000, 2003, 4415.2, 98765.4])
+def test_the_last_step_is_a_validation_and_the_steps_fit_the_budget(target):
+    steps, every = budgets.validation_grid(target, 10)
+    assert steps % every == 0  # the final validation loss is that of the finished schedule
+    assert abs(steps - target) <= max(1, 0.002 * target)
+    assert target <= 10 and every == 1 or 5 <= steps // every <= 20
+
+
+def test_a_flop_budget_gives_steps_in_inverse_proportion_to_flops_per_token():
+    gpt = GPT(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    rnn = RNN(vocab_size=65, block_size=64, n_layer=2, n_embd=64, n_hidden=80)
+    budget = budgets.parse_budget("1e13flop")
+    plans = [budgets.plan(budget, tokens_per_step=24 * 64, flops_per_token=net.flops_per_token(), warmup=100,
+                          validations=10, label="x") for net in (gpt, rnn)]
+    assert rnn.flops_per_token() < gpt.flops_per_token() / 2
+    ratio = plans[1].steps / plans[0].steps
+    assert ratio == pytest.approx(gpt.flops_per_token() / rnn.flops_per_token(), rel=0.005)
+    assert all(p.flops == pytest.approx(1e13, rel=0.005) for p in plans)
+    # Warmup keeps the config's, up to a tenth of the run; the decay ends at the last step (fit_argv).
+    assert plans[0].warmup == 100 and budgets.plan(budgets.parse_budget("300steps"), tokens_per_step=1,
+                                                   flops_per_token=1, warmup=100, validations=10, label="x").warmup == 30
+    with pytest.raises(UserError, match="less than one optimizer step of x"):
+        budgets.plan(budgets.parse_budget("1e6flop"), tokens_per_step=1536, flops_per_token=5e6, warmup=0,
+                     validations=10, label="x")
+
+
+def test_a_wall_time_budget_is_filled_by_steps_and_validations():
+    probe = budgets.Probe(step_s=0.05, validation_s=1.5)
+    plan = budgets.fit_to_time(budgets.parse_budget("5min"), probe, tokens_per_step=1536, flops_per_token=5e6,
+                               warmup=100, validations=10)
+    assert plan.predicted_s == pytest.approx(300, rel=0.01) and plan.steps % plan.val_every == 0
+    assert plan.steps * 0.05 + plan.validations * 1.5 == pytest.approx(300, rel=0.01)
+    slower = budgets.fit_to_time(budgets.parse_budget("5min"), probe, tokens_per_step=1536, flops_per_token=5e6,
+                                 warmup=100, validations=10, slowdown=1.1)  # the runs done so far took 10 % longer
+    assert slower.steps < plan.steps and slower.predicted_s == pytest.approx(300, rel=0.01)
+    with pytest.raises(UserError, match="too short"):
+        budgets.fit_to_time(budgets.parse_budget("10s"), probe, tokens_per_step=1, flops_per_token=1, warmup=0,
+                            validations=10)
+
+
+def test_the_probe_times_real_steps():
+    net = {"class_path": "gptnano.models.GPT", "init_args": {**TINY["gpt"]["init_args"], "vocab_size": 11}}
+    settings = dict(optimizer="muon", learning_rate=4e-3, weight_decay=0.1, beta1=0.9, beta2=0.99, muon_lr=0.02,
+                    muon_momentum=0.95, muon_weight_decay=0.0, muon_dtype="float32")
+    probe = budgets.probe_run(net, settings, device="cpu", precision="32-true", batch_size=4, block_size=16,
+                              eval_batch_size=8, eval_batches=3, seconds=0.2)
+    assert 0 < probe.step_s < 1 and 0 < probe.validation_s < 10
+
+
+# ----- seeds and statistics ---------------------------------------------------------------
+def entry(losses: list[float]) -> dict:
+    return {"final_val_loss": stats.spread(losses)}
+
+
+def test_entries_are_told_apart_only_beyond_two_standard_errors():
+    a, b, c = entry([1.50, 1.51, 1.52]), entry([1.505, 1.515, 1.525]), entry([1.60, 1.61, 1.62])
+    assert a["final_val_loss"]["std"] == pytest.approx(0.01)
+    assert stats.distinguishable(a, b)[0] is False  # 0.005 apart, 2 SE = 0.016
+    assert stats.distinguishable(a, c)[0] is True
+    ranked = stats.ranking({"c": c, "b": b, "a": a})
+    assert [label for label, _, _ in ranked] == ["a", "b", "c"]
+    assert "not distinguishable at 3 seeds" in ranked[1][2] and "SE)" in ranked[2][2]
+    one = stats.ranking({"x": entry([1.5]), "y": entry([1.6])})
+    assert "not distinguishable at 1 seed" in one[1][2]  # one seed has no spread to judge by
+
+
+def test_two_seeds_draw_different_training_windows():
+    from gptnano.data.windows import TrainWindows
+
+    ids = torch.arange(5000)
+    first = [TrainWindows(ids, 16, 4, seed, 0, lambda: 0).batch(0)[0] for seed in (0, 1)]
+    assert not torch.equal(first[0], first[1])
+
+
+def test_a_resumed_run_keeps_one_point_per_validation():
+    # Validations every 10 steps; stopped at step 25 after its last checkpoint at step 20, the
+    # resumed part retrains 21-25 and validates again from step 30.
+    before = {"series": {"val/loss": [(100.0, 10, 2.0), (110.0, 20, 1.8)]}}
+    after = {"series": {"val/loss": [(500.0, 30, 1.7), (510.0, 40, 1.6)]}}
+    points = stats.curve([before, after], train_s=45.0, steps=40)
+    assert [s for s, _, _ in points] == [10, 20, 30, 40] and points[-1][1] == 45.0
+    assert all(b[1] > a[1] for a, b in zip(points, points[1:]))  # the time between stop and resume is left out
+    stale = {"series": {"val/loss": [(100.0, 10, 2.0), (110.0, 20, 1.8), (120.0, 30, 9.9)]}}  # 30 was retrained
+    assert [v for _, _, v in stats.curve([stale, after], 45.0, 40)] == [2.0, 1.8, 1.7, 1.6]
+
+
+# ----- the command line -------------------------------------------------------------------
+def test_fit_flags_pass_through_and_grids_form_their_product():
+    own, fit = compare.split_argv(["a.yaml", "--budget", "5min", "--model.dropout", "0.1", "b.yaml",
+                                   "--grid=model.muon_lr=1,2", "--trainer.precision=32-true", "--model.x", "-1"])
+    assert own == ["a.yaml", "--budget", "5min", "b.yaml", "--grid=model.muon_lr=1,2"]
+    assert fit == ["--model.dropout", "0.1", "--trainer.precision=32-true", "--model.x", "-1"]
+    grid = compare.parse_grid(["model.muon_lr=0.01,0.02", "model.init_args.warmup_steps=10,20"])
+    points = compare.make_points(["configs/gpt.yaml"], grid)
+    assert [p.label for p in points] == ["gpt-muon_lr=0.01,warmup_steps=10", "gpt-muon_lr=0.01,warmup_steps=20",
+                                         "gpt-muon_lr=0.02,warmup_steps=10", "gpt-muon_lr=0.02,warmup_steps=20"]
+    assert points[3].flags() == ["--model.muon_lr", "0.02", "--model.warmup_steps", "20"]
+
+
+def one_line(ran) -> str:
+    assert ran.returncode == 2, ran
+    errors = ran.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("gptnano: error: "), ran.stderr
+    return errors[0]
+
+
+def test_mistakes_are_one_line_before_anything_runs(gptnano, tmp_path):
+    configs = write_configs(tmp_path)
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n", encoding="utf-8")
+    run = lambda *args: one_line(gptnano(["compare", *args], tmp_path))  # noqa: E731
+    assert "bad --budget '5 minutes'" in run(*configs, "--budget", "5 minutes")
+    assert "--trainer.max_steps is set by compare" in run(*configs, "--budget", "5steps", "--trainer.max_steps", "9")
+    assert "--seed_everything is set by compare" in run(*configs, "--budget", "5steps", "--seed_everything=3")
+    assert "--ckpt_path is set by compare" in run(*configs, "--budget", "5steps", "--ckpt_path", "last")
+    assert "--grid data.seed: set by compare" in run(*configs, "--budget", "5steps", "--grid", "data.seed=1,2")
+    assert "bad --grid" in run(*configs, "--budget", "5steps", "--grid", "model.muon_lr")
+    assert "broken.yaml is not a readable YAML config" in run("broken.yaml", "--budget", "5steps")
+    assert "config not found: nope.yaml" in run("nope.yaml", "--budget", "5steps")
+    assert "--parallel 2 runs one run per GPU" in run(*configs, "--budget", "5steps", "--parallel", "2")
+    assert "--seeds 0" in run(*configs, "--budget", "5steps", "--seeds", "0")
+    assert not (tmp_path / "compare").exists()
+
+
+def test_a_key_no_config_accepts_is_one_line_before_any_training(tmp_path):
+    configs = write_configs(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "gptnano", "compare", *configs, "--budget", "4steps", "--grid",
+                           "model.net.n_head=1,2"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "gptnano: error: rnn.yaml --grid model.net.n_head=1: Parser key \"model.net\": Problem with given class_path "
+        "'gptnano.models.RNN': Option 'n_head' is not accepted"], proc.stderr
+    assert not (tmp_path / "compare").exists()
+
+
+def test_a_dry_run_shows_a_2x2_grid_and_flop_budgets_without_training(tmp_path):
+    configs = write_configs(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "gptnano", "compare", *configs, "--budget", "2e8flop", "--seeds", "2",
+                           "--grid", "model.learning_rate=1e-3,2e-3", "--grid", "model.min_lr=1e-5,1e-4", "--dry_run"],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == 8 and len({r[0] for r in rows}) == 8  # 2 configs x 2 x 2 grid points
+    assert sum(r[0].startswith("gpt-") for r in rows) == 4
+    by_arch = {r[0].split("-")[0]: (float(r[2]), int(r[4])) for r in rows}  # FLOPs per token, steps
+    (gpt_fpt, gpt_steps), (rnn_fpt, rnn_steps) = by_arch["gpt"], by_arch["rnn"]
+    assert gpt_steps * gpt_fpt == pytest.approx(rnn_steps * rnn_fpt, rel=0.01) and gpt_fpt != rnn_fpt
+    assert not (tmp_path / "compare").exists()  # a dry run writes nothing
+
+
+# ----- the real thing ---------------------------------------------------------------------
+def start_compare(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gptnano", "compare", *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tmp_path):
+    configs = write_configs(tmp_path)
+    args = [*configs, "--budget", "40steps", "--seeds", "2", "--validations", "2", "--name", "t"]
+    folder = tmp_path / "compare" / "t"
+    # Killed (compare and its fit, at once) while the second run trains, after its checkpoint at the
+    # validation halfway.
+    proc = start_compare(args, tmp_path)
+    second = folder / "checkpoints" / "gpt-s1" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    first = folder / "checkpoints" / "gpt-s0" / "last.ckpt"
+    first_written = first.stat().st_mtime_ns
+    assert json.loads((folder / "runs" / "gpt-s0.json").read_text())["status"] == "done"
+    assert json.loads((folder / "runs" / "gpt-s1.json").read_text())["status"] == "started"
+
+    again = start_compare(args, tmp_path)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert "run 2/4 gpt-s1 | resuming from step" in err and "run 1/4" not in err  # the finished run is not trained again
+    assert first.stat().st_mtime_ns == first_written
+    assert len(stats.versions(folder / "lightning_logs" / "gpt-s1")) == 2  # resumed: a second version of its logs
+    assert [p.name for p in stats.versions(folder / "lightning_logs" / "gpt-s0")] == ["version_0"]
+
+    report = json.loads((folder / "results.json").read_text())
+    assert set(report["entries"]) == {"gpt", "rnn"} and len(report["runs"]) == 4 and "cpu" in report["machine"]
+    for e in report["entries"].values():
+        f = e["final_val_loss"]
+        assert f["n"] == 2 and f["std"] > 0 and f["min"] <= f["mean"] <= f["max"] and e["steps"] == 40
+    for run in report["runs"]:
+        assert [p[0] for p in run["result"]["curve"]] == [20, 40]
+        assert run["result"]["train_s"] > 0 and "cpu" in run["machine"]
+    resumed = next(r for r in report["runs"] if r["run"] == "gpt-s1")
+    assert resumed["resumed_at"] and 20 <= resumed["resumed_at"][0] <= 40
+    md = (folder / "results.md").read_text()
+    assert " ± " in md and "| 1 |" in md and "| 2 |" in md and md in out
+    assert (folder / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # The seeds set seed_everything and data.seed together: different initialisation and windows.
+    import yaml
+
+    saved = [yaml.safe_load((folder / "lightning_logs" / f"gpt-s{s}" / "version_0" / "config.yaml").read_text())
+             for s in (0, 1)]
+    assert [(c["seed_everything"], c["data"]["seed"]) for c in saved] == [(0, 0), (1, 1)]
+
+    # A command whose runs would differ (here: another dropout for every run) is refused before any training.
+    changed = start_compare([*args, "--model.net.dropout", "0.1"], tmp_path)
+    _, err = changed.communicate(timeout=300)
+    assert changed.returncode == 2 and err.strip().splitlines() == [
+        f"gptnano: error: {Path('compare', 't')} holds run gpt-s0 of another command (its configuration, budget, "
+        f"seed or text differ): give another --name, or delete {Path('compare', 't')}"]
+    assert first.stat().st_mtime_ns == first_written
+
+
+def test_a_run_is_known_by_its_configuration_budget_seed_and_text():
+    config = {"model": {"learning_rate": 1e-3, "lr_decay_steps": None}, "seed_everything": 1337, "run_name": "gpt",
+              "trainer": {"max_steps": 1000, "enable_progress_bar": True}, "data": {"seed": 1337, "batch_size": 4}}
+    budget = budgets.parse_budget("5e13flop")
+    h = compare.config_hash(config, budget, 0, 10, "abc")
+    # What compare sets for each run, and what measures nothing, is not part of it ...
+    same = {**config, "seed_everything": 7, "run_name": "x", "trainer": {"max_steps": 5, "enable_progress_bar": False},
+            "data": {"seed": 7, "batch_size": 4}}
+    assert compare.config_hash(same, budget, 0, 10, "abc") == h
+    # ... everything else is.
+    assert compare.config_hash({**config, "model": {"learning_rate": 2e-3}}, budget, 0, 10, "abc") != h
+    assert compare.config_hash(config, budgets.parse_budget("5e13tok"), 0, 10, "abc") != h
+    assert compare.config_hash(config, budget, 1, 10, "abc") != h
+    assert compare.config_hash(config, budget, 0, 5, "abc") != h
+    assert compare.config_hash(config, budget, 0, 10, "abd") != h
+
+
+def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path):
+    configs = write_configs(tmp_path)
+    folder = tmp_path / "compare" / "t"
+    folder.mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"budget": "40steps", "validations": 2}))
+    error = one_line(gptnano(["compare", *configs, "--budget", "30steps", "--validations", "2", "--name", "t"],
+                             tmp_path))
+    assert error == (f"gptnano: error: {Path('compare', 't')} holds runs of another command (--budget 40steps, "
+                     f"--validations 2): give another --name, or delete {Path('compare', 't')}")
