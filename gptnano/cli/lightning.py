@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -28,11 +28,13 @@ from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
 from gptnano.errors import ConfigError, UserError
-from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
+from gptnano.files import check_writable_folder, os_error_in, write_error
+from gptnano.train.callbacks import EarlyStopping, PredictionWriter, TextSample, Throughput
 from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
+from gptnano.train.report import RunReport
 
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 
@@ -63,8 +65,8 @@ class GPTNanoCLI(LightningCLI):
                 "max_steps": 2000,
                 "val_check_interval": 250,
                 "check_val_every_n_epoch": None,
-                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(), RunSettings(),
-                              NonFiniteGuard()],
+                "callbacks": [RunReport(), LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(),
+                              RunSettings(), NonFiniteGuard()],
             },
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
@@ -98,6 +100,8 @@ class GPTNanoCLI(LightningCLI):
         argv = settings.moved_class_paths(settings.architecture_names(sys.argv[1:] if args is None else args))
         cmd = settings.read_command_line(argv, self.subcommands())
         self._typed = cmd.typed
+        if why := settings.missing_checkpoint(cmd):
+            raise UserError(why)  # before the parser asks for a --model.net the checkpoint would have given
         ckpt = settings.checkpoint_named(cmd)
         if cmd.subcommand and ckpt:
             # As defaults, so that `predict --ckpt_path X` needs no --config or --model.net;
@@ -114,39 +118,76 @@ class GPTNanoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        if sub == "fit":
+            settings.check_trainer(cfg.trainer.as_dict())
+        ckpt = cfg.get("ckpt_path")
+        saved = self._read_checkpoint(ckpt) if ckpt and ckpt not in ("last", "best") else None
+        if saved is not None:
+            self._take_run_settings(cfg, saved, ckpt, sub)  # the run's name among them: it places the run
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         cfg.run_name = name
         if "run_name" in self._typed and "checkpoint.dirpath" not in self._typed:
             cfg.checkpoint.dirpath = None  # a typed run name moves the run, whatever a saved config.yaml pinned
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
-        if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
-            cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board",
-                                           init_args=Namespace(save_dir="lightning_logs", name=name))
-        elif getattr(cfg.trainer.logger, "class_path", None) == "gptnano.train.logger.Board":
-            # A saved config.yaml names the logger with its old run's name: logs follow the run.
-            cfg.trainer.logger.init_args.name = name
-        if sub == "predict":
-            cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
-        ckpt, saved = cfg.get("ckpt_path"), None
         if ckpt in ("last", "best"):
             path = folder / f"{ckpt}.ckpt"
             if not path.is_file():
                 action = "resume" if sub == "fit" else sub
                 raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
             cfg.ckpt_path = ckpt = str(path)
-        if ckpt:
             saved = self._read_checkpoint(ckpt)
+            self._take_run_settings(cfg, saved, ckpt, sub)
+            cfg.run_name = name  # the run found by its name stays that run
+        if saved is not None:
             self._take_from_checkpoint(cfg, saved, ckpt)
+        self._place_logs(cfg, sub, name, saved)
+        if sub == "predict":
+            cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
         resuming_here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
-        if sub == "fit" and (folder / "last.ckpt").exists() and not resuming_here:
+        if sub == "fit" and settings.holds_a_run(folder) and not resuming_here:
             # A fresh run, or one resumed from another folder's checkpoint, would overwrite this run.
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
-        if sub == "fit" and (cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0):
-            raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
-                            "(the learning rate decays over them)")
         self._choose_arithmetic(cfg, saved if sub == "fit" else None)
+
+    def _place_logs(self, cfg, sub: str | None, name: str, saved: dict | None) -> None:
+        """TensorBoard logs in one folder per run: ``lightning_logs/<run>/version_N`` for training;
+        ``lightning_logs/<run>/eval/version_N`` for validate, test and predict, at the step of the
+        checkpoint they read, apart from the training curves (``gptnano plot`` reads those only)."""
+        evaluating = sub in ("validate", "test", "predict")
+        init = {"save_dir": str(Path("lightning_logs") / name), "name": "eval",
+                "step": int(saved.get("global_step", 0)) if saved else 0} if evaluating else \
+            {"save_dir": "lightning_logs", "name": name}
+        if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
+            cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board", init_args=Namespace(**init))
+        elif getattr(cfg.trainer.logger, "class_path", None) == "gptnano.train.logger.Board":
+            # A saved config.yaml names the logger with its old run's name: logs follow the run.
+            for key, value in init.items():
+                cfg.trainer.logger.init_args[key] = value
+
+    def _take_run_settings(self, cfg, saved: dict, path: str, sub: str | None) -> None:
+        """The run's settings a checkpoint keeps beyond the model's (its name, seed, data settings,
+        early stopping's patience): the checkpoint's unless typed; a typed one that a resume cannot
+        take is refused (gptnano/cli/settings.py, ``on_resume``)."""
+        found = settings.saved_settings(saved)
+        asked = {key: cfg.get(key) for key in found}
+        asked.update({key: cfg.get(key) for key in settings.ALWAYS_THE_CHECKPOINT_S})
+        found.update({f"data.{k}": v for k, v in settings.data_from(saved["hyper_parameters"]).items()})
+        chosen = settings.on_resume(found, asked, self._typed, fitting=sub == "fit", source=path)
+        if "checkpoint.dirpath" in self._typed:
+            chosen.pop("run_name", None)
+        if sub != "fit":
+            chosen.pop("early_stopping.patience", None)
+        seed = chosen.get("seed_everything")
+        if seed is not None and seed != cfg.get("seed_everything"):
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, workers=True)  # the run's seed: a resume draws on as the run would have
+        for key, value in chosen.items():
+            if key in ("data.vocab", "data.tokenizer"):
+                continue  # _take_from_checkpoint sets the tokenizer
+            cfg[key] = value
 
     def _read_checkpoint(self, path: str) -> dict:
         """``read_checkpoint``, once per file and command."""
@@ -189,6 +230,32 @@ class GPTNanoCLI(LightningCLI):
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             print(f"gptnano: precision {cfg.trainer.precision} ({why}); --trainer.precision overrides", file=sys.stderr)
 
+    # ----- before the first step: can the run's outputs be written? ----------
+    def _check_outputs(self) -> None:
+        """A folder the run cannot write (read-only, no permission, a file in the way) is refused in
+        one line before any data is prepared or any step taken, not after minutes of training.
+        Nothing is created here: a user mistake found later leaves no folder behind."""
+        if self.trainer.global_rank != 0:
+            return
+        callback = self.trainer.checkpoint_callback
+        if self.subcommand == "fit" and callback is not None and callback.dirpath:
+            check_writable_folder(callback.dirpath, "checkpoints", create=False)
+        if self.trainer.logger is not None and self.trainer.logger.save_dir:
+            check_writable_folder(Path(self.trainer.logger.save_dir) / str(self.trainer.logger.name), "logs",
+                                  create=False)
+
+    def before_fit(self) -> None:
+        self._check_outputs()
+
+    def before_validate(self) -> None:
+        self._check_outputs()
+
+    def before_test(self) -> None:
+        self._check_outputs()
+
+    def before_predict(self) -> None:
+        self._check_outputs()
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with checkpoints written atomically and read through the safe reader,
         a model summary without Lightning's column of zero FLOPs, and TF32 on CUDA."""
@@ -206,11 +273,22 @@ class GPTNanoCLI(LightningCLI):
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
-    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here)."""
+    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here).
+
+    A write the OS refused anywhere below (a checkpoint, TensorBoard's event files, hparams.yaml,
+    config.yaml, predictions), however a library wrapped it, ends as one ``WriteError`` line."""
     if not verbose:
         quiet.hide_noise()
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
-        print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
-        sys.exit(143)
+        sys.exit(143)  # Checkpoint.on_exception said where the run stopped and how to resume it
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        refused = os_error_in(e)
+        if refused is None:
+            raise
+        raise write_error(refused.filename or "a file of the run", refused,
+                          "checkpoints and logs written before it are intact (a checkpoint is written "
+                          "whole or not at all)") from None

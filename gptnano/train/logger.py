@@ -68,11 +68,15 @@ class Board(TensorBoardLogger):
         save_dir: Folder of all runs' logs.
         name: The run's folder in it.
         version: Version folder (default: the next free version_N).
+        step: Log every metric at this step: validate, test and predict of a checkpoint log at the
+            optimizer step of the weights they scored (Lightning would log at 0). None: Lightning's step.
     """
 
-    def __init__(self, save_dir: str = "lightning_logs", name: str = "lightning_logs", version: int | str | None = None):
+    def __init__(self, save_dir: str = "lightning_logs", name: str = "lightning_logs", version: int | str | None = None,
+                 step: int | None = None):
         super().__init__(save_dir, name=name, version=version, default_hp_metric=False)
         self.best = math.inf
+        self.step = step
         self._session_written = False
 
     @rank_zero_only
@@ -85,7 +89,7 @@ class Board(TensorBoardLogger):
             self.best = min(self.best, float(tagged[BEST_OF]))
             tagged["hp_metric"] = self.best
         if tagged:
-            super().log_metrics(tagged, step)
+            super().log_metrics(tagged, step if self.step is None else self.step)
 
     def _write_hparams_session(self) -> None:
         """The HParams plugin's records for this run: its settings, and hp_metric declared as
@@ -100,18 +104,31 @@ class Board(TensorBoardLogger):
 class RunSettings(L.Callback):
     """Hands each Board the run settings that are not the model's hyper-parameters (batch
     size, steps, precision, world size, seed), so that hparams.yaml and the HPARAMS tab show
-    them beside the model's."""
+    them beside the model's; and writes the run's name (its Board's) and seed into every
+    checkpoint (``checkpoint["gptnano"]``), so that a checkpoint tells which run it belongs to
+    wherever the file is, and a resume keeps the seed."""
+
+    def __init__(self):
+        self.seed: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        meta = checkpoint.setdefault("gptnano", {})
+        meta["seed"] = self.seed
+        names = [logger.name for logger in trainer.loggers if isinstance(logger, Board)]
+        if names:
+            meta["run_name"] = names[0]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
+        self.seed = torch.initial_seed()  # the run's seed (seed_everything), before any re-seeding
         settings = {
             "data.batch_size": getattr(trainer.datamodule, "batch_size", None),
             "trainer.max_steps": trainer.max_steps,
             "trainer.precision": str(trainer.precision),
             "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
             "world_size": trainer.world_size,
-            "seed": torch.initial_seed(),  # the run's seed (seed_everything), before any re-seeding
+            "seed": self.seed,
         }
         for logger in trainer.loggers:
             if isinstance(logger, Board):  # another logger may write its HPARAMS session at once
