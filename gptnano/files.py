@@ -49,9 +49,19 @@ def os_error_in(e: BaseException | None) -> OSError | None:
     return None
 
 
+def shown_path(path: Path | str) -> str:
+    """A path as the user would type it: relative to the current folder when it is inside it."""
+    try:
+        if Path(path).resolve().is_relative_to(Path.cwd().resolve()):
+            return os.path.relpath(path)
+    except (OSError, ValueError):  # no current folder any more; another drive (Windows)
+        pass
+    return str(path)
+
+
 def write_error(path: Path | str, e: OSError, intact: str) -> WriteError:
     """The one-line error for an OS error ``e`` while writing ``path``; ``intact`` says what survived."""
-    return WriteError(f"could not write {path}: {_reason(e)}; {intact}")
+    return WriteError(f"could not write {shown_path(path)}: {_reason(e)}; {intact}")
 
 
 def temp_path(path: Path) -> Path:
@@ -140,7 +150,7 @@ def check_writable_folder(folder: Path | str, what: str, create: bool = True) ->
             f.write(b"ok")
         probe.unlink()
     except OSError as e:
-        raise WriteError(f"cannot write {what} in {folder}: {_reason(e)}; nothing was started") from None
+        raise WriteError(f"cannot write {what} in {shown_path(folder)}: {_reason(e)}; nothing was started") from None
     return folder
 
 

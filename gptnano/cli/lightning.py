@@ -13,6 +13,7 @@ one-line errors instead of tracebacks for mistakes a user can fix.
 import inspect
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from gptnano.train.module import LitLM
 from gptnano.train.report import RunReport
 
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
+_OUTPUTS: list[str] = []  # the folders this command writes to, for a write error that names no file
 
 
 def subcommand_parser(parser, name: str):
@@ -237,12 +239,13 @@ class GPTNanoCLI(LightningCLI):
         Nothing is created here: a user mistake found later leaves no folder behind."""
         if self.trainer.global_rank != 0:
             return
-        callback = self.trainer.checkpoint_callback
+        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
         if self.subcommand == "fit" and callback is not None and callback.dirpath:
+            _OUTPUTS.append(os.path.relpath(callback.dirpath))
             check_writable_folder(callback.dirpath, "checkpoints", create=False)
-        if self.trainer.logger is not None and self.trainer.logger.save_dir:
-            check_writable_folder(Path(self.trainer.logger.save_dir) / str(self.trainer.logger.name), "logs",
-                                  create=False)
+        if logger is not None and logger.save_dir:
+            _OUTPUTS.append(str(Path(logger.save_dir) / str(logger.name)))
+            check_writable_folder(_OUTPUTS[-1], "logs", create=False)
 
     def before_fit(self) -> None:
         self._check_outputs()
@@ -279,6 +282,16 @@ def run(argv: list[str], verbose: bool = False) -> None:
     config.yaml, predictions), however a library wrapped it, ends as one ``WriteError`` line."""
     if not verbose:
         quiet.hide_noise()
+    _OUTPUTS.clear()
+    previous_hook = threading.excepthook
+
+    def refused_writes_once(args) -> None:
+        # TensorBoard writes in a thread and raises the thread's error again in the main one, where it
+        # becomes the one WriteError line: the thread's own traceback would only print it twice.
+        if os_error_in(args.exc_value) is None:
+            previous_hook(args)
+
+    threading.excepthook = refused_writes_once
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
@@ -289,6 +302,9 @@ def run(argv: list[str], verbose: bool = False) -> None:
         refused = os_error_in(e)
         if refused is None:
             raise
-        raise write_error(refused.filename or "a file of the run", refused,
+        where = refused.filename or (f"a file in {' or '.join(_OUTPUTS)}" if _OUTPUTS else "a file of the run")
+        raise write_error(where, refused,
                           "checkpoints and logs written before it are intact (a checkpoint is written "
                           "whole or not at all)") from None
+    finally:
+        threading.excepthook = previous_hook

@@ -12,7 +12,6 @@ The other ends have their own line: Ctrl-C or SIGTERM ``gptnano: stopped at step
 (gptnano/train/guard.py), any other error ``gptnano: error: ...``.
 """
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -20,14 +19,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from gptnano import lines
-
-
-def shown_path(path: str | Path) -> str:
-    """A path as the user would type it: relative to the current folder when it is inside it."""
-    try:
-        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd().resolve()) else str(path)
-    except ValueError:  # another drive (Windows)
-        return str(path)
+from gptnano.files import shown_path
 
 
 def _plural(n: int, word: str) -> str:
