@@ -122,6 +122,7 @@ class GPTNanoCLI(LightningCLI):
         cfg = self.config[sub] if sub else self.config
         if sub == "fit":
             settings.check_trainer(cfg.trainer.as_dict())
+            settings.check_callbacks(cfg.checkpoint.as_dict(), cfg.early_stopping.as_dict())
         ckpt = cfg.get("ckpt_path")
         saved = self._read_checkpoint(ckpt) if ckpt and ckpt not in ("last", "best") else None
         if saved is not None:

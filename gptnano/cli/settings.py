@@ -267,6 +267,24 @@ def check_trainer(trainer: dict) -> None:
         raise bad("max_time", "a positive duration such as 00:01:30:00 (DD:HH:MM:SS)")
 
 
+def check_callbacks(checkpoint: dict, early_stopping: dict) -> None:
+    """Refuse checkpoint and early-stopping settings that cannot work (one line each).
+
+    Raises:
+        UserError: naming the setting, its value and what it must be.
+    """
+    rules = [("early_stopping.patience", early_stopping.get("patience"), lambda v: isinstance(v, int) and v >= 0,
+              "a whole number of validations >= 0"),
+             ("early_stopping.min_delta", early_stopping.get("min_delta"), lambda v: v >= 0, ">= 0"),
+             ("checkpoint.save_top_k", checkpoint.get("save_top_k"), lambda v: isinstance(v, int) and v >= -1,
+              "-1 (all), 0 (none) or a positive number of checkpoints"),
+             ("checkpoint.last_every_n_steps", checkpoint.get("last_every_n_steps"), lambda v: v >= 0,
+              "a number of steps >= 0 (0: off)")]
+    for key, value, ok, what in rules:
+        if value is not None and not ok(value):
+            raise UserError(f"--{key} must be {what}, got {value!r}")
+
+
 def _positive_time(value) -> bool:
     if isinstance(value, dict):
         try:
