@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from gptnano.data.cache import Corpus, Prepared
 from gptnano.data.text import download, read_text
-from gptnano.data.tokenizer import TOKENIZERS, CharTokenizer, make_tokenizer
+from gptnano.data.tokenizer import TOKENIZERS, CharTokenizer, as_prompt, default_prompt, make_tokenizer
 from gptnano.data.windows import EvalWindows, TrainWindows
 from gptnano.errors import UserError
 
@@ -57,8 +57,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         vocab: The vocabulary as one string of characters. Normally derived from the text,
             or restored from the checkpoint given with --ckpt_path; set it only to
             force a fixed vocabulary.
-        prompt: Prompt for `gptnano predict`, or a list of prompts; one sample is generated per prompt.
-        prompt_file: A UTF-8 file whose whole content is one more prompt for `gptnano predict`.
+        prompt: Prompt for `gptnano predict`, or a list of prompts; one sample is generated per prompt
+            (default: a newline, or the vocabulary's first character if the text has no newline).
+        prompt_file: A UTF-8 file whose whole content is one more prompt for `gptnano predict` (at most
+            1 MB; a byte-order mark is dropped, and Windows line ends become newlines when the model
+            knows no '\\r').
         url: Where the default corpus is downloaded from.
         tokenizer: "char": one token per character, the vocabulary being the text's characters
             (the default). "byte": one token per UTF-8 byte, 256 of them, for any file whatever
@@ -263,7 +266,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         return self._loader(EvalWindows(self.splits["test"], self.block_size, self.eval_batch_size, rank, world))
 
     def prompt_texts(self) -> list[str]:
-        return self.prompts or ["\n"]
+        """The prompts as the model can take them (``as_prompt``), or the default prompt."""
+        return [as_prompt(p, self.tokenizer) for p in self.prompts] or [default_prompt(self.tokenizer)]
 
     def predict_dataloader(self) -> DataLoader:
         encoded = [(i, self.tokenizer.encode(p)[None, :]) for i, p in enumerate(self.prompt_texts())]

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities import rank_zero_warn
 
+from gptnano.data.tokenizer import default_prompt
 from gptnano.files import atomic_write
 from gptnano.hardware import peak_flops
 from gptnano.train.module import uses_fsdp
@@ -84,7 +85,7 @@ class TextSample(L.Callback):
         if not hasattr(experiment, "add_text"):
             return
         tokenizer = pl_module.tokenizer
-        prompt = tokenizer.encode("\n")[None, :] if not tokenizer.unknown("\n") else torch.zeros(1, 1, dtype=torch.long)
+        prompt = tokenizer.encode(default_prompt(tokenizer))[None, :]  # the prompt predict and generate default to
         # Sampling must not disturb the training run's random streams: the CPU's and, on a GPU, its own.
         device = pl_module.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
