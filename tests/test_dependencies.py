@@ -40,3 +40,21 @@ def test_the_parser_still_keeps_its_subcommand_parsers():
     parser, fit = ArgumentParser(), ArgumentParser()
     parser.add_subcommands().add_subcommand("fit", fit)
     assert subcommand_parser(parser, "fit") is fit
+
+
+def test_dependencies_are_bounded_where_an_announced_removal_would_break_us():
+    """Issue 19, item 10: jsonargparse 5.0 removes APIs Lightning 2.6's CLI calls (deprecated in 4.49),
+    so an unbounded install would break with the first 5.0 release; the installed versions fit."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    required = {r.name: r for r in map(Requirement, pyproject["project"]["dependencies"])}
+    assert not required["jsonargparse"].specifier.contains("5.0.0") and not required["lightning"].specifier.contains("3.0.0")
+    for name in ("jsonargparse", "lightning"):
+        assert required[name].specifier.contains(version(name)), (name, version(name))
+    filters = pyproject["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    assert "error::DeprecationWarning:gptnano" in filters  # our own deprecations fail the suite
