@@ -33,14 +33,16 @@ def folder(tmp_path) -> Path:
 
 def test_a_file_size_limit_during_a_checkpoint_write(folder, gptnano):
     """The issue's `ulimit -f` stand-in for a full disk, for real: the OS refuses the checkpoint's
-    bytes past the limit (EFBIG). Before: two chained tracebacks ending in torch's `unexpected pos`."""
-    assert gptnano([*FIT, "--trainer.max_steps", "5"], folder).returncode == 0
+    bytes past the limit (EFBIG). Before: two chained tracebacks ending in torch's `unexpected pos`.
+    Tensors larger than Python's write buffer, so that the refusal comes inside torch.save."""
+    wide = [*FIT, "--model.net.n_embd", "64"]
+    assert gptnano([*wide, "--trainer.max_steps", "5"], folder).returncode == 0
     last = folder / "checkpoints" / "gpt" / "last.ckpt"
     before = last.read_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
     try:
-        ran = gptnano([*FIT, "--trainer.max_steps", "10", "--ckpt_path", "last"], folder)
+        ran = gptnano([*wide, "--trainer.max_steps", "10", "--ckpt_path", "last"], folder)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     line = _one_error_line(ran)
