@@ -45,10 +45,10 @@ def test_the_parser_still_keeps_its_subcommand_parsers():
 def test_dependencies_are_bounded_where_an_announced_removal_would_break_us():
     """Issue 19, item 10: jsonargparse 5.0 removes APIs Lightning 2.6's CLI calls (deprecated in 4.49),
     so an unbounded install would break with the first 5.0 release; the installed versions fit."""
-    import tomllib
     from importlib.metadata import version
     from pathlib import Path
 
+    import tomllib
     from packaging.requirements import Requirement
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())

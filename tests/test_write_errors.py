@@ -9,7 +9,6 @@ import resource
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptnano import files
 from tests.helpers import TINY_GPT, make_text
