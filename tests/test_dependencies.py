@@ -58,3 +58,15 @@ def test_dependencies_are_bounded_where_an_announced_removal_would_break_us():
         assert required[name].specifier.contains(version(name)), (name, version(name))
     filters = pyproject["tool"]["pytest"]["ini_options"]["filterwarnings"]
     assert "error::DeprecationWarning:gptnano" in filters  # our own deprecations fail the suite
+
+
+def test_lambdalr_still_keeps_what_a_resume_sets():
+    """LitLM.apply_optimizer_settings sets LambdaLR's base_lrs, lr_lambdas and its private _last_lr (what
+    get_last_lr returns) after Lightning restored the saved schedule."""
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    assert {"base_lrs", "lr_lambdas", "_last_lr", "last_epoch"} <= set(vars(schedule))
+    schedule._last_lr = [0.5]
+    assert schedule.get_last_lr() == [0.5]
