@@ -234,11 +234,15 @@ def load_grown(net: LanguageModel, state_dict: dict, source: str | Path) -> list
     return grown
 
 
-def run_name(path: str | Path) -> str:
-    """The run a checkpoint comes from, as its path tells: ``checkpoints/<run>/`` holds a run's
-    checkpoint files; an exported folder is named by whoever exported it."""
+def run_name(path: str | Path, ckpt: dict | None = None) -> str:
+    """The run a checkpoint comes from: for a file, the name its run recorded (``ckpt``'s
+    ``gptnano`` metadata, as ``read_checkpoint`` returned it), else its folder's
+    (``checkpoints/<run>/`` holds a run's files); an exported folder is named by its exporter."""
     p = Path(path).resolve()
-    return p.name if p.is_dir() else p.parent.name
+    if p.is_dir():
+        return p.name
+    recorded = ((ckpt or {}).get("gptnano") or {}).get("run_name")
+    return recorded if isinstance(recorded, str) and recorded else p.parent.name
 
 
 class Loaded(NamedTuple):

@@ -30,9 +30,38 @@ def _reason(e: OSError) -> str:
     return f"{e.strerror or e}" + (f" ({name})" if name else "")
 
 
+# What a refused write looks like to the OS: disk full (or over quota, or over a size limit),
+# read-only, permission denied, a file where a folder is needed (or the other way round).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR}
+
+
+def os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError of a refused write that ``e`` is or was raised from (``__cause__`` or
+    ``__context__``, at any depth), or None. Writers deep in a library often turn the OS's error
+    into their own: torch.save's is a RuntimeError ("unexpected pos ...") raised while handling it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as the user would type it: relative to the current folder when it is inside it."""
+    try:
+        if Path(path).resolve().is_relative_to(Path.cwd().resolve()):
+            return os.path.relpath(path)
+    except (OSError, ValueError):  # no current folder any more; another drive (Windows)
+        pass
+    return str(path)
+
+
 def write_error(path: Path | str, e: OSError, intact: str) -> WriteError:
     """The one-line error for an OS error ``e`` while writing ``path``; ``intact`` says what survived."""
-    return WriteError(f"could not write {path}: {_reason(e)}; {intact}")
+    return WriteError(f"could not write {shown_path(path)}: {_reason(e)}; {intact}")
 
 
 def temp_path(path: Path) -> Path:
@@ -81,8 +110,11 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e, intact) from None
+    except (OSError, RuntimeError) as e:
+        refused = e if isinstance(e, OSError) else os_error_in(e)  # torch.save's RuntimeError over the OS's
+        if refused is None:
+            raise
+        raise write_error(path, refused, intact) from None
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -95,18 +127,30 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], N
     return path
 
 
-def check_writable_folder(folder: Path | str, what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it, before any work that
-    would be lost if it could not (the first training step, say). ``what`` names its use."""
+def check_writable_folder(folder: Path | str, what: str, create: bool = True) -> Path:
+    """Prove a file can be written in ``folder`` before any work that would be lost if it could not
+    (the first training step, say); ``what`` names its use. With ``create`` the folder is made if
+    needed; without, nothing is left behind: a missing folder is probed in its nearest existing
+    parent (a file there where a folder is needed is refused as the OS would refuse it).
+
+    Raises:
+        WriteError: one line naming the folder, the OS's reason and that nothing was started.
+    """
     folder = Path(folder)
-    probe = folder / f".gptnano-write-check.{os.getpid()}{TEMP_SUFFIX}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        where = folder
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where))
+        probe = where / f".gptnano-write-check.{os.getpid()}{TEMP_SUFFIX}"
         with open(probe, "wb") as f:
             f.write(b"ok")
         probe.unlink()
     except OSError as e:
-        raise WriteError(f"cannot write {what} in {folder}: {_reason(e)}; nothing was started") from None
+        raise WriteError(f"cannot write {what} in {shown_path(folder)}: {_reason(e)}; nothing was started") from None
     return folder
 
 

@@ -57,7 +57,7 @@ def test_round_trip_fit_resume_validate_predict(text_file, tmp_path):
                    "--trainer.enable_progress_bar", "false"], empty)
     sample = out.stdout.strip()
     assert sample.startswith("ROMEO:") and len(sample) >= len("ROMEO:") + 30
-    written = list(empty.glob("lightning_logs/gpt/version_*/predictions.txt"))
+    written = list(empty.glob("lightning_logs/gpt/eval/version_*/predictions.txt"))
     assert written and written[0].read_text().strip() == sample
     assert not (empty / "data").exists()  # nothing was downloaded
 

@@ -239,8 +239,32 @@ def test_val_tokens_through_the_data_module_and_its_log_line(text_file, capsys):
     assert scored == 7 * 16  # ceil(100 / 16) windows
     val = len(dm.splits["val"]) - 1
     assert f"validation scores 112 of the split's {val:,} tokens" in capsys.readouterr().err
-    with pytest.raises(UserError, match="val_tokens must be positive"):
+    with pytest.raises(UserError, match="val_tokens must be a positive number of tokens or 'all'"):
         ShakespeareDataModule(path=str(text_file), val_tokens=0)
+
+
+def test_validation_stays_bounded_as_the_text_grows(text_file, capsys, monkeypatch):
+    """Issue 19, item 11: by default a split beyond FULL_PASS_TOKENS is scored on DEFAULT_VAL_TOKENS
+    evenly spread (before: a full pass whatever its size, ~50 minutes per 1000-step run on a 300 MB
+    text), said in one line; "all" asks for the full pass; a split under the bound keeps it."""
+    import gptnano.data.datamodule as datamodule
+
+    def scored(**kw):
+        dm = ShakespeareDataModule(path=str(text_file), eval_batch_size=4, **kw)
+        dm.block_size = 16
+        dm.setup("fit")
+        return sum((y != -100).sum().item() for _, y in dm.val_dataloader()), len(dm.splits["val"]) - 1
+
+    n, val = scored()
+    assert n == val and "validation scores" not in capsys.readouterr().err  # small: the full pass, silently
+    monkeypatch.setattr(datamodule, "FULL_PASS_TOKENS", 1000)
+    monkeypatch.setattr(datamodule, "DEFAULT_VAL_TOKENS", 320)
+    n, val = scored()
+    assert n == 320 and val > 1000
+    assert (f"validation scores 320 of the split's {val:,} tokens" in (err := capsys.readouterr().err)
+            and "default beyond 1,000 tokens; --data.val_tokens all scores all" in err)
+    n, val = scored(val_tokens="all")
+    assert n == val and "validation scores" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("accelerator,pinned", [(CPUAccelerator(), False), (CUDAAccelerator(), True)])

@@ -46,7 +46,7 @@ def test_ddp_two_cpu_processes(text_file, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert [l[:2] for l in lines] == ["RO", "JU", "KI"]  # each prompt once, in order
-    files = list(tmp_path.glob("lightning_logs/gpt/version_*/predictions.txt"))
+    files = list(tmp_path.glob("lightning_logs/gpt/eval/version_*/predictions.txt"))  # with the run's evaluations
     assert len(files) == 1 and files[0].read_text().strip().splitlines() == lines
 
 

@@ -52,3 +52,33 @@ def test_torch_still_has_its_scan_operator():
     g = torch.Generator().manual_seed(0)
     a, w_h, h0 = torch.randn(3, 7, 5, generator=g), torch.randn(5, 5, generator=g), torch.randn(3, 5, generator=g)
     torch.testing.assert_close(elman_scan_exportable(a, w_h, h0), elman_scan(a, w_h, h0))
+
+
+def test_dependencies_are_bounded_where_an_announced_removal_would_break_us():
+    """Issue 19, item 10: jsonargparse 5.0 removes APIs Lightning 2.6's CLI calls (deprecated in 4.49),
+    so an unbounded install would break with the first 5.0 release; the installed versions fit."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    required = {r.name: r for r in map(Requirement, pyproject["project"]["dependencies"])}
+    assert not required["jsonargparse"].specifier.contains("5.0.0") and not required["lightning"].specifier.contains("3.0.0")
+    for name in ("jsonargparse", "lightning"):
+        assert required[name].specifier.contains(version(name)), (name, version(name))
+    filters = pyproject["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    assert "error::DeprecationWarning:gptnano" in filters  # our own deprecations fail the suite
+
+
+def test_lambdalr_still_keeps_what_a_resume_sets():
+    """LitLM.apply_optimizer_settings sets LambdaLR's base_lrs, lr_lambdas and its private _last_lr (what
+    get_last_lr returns) after Lightning restored the saved schedule."""
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    assert {"base_lrs", "lr_lambdas", "_last_lr", "last_epoch"} <= set(vars(schedule))
+    schedule._last_lr = [0.5]
+    assert schedule.get_last_lr() == [0.5]

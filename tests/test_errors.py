@@ -149,6 +149,21 @@ CASES = [
     Case("init-from-not-fit", lambda w: ["validate", "--init_from", str(w.ckpt), "--data.path", str(w.text)], r"--init_from is for fit"),
     Case("export-hf-of-an-rnn", lambda w: ["export", "--ckpt_path", _rnn(w), "--out", str(w.tmp / "hf"), "--format", "hf"],
      r"--format hf is not available for RNN: use safetensors or onnx"),
+    # Issue 19, item 6: settings that cannot work are found before the first step (before: tracebacks).
+    Case("val-check-interval-zero", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.val_check_interval", "0"],
+     r"--trainer\.val_check_interval must be a positive number of steps between validations, got 0"),
+    Case("accumulate-zero", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.accumulate_grad_batches", "0"],
+     r"--trainer\.accumulate_grad_batches must be a whole number >= 1, got 0"),
+    Case("patience-negative", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--early_stopping.patience", "-1"],
+     r"--early_stopping\.patience must be a whole number of validations >= 0, got -1"),
+    Case("min-lr-above-lr", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.min_lr", "1e-2"],
+     r"min_lr 0\.01 is above learning_rate 0\.001"),
+    Case("beta-one", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.beta1", "1"], r"0 <= beta1 < 1"),
+    # Item 9: `last` / `best` without a run to look in (before: "required: predict.model.net").
+    Case("last-without-run-name", lambda w: ["predict", "--ckpt_path", "last"],
+     r"--ckpt_path last needs --run_name NAME \(or --config FILE\) to find checkpoints/NAME/last\.ckpt"),
+    Case("best-of-unknown-run", lambda w: ["predict", "--run_name", "nope", "--ckpt_path", "best"],
+     r"--ckpt_path best: no checkpoints/nope/best\.ckpt to predict from"),
 ]
 
 
@@ -175,3 +190,15 @@ def test_generating_past_the_context_crops_instead_of_failing(trained, tmp_path)
                    "--model.sample_seed", "0"], tmp_path)
     text = out.stdout.rstrip("\n")
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 100
+
+
+def test_divergence_in_pure_fp16_names_the_cause(tmp_path, gptnano):
+    """Issue 19, item 6: `--trainer.precision 16-true` diverges at step 1 even at lr 1e-9 (AdamW's eps
+    underflows in fp16); the line used to blame the learning rate."""
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    ran = gptnano(["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.precision", "16-true",
+                   "--model.learning_rate", "1e-9", "--model.min_lr", "1e-9", "--trainer.max_steps", "5",
+                   "--trainer.val_check_interval", "5"], tmp_path)
+    last = ran.stderr.strip().splitlines()[-1]
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    assert last.startswith("gptnano: error: training stopped: the ") and "pure fp16 (--trainer.precision 16-true)" in last, last

@@ -54,6 +54,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     every = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(every) == sorted(id(p) for p in lit.parameters())  # each parameter exactly once
     for _ in range(100):  # the schedule scales both learning rates alike, down to min_lr's ratio
+        opt.step()  # no gradients: changes nothing, but steps in the order torch expects
         schedule.step()
     assert muon["lr"] == pytest.approx(0.05 * 0.1) and decay["lr"] == pytest.approx(1e-3 * 0.1)
 

@@ -78,3 +78,75 @@ def test_short_architecture_names_and_moved_class_paths(tmp_path, capsys):
     untouched = tmp_path / "new.yaml"
     untouched.write_text("trainer:\n  logger:\n    class_path: gptnano.train.logger.Board\n")
     assert settings.moved_class_paths(["fit", f"--config={untouched}"]) == ["fit", f"--config={untouched}"]
+
+
+# ----- issue 19: what a resume takes from the checkpoint, applies, or refuses ------------------
+CKPT = {
+    "hyper_parameters": {**SAVED, "optimizer": "adamw"},
+    "gptnano": {"run_name": "lr2", "seed": 7, "precision": "32-true"},
+    "ShakespeareDataModule": {"batch_size": 4, "val_fraction": 0.1, "val_tokens": None},
+    "callbacks": {
+        "EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}": {"patience": 1, "wait_count": 1},
+        "Checkpoint{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+        "'train_time_interval': None}": {"best_model_score": 1.5},
+    },
+}
+
+
+def test_what_a_checkpoint_knows_of_its_run():
+    found = settings.saved_settings(CKPT)
+    assert found == {"run_name": "lr2", "seed_everything": 7, "data.batch_size": 4, "data.val_fraction": 0.1,
+                     "data.val_tokens": None, "model.optimizer": "adamw", "early_stopping.monitor": "val/loss",
+                     "early_stopping.mode": "min", "early_stopping.patience": 1, "checkpoint.monitor": "val/loss",
+                     "checkpoint.mode": "min", "checkpoint.every_n_train_steps": 0}
+    assert settings.saved_settings({"hyper_parameters": {}}) == {}  # an older checkpoint knows less
+
+
+def test_a_resume_takes_the_saved_settings_applies_typed_ones_and_refuses_a_few():
+    found = settings.saved_settings(CKPT)
+    asked = {**found, "data.batch_size": 8, "early_stopping.patience": 100, "checkpoint.every_n_train_steps": None}
+    chosen = settings.on_resume(found, asked, {"data.batch_size", "early_stopping.patience"}, fitting=True, source="x")
+    assert "data.batch_size" not in chosen and "early_stopping.patience" not in chosen  # typed: applied as parsed
+    assert chosen["run_name"] == "lr2" and chosen["seed_everything"] == 7 and chosen["data.val_fraction"] == 0.1
+    assert "checkpoint.every_n_train_steps" not in chosen  # compared only: setting it would change Lightning's key
+    with pytest.raises(UserError, match=r"--checkpoint\.monitor val/bpc cannot change on resume \(the run's is val/loss\)"):
+        settings.on_resume(found, {**asked, "checkpoint.monitor": "val/bpc"}, {"checkpoint.monitor"}, fitting=True,
+                           source="x")
+    same = settings.on_resume(found, asked, {"checkpoint.every_n_train_steps", "model.optimizer"}, fitting=True, source="x")
+    assert "model.optimizer" not in same  # typed, but the run's own value: nothing to refuse
+    # validate / test may score another split: only fit refuses it
+    settings.on_resume(found, {**asked, "data.val_fraction": 0.2}, {"data.val_fraction"}, fitting=False, source="x")
+    with pytest.raises(UserError, match=r"--data\.tokenizer byte cannot change"):
+        settings.on_resume({"data.tokenizer": "char"}, {"data.tokenizer": "byte"}, {"data.tokenizer"}, fitting=False,
+                           source="x")
+
+
+@pytest.mark.parametrize("trainer,error", [
+    ({"max_steps": 0}, r"max_steps must be a positive number of optimizer steps, got 0"),
+    ({"max_steps": 10, "val_check_interval": 0}, r"val_check_interval must be a positive number of steps"),
+    ({"max_steps": 10, "val_check_interval": 1.5}, r"val_check_interval must be"),
+    ({"max_steps": 10, "accumulate_grad_batches": 0}, r"accumulate_grad_batches must be a whole number >= 1, got 0"),
+    ({"max_steps": 10, "log_every_n_steps": 0}, r"log_every_n_steps must be a whole number >= 1"),
+    ({"max_steps": 10, "gradient_clip_val": -1.0}, r"gradient_clip_val must be >= 0"),
+    ({"max_steps": 10, "max_time": "00:00:00:00"}, r"max_time must be a positive duration"),
+])
+def test_trainer_settings_that_cannot_work(trainer, error):
+    with pytest.raises(UserError, match=error):
+        settings.check_trainer(trainer)
+
+
+def test_trainer_settings_that_work():
+    settings.check_trainer({"max_steps": 10, "val_check_interval": 5, "accumulate_grad_batches": 2,
+                            "gradient_clip_val": 0.0, "max_time": "00:00:05:00", "log_every_n_steps": 1})
+    settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5, "max_time": {"minutes": 5}})
+
+
+def test_last_and_best_without_a_run_to_look_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cmd = settings.read_command_line(["predict", "--ckpt_path", "last"], ["predict"])
+    assert settings.missing_checkpoint(cmd).startswith("--ckpt_path last needs --run_name NAME (or --config FILE)")
+    cmd = settings.read_command_line(["predict", "--ckpt_path", "best", "--run_name", "x"], ["predict"])
+    assert settings.missing_checkpoint(cmd) == ("--ckpt_path best: no checkpoints/x/best.ckpt to predict from "
+                                                "(train first, or pass a checkpoint file)")
+    with_config = settings.read_command_line(["predict", "--ckpt_path", "last", "--config", "c.yaml"], ["predict"])
+    assert settings.missing_checkpoint(with_config) is None  # the config names the run: the CLI finds the folder

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
         from gptnano.export.folder import write_safetensors
 
         step = ckpt.get("global_step", ckpt.get("exported_from", {}).get("global_step"))
-        exported_from = {"checkpoint": str(source), "run_name": run_name(source),
+        exported_from = {"checkpoint": str(source), "run_name": run_name(source, ckpt),
                          "global_step": step if isinstance(step, int) else None}
         written = write_safetensors(net, init_args, tokenizer, hparams, out, exported_from)
     elif args.format == "hf":

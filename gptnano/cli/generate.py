@@ -46,8 +46,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ckpt_path", required=True,
                     help="a checkpoint written by gptnano fit, or a folder written by gptnano export")
     source = ap.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="text to continue (default: a newline)")
-    source.add_argument("--prompt_file", help="a UTF-8 file whose whole content is the prompt")
+    source.add_argument("--prompt", help="text to continue (default: a newline, or the vocabulary's first "
+                        "character when the model's text has none)")
+    source.add_argument("--prompt_file", help="a UTF-8 file whose whole content is the prompt (at most 1 MB; "
+                        "Windows line ends become newlines when the model knows no \\r)")
     ap.add_argument("--max_new_tokens", type=int, help="tokens to generate per prompt")
     ap.add_argument("--temperature", type=float, help="0 picks the most likely token (greedy)")
     ap.add_argument("--top_k", type=optional(int), help="sample among the k most likely tokens (none: all)")
@@ -77,13 +79,16 @@ def pick_device(name: str):
     return device
 
 
-def read_prompt(args) -> str:
+def read_prompt(args, tokenizer) -> str:
+    """The prompt given (``as_prompt``: as the model can take it), or the default prompt."""
+    from gptnano.data.tokenizer import as_prompt, default_prompt
+
     if "prompt_file" in args:
         from gptnano.data.text import read_text  # the data module's own reader: the same one-line errors
 
-        prompt = read_text(Path(args.prompt_file), "prompt file")
+        prompt = as_prompt(read_text(Path(args.prompt_file), "prompt file"), tokenizer)
     else:
-        prompt = getattr(args, "prompt", "\n")
+        prompt = as_prompt(args.prompt, tokenizer) if "prompt" in args else default_prompt(tokenizer)
     if not prompt:
         raise UserError("the prompt is empty: give the model some text to continue")
     return prompt
@@ -147,6 +152,8 @@ def interact(writer: Writer, described: str, first: str | None = None) -> None:
         import readline  # noqa: F401  line editing and history for input(), where the platform has it
     except ImportError:
         pass
+    from gptnano.data.tokenizer import as_prompt
+
     tty = sys.stdin.isatty()
     s = writer.settings
     print(f"{described}; {s['max_new_tokens']} tokens per prompt, temperature {s['temperature']}, "
@@ -161,6 +168,7 @@ def interact(writer: Writer, described: str, first: str | None = None) -> None:
         first = None
         if not prompt:
             return
+        prompt = as_prompt(prompt, writer.tokenizer)
         try:
             if not writer.sample(prompt):
                 print("[stopped]", file=sys.stderr)
@@ -179,7 +187,7 @@ def main(argv: list[str]) -> None:
     settings = {name: getattr(args, name, hparams.get(HPARAM.get(name, name))) for name in SETTINGS}
     check_settings(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"])
     given = "prompt" in args or "prompt_file" in args
-    prompt = read_prompt(args) if given or not args.interactive else None
+    prompt = read_prompt(args, tokenizer) if given or not args.interactive else None
     device = pick_device(args.device)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # A token is a chain of small operations that more threads only split into waits: one

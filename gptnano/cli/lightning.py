@@ -13,11 +13,12 @@ one-line errors instead of tracebacks for mistakes a user can fix.
 import inspect
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -28,13 +29,16 @@ from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
 from gptnano.errors import ConfigError, UserError
-from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
+from gptnano.files import check_writable_folder, os_error_in, write_error
+from gptnano.train.callbacks import EarlyStopping, PredictionWriter, TextSample, Throughput
 from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
+from gptnano.train.report import RunReport
 
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
+_OUTPUTS: list[str] = []  # the folders this command writes to, for a write error that names no file
 
 
 def subcommand_parser(parser, name: str):
@@ -52,6 +56,14 @@ class Parser(LightningArgumentParser):
 def _rank_zero() -> bool:
     """Whether this is the process that speaks (the first of a node's ranks, on the first node)."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _step_of(saved: dict | None) -> int:
+    """The optimizer step a checkpoint's weights had: a file's global_step, an export's recorded one."""
+    if not saved:
+        return 0
+    step = saved.get("global_step", (saved.get("exported_from") or {}).get("global_step"))
+    return int(step) if isinstance(step, int) else 0
 
 
 def _home(source: str) -> Path:
@@ -75,8 +87,8 @@ class GPTNanoCLI(LightningCLI):
                 "max_steps": 2000,
                 "val_check_interval": 250,
                 "check_val_every_n_epoch": None,
-                "callbacks": [LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(), RunSettings(),
-                              NonFiniteGuard()],
+                "callbacks": [RunReport(), LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(),
+                              RunSettings(), NonFiniteGuard()],
             },
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
@@ -117,6 +129,8 @@ class GPTNanoCLI(LightningCLI):
         argv = settings.moved_class_paths(settings.architecture_names(sys.argv[1:] if args is None else args))
         cmd = settings.read_command_line(argv, self.subcommands())
         self._typed = cmd.typed
+        if why := settings.missing_checkpoint(cmd):
+            raise UserError(why)  # before the parser asks for a --model.net the checkpoint would have given
         ckpt = settings.checkpoint_named(cmd)
         if cmd.subcommand and ckpt:
             # As defaults, so that `predict --ckpt_path X` needs no --config or --model.net;
@@ -138,48 +152,90 @@ class GPTNanoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        if sub == "fit":
+            settings.check_trainer(cfg.trainer.as_dict())
+            settings.check_callbacks(cfg.checkpoint.as_dict(), cfg.early_stopping.as_dict())
         if cfg.get("init_from"):
             self._start_from(sub, cfg)
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and sub == "fit" and Path(ckpt).is_dir():
+            raise UserError(f"--ckpt_path {ckpt} is an exported model, which holds no training state to resume: "
+                            f"start a new run from it with --init_from {ckpt}")
+        saved = self._read_checkpoint(ckpt) if ckpt and ckpt not in ("last", "best") else None
+        if saved is not None:
+            self._take_run_settings(cfg, saved, ckpt, sub)  # the run's name among them: it places the run
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         cfg.run_name = name
         if "run_name" in self._typed and "checkpoint.dirpath" not in self._typed:
             cfg.checkpoint.dirpath = None  # a typed run name moves the run, whatever a saved config.yaml pinned
         folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
         cfg.checkpoint.dirpath = str(folder)
-        if cfg.trainer.logger in (None, True):  # default logger: TensorBoard, one folder per run name
-            cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board",
-                                           init_args=Namespace(save_dir="lightning_logs", name=name))
-        elif getattr(cfg.trainer.logger, "class_path", None) == "gptnano.train.logger.Board":
-            # A saved config.yaml names the logger with its old run's name: logs follow the run.
-            cfg.trainer.logger.init_args.name = name
-        if sub == "predict":
-            cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
-        ckpt, saved = cfg.get("ckpt_path"), None
         if ckpt in ("last", "best"):
             path = folder / f"{ckpt}.ckpt"
             if not path.is_file():
                 action = "resume" if sub == "fit" else sub
                 raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
             cfg.ckpt_path = ckpt = str(path)
-        if ckpt and sub == "fit" and Path(ckpt).is_dir():
-            raise UserError(f"--ckpt_path {ckpt} is an exported model, which holds no training state to resume: "
-                            f"start a new run from it with --init_from {ckpt}")
-        if ckpt:
             saved = self._read_checkpoint(ckpt)
+            self._take_run_settings(cfg, saved, ckpt, sub)
+            cfg.run_name = name  # the run found by its name stays that run
+        if saved is not None:
             self._take_from_checkpoint(cfg, saved, ckpt)
+        self._place_logs(cfg, sub, name, saved)
+        if sub == "predict":
+            cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
         resuming_here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
         if self._init_source and folder.resolve() == _home(self._init_source[0]):
             raise UserError(f"--init_from {self._init_source[0]}: the new run needs a folder of its own, not "
                             f"the source's {folder}: give another --run_name")
-        if sub == "fit" and (folder / "last.ckpt").exists() and not resuming_here:
+        if sub == "fit" and settings.holds_a_run(folder) and not resuming_here:
             # A fresh run, or one resumed from another folder's checkpoint, would overwrite this run.
             how = " (without --init_from)" if self._init_source else ""
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
-        if sub == "fit" and (cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0):
-            raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
-                            "(the learning rate decays over them)")
         self._choose_arithmetic(cfg, saved if sub == "fit" else None)
+
+    def _place_logs(self, cfg, sub: str | None, name: str, saved: dict | None) -> None:
+        """TensorBoard logs in one folder per run: ``<logs>/<run>/version_N`` for training,
+        ``<logs>/<run>/eval/version_N`` for validate, test and predict, at the step of the
+        checkpoint they read, apart from the training curves (``gptnano plot`` reads those only).
+        ``<logs>`` is ``lightning_logs``, or the Board's ``save_dir`` where one was given."""
+        board = getattr(cfg.trainer.logger, "class_path", None) == "gptnano.train.logger.Board"
+        if cfg.trainer.logger not in (None, True) and not board:
+            return  # a logger of the user's own: theirs to place
+        root = (cfg.trainer.logger.init_args.get("save_dir") if board else None) or "lightning_logs"
+        if sub in ("validate", "test", "predict"):
+            init = {"save_dir": str(Path(root) / name), "name": "eval", "step": _step_of(saved)}
+        else:
+            init = {"save_dir": root, "name": name}  # a saved config.yaml's old run name follows the run
+        if not board:
+            cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board", init_args=Namespace(**init))
+            return
+        for key, value in init.items():
+            cfg.trainer.logger.init_args[key] = value
+
+    def _take_run_settings(self, cfg, saved: dict, path: str, sub: str | None) -> None:
+        """The run's settings a checkpoint keeps beyond the model's (its name, seed, data settings,
+        early stopping's patience): the checkpoint's unless typed; a typed one that a resume cannot
+        take is refused (gptnano/cli/settings.py, ``on_resume``)."""
+        found = settings.saved_settings(saved)
+        asked = {key: cfg.get(key) for key in found}
+        asked.update({key: cfg.get(key) for key in settings.ALWAYS_THE_CHECKPOINT_S})
+        found.update({f"data.{k}": v for k, v in settings.data_from(saved["hyper_parameters"]).items()})
+        chosen = settings.on_resume(found, asked, self._typed, fitting=sub == "fit", source=path)
+        if "checkpoint.dirpath" in self._typed:
+            chosen.pop("run_name", None)
+        if sub != "fit":
+            chosen.pop("early_stopping.patience", None)
+        seed = chosen.get("seed_everything")
+        if seed is not None and seed != cfg.get("seed_everything"):
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, workers=True)  # the run's seed: a resume draws on as the run would have
+        for key, value in chosen.items():
+            if key in ("data.vocab", "data.tokenizer"):
+                continue  # _take_from_checkpoint sets the tokenizer
+            cfg[key] = value
 
     # ----- fit --init_from: a new run that starts from a trained model's weights --------------
     def _source_defaults(self, path: str) -> dict:
@@ -232,7 +288,7 @@ class GPTNanoCLI(LightningCLI):
                             "with the text's new characters appended: leave out --data.tokenizer and --data.vocab")
         cfg.data.tokenizer = kind
         cfg.data.vocab = self._grown_vocabulary(cfg, hparams["vocab"]) if kind == "char" else None
-        cfg.run_name = cfg.run_name or f"{run_name(source)}-ft"
+        cfg.run_name = cfg.run_name or f"{run_name(source, ckpt)}-ft"
         self._init_source = (source, ckpt)
 
     def _grown_vocabulary(self, cfg, old: str) -> str:
@@ -298,6 +354,33 @@ class GPTNanoCLI(LightningCLI):
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             print(f"gptnano: precision {cfg.trainer.precision} ({why}); --trainer.precision overrides", file=sys.stderr)
 
+    # ----- before the first step: can the run's outputs be written? ----------
+    def _check_outputs(self) -> None:
+        """A folder the run cannot write (read-only, no permission, a file in the way) is refused in
+        one line before any data is prepared or any step taken, not after minutes of training.
+        Nothing is created here: a user mistake found later leaves no folder behind."""
+        if self.trainer.global_rank != 0:
+            return
+        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
+        if self.subcommand == "fit" and callback is not None and callback.dirpath:
+            _OUTPUTS.append(os.path.relpath(callback.dirpath))
+            check_writable_folder(callback.dirpath, "checkpoints", create=False)
+        if logger is not None and logger.save_dir:
+            _OUTPUTS.append(str(Path(logger.save_dir) / str(logger.name)))
+            check_writable_folder(_OUTPUTS[-1], "logs", create=False)
+
+    def before_fit(self) -> None:
+        self._check_outputs()
+
+    def before_validate(self) -> None:
+        self._check_outputs()
+
+    def before_test(self) -> None:
+        self._check_outputs()
+
+    def before_predict(self) -> None:
+        self._check_outputs()
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with checkpoints written atomically and read through the safe reader,
         a model summary without Lightning's column of zero FLOPs, and TF32 on CUDA."""
@@ -315,11 +398,35 @@ class GPTNanoCLI(LightningCLI):
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
-    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here)."""
+    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here).
+
+    A write the OS refused anywhere below (a checkpoint, TensorBoard's event files, hparams.yaml,
+    config.yaml, predictions), however a library wrapped it, ends as one ``WriteError`` line."""
     if not verbose:
         quiet.hide_noise()
+    _OUTPUTS.clear()
+    previous_hook = threading.excepthook
+
+    def refused_writes_once(args) -> None:
+        # TensorBoard writes in a thread and raises the thread's error again in the main one, where it
+        # becomes the one WriteError line: the thread's own traceback would only print it twice.
+        if os_error_in(args.exc_value) is None:
+            previous_hook(args)
+
+    threading.excepthook = refused_writes_once
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
-        print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
-        sys.exit(143)
+        sys.exit(143)  # Checkpoint.on_exception said where the run stopped and how to resume it
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        refused = os_error_in(e)
+        if refused is None:
+            raise
+        where = refused.filename or (f"a file in {' or '.join(_OUTPUTS)}" if _OUTPUTS else "a file of the run")
+        raise write_error(where, refused,
+                          "checkpoints and logs written before it are intact (a checkpoint is written "
+                          "whole or not at all)") from None
+    finally:
+        threading.excepthook = previous_hook

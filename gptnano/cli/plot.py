@@ -18,7 +18,8 @@ OLD_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_bpc": "val/
 
 def read_run(folder: Path) -> dict:
     """Scalars of every version_* under ``folder`` (a resumed run spans several), in step
-    order, under today's tag names (older logs are read too)."""
+    order, under today's tag names (older logs are read too). Training curves only: what
+    validate, test and predict log goes to ``folder/eval/``, which is not read."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = sorted(folder.glob("version_*")) or [folder]

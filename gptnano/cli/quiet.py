@@ -19,10 +19,16 @@ WARNINGS = {  # regular expression matching the start of the message -> why it i
     r"Couldn't infer the batch indices": "LitLM.predict_step returns the prompt numbers itself",
     r"Precision \S+-mixed is not supported by the model summary":
         "mixed precision keeps the weights in fp32, so the 32-bit size the summary falls back to is right",
+    r"Checkpoint directory .* exists and is not empty":
+        "a fit writes into a folder with checkpoints only when it resumes that run (the CLI refuses a fresh "
+        "run there), so the folder holds the run's own checkpoints on purpose",
 }
 MESSAGES = {  # start of a Lightning info line -> why it is hidden
     "💡 Tip:": "advertisements for Lightning's cloud services",
     "TPU available: False": "no TPU, nothing to decide",
+    "`Trainer.fit` stopped:": "gptnano's own end-of-run line (gptnano/train/report.py) says why, and where the "
+                              "checkpoints are",
+    "Time limit reached.": "the end-of-run line says so (max_time)",
 }
 # Lightning prints its start-up lines through these loggers (rank_zero_info).
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")

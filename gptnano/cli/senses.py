@@ -76,7 +76,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--k", type=int, default=5, help="characters listed at each end (default 5)")
     ap.add_argument("--sense", type=int, help="also generate with this sense scaled by --scale")
     ap.add_argument("--scale", type=float, default=0.0, help="scale of --sense (default 0: removed)")
-    ap.add_argument("--prompt", default="\n", help="prompt for the generation (default: a newline)")
+    ap.add_argument("--prompt", help="prompt for the generation (default: a newline, or the vocabulary's first "
+                    "character when the model's text has none)")
     ap.add_argument("--max_new_tokens", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both generations")
     args = ap.parse_args(argv)
@@ -94,7 +95,10 @@ def main(argv: list[str]) -> None:
         return
     if not 0 <= args.sense < net.n_senses:
         raise UserError(f"--sense must be between 0 and {net.n_senses - 1}")
-    prompt = tokenizer.encode(args.prompt)[None, :]
+    from gptnano.data.tokenizer import as_prompt, default_prompt
+
+    text = default_prompt(tokenizer) if args.prompt is None else as_prompt(args.prompt, tokenizer)
+    prompt = tokenizer.encode(text)[None, :]
 
     def sample() -> str:
         g = torch.Generator().manual_seed(args.seed)

@@ -171,10 +171,12 @@ class Corpus:
             remembered = Scan(str(memo["sha256"]), int(memo["n_tokens"]), str(memo["units"]), int(memo["scanned_at"]))
         except (KeyError, TypeError, ValueError):
             return None
+        if "\ufeff" in remembered.units and memo.get("lead_bom") != "dropped":
+            return None  # scanned before a leading byte-order mark was dropped: scan again
         return remembered if unchanged_since(stat, memo.get("stat"), remembered.scanned_at) else None
 
     def _remember(self) -> None:
-        memo = {"format": FORMAT, "path": str(self.path.resolve()), "stat": self._scan_stat,
+        memo = {"format": FORMAT, "path": str(self.path.resolve()), "stat": self._scan_stat, "lead_bom": "dropped",
                 **dataclasses.asdict(self._scan)}
         if _read_json(self._memo) != memo:
             try:

@@ -18,14 +18,19 @@ from torch.utils.data import DataLoader
 
 from gptnano.data.cache import Corpus, Prepared
 from gptnano.data.text import download, read_text
-from gptnano.data.tokenizer import TOKENIZERS, CharTokenizer, make_tokenizer
+from gptnano.data.tokenizer import TOKENIZERS, CharTokenizer, as_prompt, default_prompt, make_tokenizer
 from gptnano.data.windows import EvalWindows, TrainWindows
 from gptnano.errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_CACHE = Path("data") / "tinyshakespeare" / "input.txt"
-FULL_PASS_HINT = 2_000_000  # validation splits above this many tokens get a hint about --data.val_tokens
+# Validation by default: a full pass over a split of up to FULL_PASS_TOKENS tokens (tiny
+# Shakespeare's has 111,540: its published numbers are full passes), and DEFAULT_VAL_TOKENS
+# evenly spread over a larger one, so that a validation costs seconds however big the text
+# (a full pass over a 300 MB text's split took ~3 minutes on the reference CPU, at every validation).
+FULL_PASS_TOKENS = 2_000_000
+DEFAULT_VAL_TOKENS = 1_000_000
 
 
 def _rank_zero() -> bool:
@@ -52,16 +57,20 @@ class ShakespeareDataModule(L.LightningDataModule):
         vocab: The vocabulary as one string of characters. Normally derived from the text,
             or restored from the checkpoint given with --ckpt_path; set it only to
             force a fixed vocabulary.
-        prompt: Prompt for `gptnano predict`, or a list of prompts; one sample is generated per prompt.
-        prompt_file: A UTF-8 file whose whole content is one more prompt for `gptnano predict`.
+        prompt: Prompt for `gptnano predict`, or a list of prompts; one sample is generated per prompt
+            (default: a newline, or the vocabulary's first character if the text has no newline).
+        prompt_file: A UTF-8 file whose whole content is one more prompt for `gptnano predict` (at most
+            1 MB; a byte-order mark is dropped, and Windows line ends become newlines when the model
+            knows no '\\r').
         url: Where the default corpus is downloaded from.
         tokenizer: "char": one token per character, the vocabulary being the text's characters
             (the default). "byte": one token per UTF-8 byte, 256 of them, for any file whatever
             its characters (the way enwik8 is reported: val/bpc is then bits per byte).
-        val_tokens: Score about this many tokens at each validation instead of the whole
-            validation split: ceil(val_tokens / block_size) windows spread evenly over it,
-            the same ones every time (default: all). For large corpora, whose full pass
-            would take minutes; the log says how much of the split was scored.
+        val_tokens: Tokens scored at each validation: ceil(val_tokens / block_size) windows spread
+            evenly over the validation split, the same ones every time; "all" scores the whole
+            split. Default: the whole split up to 2,000,000 tokens (tiny Shakespeare's is 111,540),
+            1,000,000 evenly spread beyond that, so a validation stays cheap however large the
+            text. The log says how much of the split is scored.
     """
 
     def __init__(
@@ -77,7 +86,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         prompt_file: str | None = None,
         url: str = SHAKESPEARE_URL,
         tokenizer: Literal["char", "byte"] = "char",
-        val_tokens: int | None = None,
+        val_tokens: int | Literal["all"] | None = None,
     ):
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
@@ -86,8 +95,9 @@ class ShakespeareDataModule(L.LightningDataModule):
             raise UserError("need 0 < val_fraction, 0 <= test_fraction and val_fraction + test_fraction < 1")
         if tokenizer not in TOKENIZERS:
             raise UserError(f"unknown tokenizer {tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
-        if val_tokens is not None and val_tokens <= 0:
-            raise UserError("--data.val_tokens must be positive (leave it out to score the whole split)")
+        if val_tokens is not None and val_tokens != "all" and not (isinstance(val_tokens, int) and val_tokens > 0):
+            raise UserError(f"--data.val_tokens must be a positive number of tokens or 'all' (the whole split), "
+                            f"got {val_tokens!r}")
         self.path = path or os.environ.get("GPTNANO_DATA") or None
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.val_fraction, self.test_fraction, self.val_tokens = val_fraction, test_fraction, val_tokens
@@ -198,13 +208,30 @@ class ShakespeareDataModule(L.LightningDataModule):
     def _describe_validation(self) -> None:
         val = self._val_windows()
         total = len(self.splits["val"]) - 1
-        if self.val_tokens:
+        if val.n_scored < val.n_windows:
+            why = "--data.val_tokens" if self.val_tokens else \
+                f"default beyond {FULL_PASS_TOKENS:,} tokens; --data.val_tokens all scores all"
             print(f"gptnano: validation scores {val.scored_tokens:,} of the split's {total:,} tokens "
                   f"({100 * val.scored_tokens / total:.1f} %): {val.n_scored:,} of {val.n_windows:,} windows, "
-                  "evenly spread (--data.val_tokens)", file=sys.stderr)
-        elif total > FULL_PASS_HINT:
-            print(f"gptnano: validation scores all {total:,} tokens of its split at every validation; "
-                  "--data.val_tokens N scores a fixed, evenly spread subset", file=sys.stderr)
+                  f"evenly spread ({why})", file=sys.stderr)
+
+    def val_tokens_scored(self, total: int) -> int | None:
+        """Tokens a validation scores out of a split of ``total`` (None: all of them)."""
+        if self.val_tokens == "all":
+            return None
+        if self.val_tokens:
+            return self.val_tokens
+        return DEFAULT_VAL_TOKENS if total > FULL_PASS_TOKENS else None
+
+    # ----- what a checkpoint keeps of the data settings (gptnano's CLI reads it back) --------
+    def state_dict(self) -> dict:
+        """The settings that make the run's batches and validation scores, saved in every
+        checkpoint: a resume takes them from there unless typed (gptnano/cli/settings.py)."""
+        return {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size, "seed": self.seed,
+                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "val_tokens": self.val_tokens}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to do: the CLI built this module with the checkpoint's settings already."""
 
     # ----- batches ------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
@@ -225,7 +252,8 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def _val_windows(self) -> EvalWindows:
         rank, world = self._rank()
-        limit = -(-self.val_tokens // self.block_size) if self.val_tokens else None  # ceil
+        tokens = self.val_tokens_scored(len(self.splits["val"]) - 1)
+        limit = -(-tokens // self.block_size) if tokens else None  # ceil
         return EvalWindows(self.splits["val"], self.block_size, self.eval_batch_size, rank, world, limit)
 
     def val_dataloader(self) -> DataLoader:
@@ -238,7 +266,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         return self._loader(EvalWindows(self.splits["test"], self.block_size, self.eval_batch_size, rank, world))
 
     def prompt_texts(self) -> list[str]:
-        return self.prompts or ["\n"]
+        """The prompts as the model can take them (``as_prompt``), or the default prompt."""
+        return [as_prompt(p, self.tokenizer) for p in self.prompts] or [default_prompt(self.tokenizer)]
 
     def predict_dataloader(self) -> DataLoader:
         encoded = [(i, self.tokenizer.encode(p)[None, :]) for i, p in enumerate(self.prompt_texts())]

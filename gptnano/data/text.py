@@ -1,6 +1,10 @@
 """Reading a text file: one-line errors for the usual mistakes, strict UTF-8 streamed in
 chunks (a character split between two chunks is held back), a progress bar, and the
 download of the default corpus. No Lightning, no torch: the tools and the cache use it.
+
+Texts are read as they are, with one exception: a leading UTF-8 byte-order mark (which
+Windows editors write) is not a character of the text and is dropped. A UTF-16 file (also
+a Windows editor's "Unicode") gets one line saying how to convert it.
 """
 
 import codecs
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptnano.data.tokenizer import codepoints
+from gptnano.data.tokenizer import BOM, codepoints
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
 
@@ -23,6 +27,9 @@ from gptnano.files import atomic_write
 # and the allocator reuses their memory: on the reference machine 256 KiB prepared 100 MB
 # faster than 8 MiB did, at a peak resident memory 190 MB lower.
 CHUNK_BYTES = 256 << 10
+# A prompt is read whole and printed back: bounded, whatever file is named (a model sees only
+# its last block_size tokens anyway).
+MAX_PROMPT_BYTES = 1 << 20
 
 
 def check_file(path: Path, what: str = "data file") -> int:
@@ -39,18 +46,29 @@ def check_file(path: Path, what: str = "data file") -> int:
     return size
 
 
-def not_utf8(path: Path, offset: int, bad: bytes, hint: str = "") -> UserError:
+def not_utf8(path: Path, offset: int, bad: bytes, hint: str = "", head: bytes = b"") -> UserError:
+    """The error for a file that is not UTF-8; ``head`` (its first bytes) tells a UTF-16 one apart."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        byte = "; or train on its bytes with --data.tokenizer byte" if hint else ""
+        return UserError(f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark): save it as UTF-8 "
+                         f"(e.g. iconv -f UTF-16 -t UTF-8){byte}")
     return UserError(f"{path} is not valid UTF-8 (byte offset {offset}: {bad!r}){hint}")
 
 
 def read_text(path: Path, what: str = "data file") -> str:
     """A whole small UTF-8 file (a prompt), with one-line errors for the usual mistakes."""
-    check_file(path, what)
-    raw = path.read_bytes()
+    size = check_file(path, what)
+    if size > MAX_PROMPT_BYTES:
+        raise UserError(f"{what} {path} has {size:,} bytes: a prompt is at most {MAX_PROMPT_BYTES:,} "
+                        "(the model sees only its last block_size tokens)")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"could not read {path}: {e.strerror or e}") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise not_utf8(path, e.start, raw[e.start:e.start + 1]) from None
+        raise not_utf8(path, e.start, raw[e.start:e.start + 1], head=raw[:2]) from None
 
 
 @contextmanager
@@ -75,29 +93,35 @@ def read_units(path: Path, kind: str, bar) -> Iterator[tuple[bytes, np.ndarray]]
     (kind "byte") or the code points of the characters they complete (kind "char": strict
     UTF-8, a character split between two chunks is held back until its last byte)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict") if kind == "char" else None
-    offset = 0
-    with open(path, "rb") as f:
+    offset, head = 0, b""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"could not read {path}: {e.strerror or e}") from None
+    with f:
         while True:
             raw = f.read(CHUNK_BYTES)
+            head = head or raw[:2]
             if decoder is None:
                 if not raw:
                     return
                 yield raw, np.frombuffer(raw, dtype=np.uint8)
             else:
-                yield raw, codepoints(_decode(decoder, raw, offset, path))
+                text = _decode(decoder, raw, offset, path, head)
+                yield raw, codepoints(text.removeprefix(BOM) if offset == 0 else text)  # a leading BOM is no character
                 if not raw:
                     return
             offset += len(raw)
             bar.update(len(raw))
 
 
-def _decode(decoder, raw: bytes, offset: int, path: Path) -> str:
+def _decode(decoder, raw: bytes, offset: int, path: Path, head: bytes) -> str:
     held = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
     try:
         return decoder.decode(raw, final=not raw)
     except UnicodeDecodeError as e:
         hint = "; --data.tokenizer byte trains on any file's bytes"
-        raise not_utf8(path, offset - held + e.start, e.object[e.start:e.start + 1], hint) from None
+        raise not_utf8(path, offset - held + e.start, e.object[e.start:e.start + 1], hint, head) from None
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> Path:

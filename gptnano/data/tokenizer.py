@@ -17,6 +17,7 @@ import torch
 from gptnano.errors import UserError
 
 N_CODEPOINTS = 0x110000  # every Unicode code point is below this
+BOM = "\ufeff"  # the byte-order mark some editors (Windows Notepad) put at the start of a UTF-8 file
 
 
 def codepoints(text: str) -> np.ndarray:
@@ -65,8 +66,14 @@ class CharTokenizer:
     def encode(self, text: str) -> torch.Tensor:
         ids = self.encode_units(codepoints(text))
         if (ids < 0).any():
-            shown = ", ".join(repr(c) for c in self.unknown(text))
-            raise UserError(f"characters not in the model's vocabulary: {shown}")
+            unknown = self.unknown(text)
+            shown = ", ".join(repr(c) for c in unknown)
+            hint = ""
+            if "\n" in unknown:
+                hint = (" (the model's text has no '\\n' line ends: its lines end with '\\r', as old Mac files do; write "
+                        "the prompt that way or on one line)" if "\r" in self.stoi else
+                        " (the model's text has no line breaks: write the prompt on one line)")
+            raise UserError(f"characters not in the model's vocabulary: {shown}{hint}")
         return torch.from_numpy(ids.astype(np.int64))
 
     def decode(self, ids) -> str:
@@ -114,6 +121,22 @@ class ByteTokenizer:
 
 
 TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer}
+
+
+def default_prompt(tokenizer) -> str:
+    """The prompt when none is given (predict, generate, senses, the TensorBoard sample): a
+    newline where the vocabulary has one, else its first character (a text saved as one long
+    line, or with old Mac '\\r' line ends, has no '\\n')."""
+    return "\n" if not tokenizer.unknown("\n") else tokenizer.vocab[0]
+
+
+def as_prompt(text: str, tokenizer) -> str:
+    """A prompt as editors save it, made to fit the model: a leading byte-order mark dropped, and
+    Windows ('\\r\\n') and old Mac ('\\r') line ends made '\\n' when the model does not know '\\r'."""
+    text = text.removeprefix(BOM)
+    if tokenizer.unknown("\r"):
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
 
 
 def make_tokenizer(vocab: str | None, kind: str = "char"):

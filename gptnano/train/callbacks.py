@@ -1,4 +1,4 @@
-"""Callbacks the CLI adds: throughput and MFU, text samples, prediction output."""
+"""Callbacks the CLI adds: throughput and MFU, text samples, prediction output, early stopping."""
 
 import sys
 import time
@@ -7,8 +7,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities import rank_zero_warn
 
+from gptnano.data.tokenizer import default_prompt
 from gptnano.files import atomic_write
 from gptnano.hardware import peak_flops
 from gptnano.train.module import uses_fsdp
@@ -82,7 +85,7 @@ class TextSample(L.Callback):
         if not hasattr(experiment, "add_text"):
             return
         tokenizer = pl_module.tokenizer
-        prompt = tokenizer.encode("\n")[None, :] if not tokenizer.unknown("\n") else torch.zeros(1, 1, dtype=torch.long)
+        prompt = tokenizer.encode(default_prompt(tokenizer))[None, :]  # the prompt predict and generate default to
         # Sampling must not disturb the training run's random streams: the CPU's and, on a GPU, its own.
         device = pl_module.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
@@ -119,3 +122,20 @@ class PredictionWriter(BasePredictionWriter):
             sys.stdout.write(t + "\n")
         sys.stdout.flush()
         print(f"gptnano: predictions written to {self.path}", file=sys.stderr)
+
+
+class EarlyStopping(LightningEarlyStopping):
+    """Lightning's EarlyStopping, resumed as gptnano resumes everything: the checkpoint supplies
+    the settings, typed flags win. Lightning's restores the saved ``patience`` over the one it was
+    built with; this one keeps the one it was built with, which gptnano's CLI takes from the
+    checkpoint unless ``--early_stopping.patience`` was typed (``min_delta`` is not saved at all:
+    the value given is used). A resumed run has not stopped yet, whatever the saved run did.
+
+    Same class name as Lightning's: the key its state is saved under stays the same, so older
+    checkpoints resume with their early-stopping state."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+        self.stopping_reason, self.stopping_reason_message = EarlyStoppingReason.NOT_STOPPED, None

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import lightning
 import torch
@@ -20,6 +21,30 @@ from gptnano.files import atomic_write
 from gptnano.train.callbacks import update_ended
 
 
+def rebased(state: dict, dirpath: str) -> dict:
+    """A ModelCheckpoint's saved state with every path that was in its saved folder moved into
+    ``dirpath``: a run folder copied elsewhere (another machine) resumes with its best-model
+    tracking, and overwrites its own ``last.ckpt`` and ``best.ckpt`` instead of forking into
+    ``last-v1.ckpt``. Lightning keeps absolute paths, and drops the scores when the folder moved."""
+    old = state.get("dirpath")
+    if not old:
+        return state
+    pure = PureWindowsPath if "\\" in old or old[1:2] == ":" else PurePosixPath  # written on Windows?
+
+    def move(path):
+        if isinstance(path, str) and path and pure(path).parent == pure(old):
+            return str(Path(dirpath) / pure(path).name)
+        return path
+
+    state = dict(state, dirpath=dirpath)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = move(state[key])
+    if isinstance(state.get("best_k_models"), dict):
+        state["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
+    return state
+
+
 class Checkpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (``best.ckpt`` and ``last.ckpt`` at every validation),
     plus: ``last.ckpt`` is also refreshed by wall-clock time (``train_time_interval``)
@@ -27,6 +52,7 @@ class Checkpoint(ModelCheckpoint):
     training at the end of the current step and save ``last.ckpt`` first, so an
     interrupted run resumes with ``--ckpt_path last``. Files are written atomically
     (``AtomicCheckpointIO``): a crash leaves the previous or the new file, never half of one.
+    A run folder moved or copied elsewhere resumes as the same run (``rebased``).
 
     Why a subclass: Lightning's own ``train_time_interval`` and ``every_n_train_steps``
     replace saving at validation (so ``best.ckpt`` would no longer follow the validation
@@ -47,6 +73,17 @@ class Checkpoint(ModelCheckpoint):
         self.last_interval = train_time_interval
         self._last_refresh = time.monotonic()
         self._previous_sigint = None
+        self._resumed_here = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Called just before load_state_dict: is the file being resumed one of this run folder's?
+        # Then its saved paths name this folder, wherever it was when they were saved.
+        resumed = trainer.ckpt_path
+        self._resumed_here = bool(resumed and self.dirpath) and \
+            Path(resumed).resolve().parent == Path(self.dirpath).resolve()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(rebased(state_dict, self.dirpath) if self._resumed_here else state_dict)
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -104,7 +141,8 @@ class Checkpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             if trainer.is_global_zero:
-                print(f"gptnano: stopped at step {trainer.global_step}, saved {self.last_model_path}", file=sys.stderr)
+                print(f"gptnano: stopped at step {trainer.global_step}, saved {self.last_model_path} (Ctrl-C or "
+                      "SIGTERM); resume with --ckpt_path last", file=sys.stderr)
         self._restore_sigint()
 
 

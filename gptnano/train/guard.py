@@ -17,6 +17,18 @@ from gptnano.errors import UserError
 NEVER = torch.iinfo(torch.long).max
 
 
+def likely_cause(precision: str, hparams) -> str:
+    """What most likely made a run diverge, among what can be seen: pure fp16 weights, a huge
+    learning rate; else the usual advice."""
+    if str(precision) == "16-true":
+        return ("the weights are pure fp16 (--trainer.precision 16-true), where AdamW's eps (1e-8) and small "
+                "updates round to zero: use bf16-mixed or 16-mixed")
+    lr, muon_lr = hparams.get("learning_rate", 0), hparams.get("muon_lr", 0)
+    if lr > 0.1 or hparams.get("optimizer") == "muon" and muon_lr > 1:
+        return f"learning rate {lr:g} (muon_lr {muon_lr:g}) is huge: lower it"
+    return "lower the learning rate?"
+
+
 class NonFiniteGuard(L.Callback):
     """Raise ``UserError`` at the first non-finite loss, and before any checkpoint of non-finite
     weights (raising in ``on_save_checkpoint`` means the file is never written)."""
@@ -45,11 +57,12 @@ class NonFiniteGuard(L.Callback):
         process; every process must call it at the same point."""
         first = self._first_bad if self._first_bad is not None else torch.tensor(-1, device=pl_module.device)
         first = trainer.strategy.reduce(torch.where(first < 0, NEVER, first), reduce_op="min")
+        cause = likely_cause(trainer.precision, pl_module.hparams)
         if (step := int(first)) != NEVER:
-            raise UserError(f"training stopped: the loss became non-finite at step {step} (lower the learning "
-                            "rate?); no checkpoint was written after it")
+            raise UserError(f"training stopped: the loss became non-finite at step {step} ({cause}); "
+                            "no checkpoint was written after it")
         if weights:
             finite = torch.stack([p.detach().isfinite().all() for p in pl_module.parameters()]).all()
             if not int(trainer.strategy.reduce(finite.long(), reduce_op="min")):
                 raise UserError(f"training stopped: the weights became non-finite by step {trainer.global_step} "
-                                "(lower the learning rate?); no checkpoint was written after it")
+                                f"({cause}); no checkpoint was written after it")

@@ -20,11 +20,15 @@ run is one endless epoch, so it is always 0.
 """
 
 import math
+from contextlib import contextmanager
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from gptnano.errors import WriteError
+from gptnano.files import os_error_in, write_error
 
 BEST_OF = "val/loss"  # hp_metric is the lowest value of this tag
 
@@ -63,30 +67,73 @@ class Board(TensorBoardLogger):
     """Lightning's TensorBoardLogger with gptnano's tags (module docstring): ``epoch`` left
     out, the learning rates under ``lr/``, ``hp_metric`` the best validation loss instead of
     Lightning's -1 placeholder, and the HPARAMS session written once every setting has
-    arrived (just before the first scalar).
+    arrived (just before the first scalar). A write the OS refuses (a full disk) is one
+    ``WriteError`` naming the log folder, not a traceback from TensorBoard's writer thread.
 
     Args:
         save_dir: Folder of all runs' logs.
         name: The run's folder in it.
         version: Version folder (default: the next free version_N).
+        step: Log every metric at this step: validate, test and predict of a checkpoint log at the
+            optimizer step of the weights they scored (Lightning would log at 0). None: Lightning's step.
     """
 
-    def __init__(self, save_dir: str = "lightning_logs", name: str = "lightning_logs", version: int | str | None = None):
+    def __init__(self, save_dir: str = "lightning_logs", name: str = "lightning_logs", version: int | str | None = None,
+                 step: int | None = None):
         super().__init__(save_dir, name=name, version=version, default_hp_metric=False)
         self.best = math.inf
+        self.step = step
         self._session_written = False
+
+    @contextmanager
+    def _writing(self):
+        """TensorBoard's writes (made in a thread, their error raised at a later write) as one line."""
+        try:
+            yield
+        except Exception as e:
+            refused = os_error_in(e)
+            if refused is None:
+                raise
+            raise write_error(refused.filename or self.log_dir, refused,
+                              "the run's checkpoints are not affected (they are written whole or not at all)") from None
+
+    @property
+    def experiment(self):
+        with self._writing():  # made on first use: its event file is written at once
+            return super().experiment
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        if not self._session_written:
-            self._write_hparams_session()
-        tagged = {tensorboard_tag(k): v for k, v in metrics.items()}
-        tagged.pop(None, None)
-        if BEST_OF in tagged:
-            self.best = min(self.best, float(tagged[BEST_OF]))
-            tagged["hp_metric"] = self.best
-        if tagged:
-            super().log_metrics(tagged, step)
+        with self._writing():
+            if not self._session_written:
+                self._write_hparams_session()
+            tagged = {tensorboard_tag(k): v for k, v in metrics.items()}
+            tagged.pop(None, None)
+            if BEST_OF in tagged:
+                self.best = min(self.best, float(tagged[BEST_OF]))
+                tagged["hp_metric"] = self.best
+            if tagged:
+                super().log_metrics(tagged, step if self.step is None else self.step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, metrics=None, step=None) -> None:
+        with self._writing():
+            super().log_hyperparams(params, metrics, step)
+
+    @rank_zero_only
+    def save(self) -> None:
+        with self._writing():
+            super().save()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        try:
+            with self._writing():
+                super().finalize(status)
+        except WriteError:
+            if status == "success":
+                raise
+            # The run failed already, and that error is the one to report.
 
     def _write_hparams_session(self) -> None:
         """The HParams plugin's records for this run: its settings, and hp_metric and val/loss
@@ -102,18 +149,31 @@ class Board(TensorBoardLogger):
 class RunSettings(L.Callback):
     """Hands each Board the run settings that are not the model's hyper-parameters (batch
     size, steps, precision, world size, seed), so that hparams.yaml and the HPARAMS tab show
-    them beside the model's."""
+    them beside the model's; and writes the run's name (its Board's) and seed into every
+    checkpoint (``checkpoint["gptnano"]``), so that a checkpoint tells which run it belongs to
+    wherever the file is, and a resume keeps the seed."""
+
+    def __init__(self):
+        self.seed: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        meta = checkpoint.setdefault("gptnano", {})
+        meta["seed"] = self.seed
+        names = [logger.name for logger in trainer.loggers if isinstance(logger, Board)]
+        if names:
+            meta["run_name"] = names[0]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
+        self.seed = torch.initial_seed()  # the run's seed (seed_everything), before any re-seeding
         settings = {
             "data.batch_size": getattr(trainer.datamodule, "batch_size", None),
             "trainer.max_steps": trainer.max_steps,
             "trainer.precision": str(trainer.precision),
             "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
             "world_size": trainer.world_size,
-            "seed": torch.initial_seed(),  # the run's seed (seed_everything), before any re-seeding
+            "seed": self.seed,
         }
         for logger in trainer.loggers:
             if isinstance(logger, Board):  # another logger may write its HPARAMS session at once

@@ -20,7 +20,7 @@ from gptnano.errors import UserError
 from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import check_settings, generate
-from gptnano.train.optim import MuonAdamW, build_optimizer
+from gptnano.train.optim import MuonAdamW, build_optimizer, group_settings
 from gptnano.train.steps import next_token_loss
 
 
@@ -105,6 +105,13 @@ class LitLM(L.LightningModule):
             raise UserError("need learning_rate > 0, min_lr >= 0 and warmup_steps >= 0")
         if muon_lr <= 0 or not 0 <= muon_momentum < 1 or muon_weight_decay < 0:
             raise UserError("need muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0")
+        if min_lr > learning_rate:
+            raise UserError(f"min_lr {min_lr:g} is above learning_rate {learning_rate:g}: the cosine decays from "
+                            "learning_rate down to min_lr (give both)")
+        if lr_decay_steps is not None and lr_decay_steps <= 0:
+            raise UserError("need lr_decay_steps > 0 (leave it out to decay over trainer.max_steps)")
+        if weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise UserError("need weight_decay >= 0, 0 <= beta1 < 1 and 0 <= beta2 < 1")
         check_settings(max_new_tokens, temperature, top_k, top_p)
         self.save_hyperparameters()
         if isinstance(self.hparams.get("net"), torch.nn.Module):
@@ -125,6 +132,40 @@ class LitLM(L.LightningModule):
         # resumed from a checkpoint draws the same dropout masks as an unbroken one.
         if self._step_seed is None:  # the run's seed, read once (per-step re-seeding changes initial_seed)
             self._step_seed = torch.initial_seed()
+        if self.trainer.ckpt_path:
+            # Lightning has just restored the optimizer's groups (learning rates, betas, weight decay,
+            # momentum) and the schedule's peaks as they were saved: the hyper-parameters (the
+            # checkpoint's, or typed on this resume) must be what trains from here on.
+            self.apply_optimizer_settings(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler)
+
+    def apply_optimizer_settings(self, optimizer: torch.optim.Optimizer, schedule) -> None:
+        """Set every parameter group's settings and the schedule from the hyper-parameters, the
+        learning rate being the schedule's at the current step (``schedule.last_epoch``). For a
+        run resumed with the settings it was saved with, this changes nothing (the same floats);
+        with a new ``learning_rate`` / ``min_lr`` / warmup / decay, the rate is the new schedule's
+        at this step, as if the run had had it from the start."""
+        hp = self.hparams
+        peaks = group_settings(learning_rate=hp.learning_rate, weight_decay=hp.weight_decay, beta1=hp.beta1,
+                               beta2=hp.beta2, muon_lr=hp.muon_lr, muon_momentum=hp.muon_momentum,
+                               muon_weight_decay=hp.muon_weight_decay)
+        multiplier = self._lr_multiplier()
+        schedule.lr_lambdas = [multiplier] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            wanted = peaks.get(group.get("name"), {})
+            group.update({k: v for k, v in wanted.items() if k != "lr" and k in group})
+            if "lr" in wanted:
+                group["initial_lr"] = wanted["lr"]
+        schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = base * multiplier(schedule.last_epoch)  # as LambdaLR computes it
+        schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+    def _lr_multiplier(self):
+        """The schedule's multiplier of the peak learning rates, as a function of the step."""
+        hp = self.hparams
+        decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
+        min_ratio = hp.min_lr / hp.learning_rate
+        return lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, min_ratio)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if not self._draws_random_numbers():
@@ -169,10 +210,12 @@ class LitLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What the run trained in: a resume keeps it (gptnano's CLI reads this), and a reader can see it.
+        # (Callbacks wrote their part of "gptnano" first: the run's name and seed, gptnano/train/logger.py.)
         optimizers = self.trainer.optimizers
         muon = optimizers[0].ns_dtype if optimizers and isinstance(optimizers[0], MuonAdamW) else None
-        checkpoint["gptnano"] = {"precision": str(self.trainer.precision), "device": self.device.type,
-                                 "muon_dtype": str(muon).removeprefix("torch.") if muon else None}
+        checkpoint.setdefault("gptnano", {}).update({
+            "precision": str(self.trainer.precision), "device": self.device.type,
+            "muon_dtype": str(muon).removeprefix("torch.") if muon else None})
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -187,11 +230,9 @@ class LitLM(L.LightningModule):
                                     weight_decay=hp.weight_decay, beta1=hp.beta1, beta2=hp.beta2, muon_lr=hp.muon_lr,
                                     muon_momentum=hp.muon_momentum, muon_weight_decay=hp.muon_weight_decay,
                                     ns_dtype=ns_dtype, fused=fused)
-        decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
-        min_ratio = hp.min_lr / hp.learning_rate
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, min_ratio)
-        )
+        # A plain function (not an object): LambdaLR then saves none of its values in the checkpoint,
+        # and a resume computes the schedule from the hyper-parameters (apply_optimizer_settings).
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_multiplier())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -169,6 +169,16 @@ def param_groups(net: nn.Module, *, muon: bool, weight_decay: float, muon_lr: fl
     return groups
 
 
+def group_settings(*, learning_rate: float, weight_decay: float, beta1: float, beta2: float, muon_lr: float,
+                   muon_momentum: float, muon_weight_decay: float) -> dict[str, dict]:
+    """Each named parameter group's settings as ``build_optimizer`` gives them (``lr`` is the
+    peak the schedule scales): what a resumed run re-applies over the ones Lightning restored
+    from the checkpoint, so that settings typed on a resume are the ones that train."""
+    adamw = {"lr": learning_rate, "betas": (beta1, beta2)}
+    return {"adamw": {**adamw, "weight_decay": weight_decay}, "adamw_no_decay": {**adamw, "weight_decay": 0.0},
+            "muon": {"lr": muon_lr, "weight_decay": muon_weight_decay, "momentum": muon_momentum}}
+
+
 def build_optimizer(net: nn.Module, *, optimizer: str, learning_rate: float, weight_decay: float, beta1: float,
                     beta2: float, muon_lr: float, muon_momentum: float, muon_weight_decay: float,
                     ns_dtype: torch.dtype, fused: bool) -> torch.optim.Optimizer:
