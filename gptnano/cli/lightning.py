@@ -29,7 +29,7 @@ from gptnano.cli.commands import TOOLS
 from gptnano.data.datamodule import ShakespeareDataModule
 from gptnano.errors import ConfigError, UserError
 from gptnano.train.callbacks import PredictionWriter, TextSample, Throughput
-from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
+from gptnano.train.checkpointing import CTRL_C, AtomicCheckpointIO, Checkpoint
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
@@ -213,4 +213,4 @@ def run(argv: list[str], verbose: bool = False) -> None:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
         print("gptnano: interrupted; resume with --ckpt_path last", file=sys.stderr)
-        sys.exit(143)
+        sys.exit(130 if CTRL_C.is_set() else 143)  # as a shell reports SIGINT and SIGTERM
