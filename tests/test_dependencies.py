@@ -40,3 +40,16 @@ def test_the_parser_still_keeps_its_subcommand_parsers():
     parser, fit = ArgumentParser(), ArgumentParser()
     parser.add_subcommands().add_subcommand("fit", fit)
     assert subcommand_parser(parser, "fit") is fit
+
+
+def test_lightning_s_stop_flag_is_still_where_request_stop_sets_it():
+    """gptnano.train.checkpointing.request_stop sets Lightning's private SIGTERM flag (Ctrl-C: stop after
+    the step and save); the public ``trainer.received_sigterm`` must then read it."""
+    from lightning.pytorch import Trainer
+
+    from gptnano.train.checkpointing import request_stop
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert not trainer.received_sigterm
+    request_stop(trainer)
+    assert trainer.received_sigterm
