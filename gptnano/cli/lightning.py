@@ -196,6 +196,7 @@ class GPTNanoCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer wins
             plugins.append(AtomicCheckpointIO())
+        kwargs.update(self._intervals_in_optimizer_steps())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         quiet.drop_flops_column(trainer.callbacks)
         # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
@@ -203,6 +204,19 @@ class GPTNanoCLI(LightningCLI):
         # prints otherwise; CPU products stay exact fp32 (this flag is CUDA's only).
         torch.backends.cuda.matmul.allow_tf32 = True
         return trainer
+
+    def _intervals_in_optimizer_steps(self) -> dict:
+        """Trainer arguments that Lightning counts in batches, as gptnano counts everything: in
+        optimizer steps. Under ``accumulate_grad_batches`` k, Lightning's integer
+        ``val_check_interval`` n validates every n *batches* (steps 1, 3, 4, 6 for n=3, k=2):
+        the Trainer gets n * k, so validation follows every n-th update. (``log_every_n_steps``,
+        ``max_steps`` and gptnano's own ``last_every_n_steps`` already count updates; early stopping
+        counts validations.) The saved config.yaml keeps the user's n."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        k, n = trainer.get("accumulate_grad_batches") or 1, trainer.get("val_check_interval")
+        if isinstance(k, int) and k > 1 and isinstance(n, int) and not isinstance(n, bool):
+            return {"val_check_interval": n * k}
+        return {}
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
