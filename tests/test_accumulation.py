@@ -1,5 +1,8 @@
 """A step is an optimizer step everywhere, under any ``accumulate_grad_batches``: validation,
-logging, ``last.ckpt`` refreshes and early stopping all count updates, not batches."""
+logging (TensorBoard and the progress lines of a log file), ``last.ckpt`` refreshes and early
+stopping all count updates, not batches."""
+
+import re
 
 import lightning as L
 import pytest
@@ -23,7 +26,7 @@ class Record(L.Callback):
 
 
 @pytest.mark.parametrize("accumulate", [2, 3])
-def test_every_interval_counts_optimizer_steps(accumulate, text_file, tmp_path, monkeypatch):
+def test_every_interval_counts_optimizer_steps(accumulate, text_file, tmp_path, monkeypatch, capsys):
     from gptnano.cli.lightning import GPTNanoCLI
 
     monkeypatch.chdir(tmp_path)
@@ -33,7 +36,7 @@ def test_every_interval_counts_optimizer_steps(accumulate, text_file, tmp_path, 
         "--trainer.log_every_n_steps", "2", "--checkpoint.last_every_n_steps", "2",
         # Every validation after the first fails to improve by 100: early stopping ends the run at the second.
         "--early_stopping.patience", "1", "--early_stopping.min_delta", "100",
-        "--trainer.num_sanity_val_steps", "0"], run=False)
+        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "true"], run=False)
     record = Record()
     cli.trainer.callbacks.insert(0, record)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -48,3 +51,11 @@ def test_every_interval_counts_optimizer_steps(accumulate, text_file, tmp_path, 
     logged = [e.step for e in events.Scalars("train/loss")]
     assert logged == [1, 3, 5]  # every 2nd update (train/loss at step s: the loss update s + 1 descends)
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
+
+    # stdout is not a terminal here: progress came as lines, one per 2 updates and one per validation.
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gptnano: step")]
+    assert [re.match(r"gptnano: step (\d+)/12 \| (\S+)", line).groups() for line in out] == [
+        ("2", "loss"), ("3", "val/loss"), ("4", "loss"), ("6", "loss"), ("6", "val/loss")], out
+    assert re.fullmatch(r"gptnano: step 4/12 \| loss \d\.\d{4} \| [\d.]+k? tok/s \| ETA \d+s", out[2]), out[2]
+    assert re.fullmatch(r"gptnano: step 6/12 \| val/loss \d\.\d{4} \| val/bpc \d\.\d{3} \| best \d\.\d{4} "
+                        r"\| validation \d+s", out[4]), out[4]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,6 +33,7 @@ from gptnano.train.checkpointing import CTRL_C, AtomicCheckpointIO, Checkpoint
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
+from gptnano.train.progress import LogLines, is_terminal
 
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 
@@ -197,6 +198,7 @@ class GPTNanoCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer wins
             plugins.append(AtomicCheckpointIO())
         kwargs.update(self._intervals_in_optimizer_steps())
+        kwargs.update(self._progress_as_lines())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         quiet.drop_flops_column(trainer.callbacks)
         # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
@@ -217,6 +219,19 @@ class GPTNanoCLI(LightningCLI):
         if isinstance(k, int) and k > 1 and isinstance(n, int) and not isinstance(n, bool):
             return {"val_check_interval": n * k}
         return {}
+
+    def _progress_as_lines(self) -> dict:
+        """Where stdout (the progress bar's stream) is not a terminal, a progress bar would fill the
+        file with carriage-return redraws: the Trainer gets gptnano's LogLines in its place
+        (gptnano/train/progress.py). Not when the bar is off or a progress bar callback was given."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        given = trainer.get("callbacks") or []
+        given = list(given) if isinstance(given, list) else [given]
+        if trainer.get("enable_progress_bar") is False or is_terminal(sys.stdout):
+            return {}
+        if any(isinstance(c, ProgressBar) for c in given):
+            return {}
+        return {"callbacks": [*given, LogLines()]}
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
