@@ -10,6 +10,7 @@ started with); the precision chosen for the machine when none is given; and
 one-line errors instead of tracebacks for mistakes a user can fix.
 """
 
+import copy
 import inspect
 import os
 import sys
@@ -22,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano import hardware
+from gptnano import devices, hardware
 from gptnano.checkpoint import architecture, build_net, read_checkpoint
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
@@ -34,6 +35,7 @@ from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
 from gptnano.train.progress import LogLines, is_terminal
+from gptnano.train.steps import OPTIMIZER_SETTINGS, training_step
 
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 
@@ -53,6 +55,7 @@ class Parser(LightningArgumentParser):
 class GPTNanoCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         self._checkpoints = {}  # path -> checkpoint: read once, though parsing and building both need it
+        self._resumed = None  # the checkpoint `fit --ckpt_path` resumes
         super().__init__(
             LitLM,
             ShakespeareDataModule,
@@ -147,7 +150,7 @@ class GPTNanoCLI(LightningCLI):
         if sub == "fit" and (cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0):
             raise UserError(f"--trainer.max_steps must be a positive number of optimizer steps, got {cfg.trainer.max_steps} "
                             "(the learning rate decays over them)")
-        self._choose_arithmetic(cfg, saved if sub == "fit" else None)
+        self._resumed = saved if sub == "fit" else None  # its device and arithmetic are kept (instantiate_trainer)
 
     def _read_checkpoint(self, path: str) -> dict:
         """``read_checkpoint``, once per file and command."""
@@ -175,20 +178,62 @@ class GPTNanoCLI(LightningCLI):
         for key, value in chosen.items():
             cfg[key] = value
 
-    def _choose_arithmetic(self, cfg, resumed: dict | None) -> None:
+    def _choose_device(self) -> dict:
+        """The device when no --trainer.accelerator was given (gptnano/devices.py): a resumed run's
+        own where this machine has it, else the CPU or the accelerator here, whichever trains this
+        model faster by a measurement of a few real steps (remembered per machine and model
+        shape); one line says which and why. The processes a DDP run starts from this one get
+        the verdict through the environment, so every rank decides alike."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("accelerator", "auto") != "auto" or "trainer.accelerator" in self._typed:
+            return {}  # the user's (an explicit "auto" too: Lightning's own rule)
+        if handed := os.environ.get(devices.DEVICE_ENV):
+            return {"accelerator": handed}
+        resumed_on = ((self._resumed or {}).get("gptnano") or {}).get("device")
+        one_device = trainer.get("devices", "auto") in ("auto", 1, "1") and trainer.get("num_nodes", 1) == 1
+        net, batch_size = self.model.net, self.datamodule.batch_size
+        work = {"command": "fit", "net": type(net).__name__, "batch": [batch_size, net.block_size],
+                "parameters": [[n, list(p.shape)] for n, p in net.named_parameters()],
+                "precision": trainer.get("precision"), "optimizer": self.model.hparams.optimizer,
+                "muon_dtype": self.model.hparams.muon_dtype}
+        choice = devices.choose(work, self._probe_step, batch_size * net.block_size, resumed_on=resumed_on,
+                                one_device=one_device)
+        if not choice.why:
+            return {}  # nothing to choose between, nothing to say
+        os.environ[devices.DEVICE_ENV] = choice.device
+        if _rank_zero():
+            print(devices.line(choice, "--trainer.accelerator"), file=sys.stderr)
+        return {"accelerator": choice.device}
+
+    def _probe_step(self, device: str):
+        """One real training step of a copy of the run's network on ``device``, in the precision it
+        would train in there (``gptnano.train.steps.training_step``), on a random batch of the
+        run's shape: what the device choice times."""
+        net, hp = copy.deepcopy(self.model.net), self.model.hparams
+        precision = self._get(self.config_init, "trainer", default={}).get("precision")
+        precision = precision or hardware.resolve_precision(device)[0]
+        ns_dtype = hardware.fast_dtype(device) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
+        ids = torch.randint(self.datamodule.vocab_size, (self.datamodule.batch_size, net.block_size + 1),
+                            generator=torch.Generator().manual_seed(0))
+        return training_step(net, {k: hp[k] for k in OPTIMIZER_SETTINGS}, device=device, precision=precision,
+                             batch=(ids[:, :-1], ids[:, 1:]), ns_dtype=ns_dtype)
+
+    def _choose_arithmetic(self, accelerator) -> dict:
         """The precision when none was given (gptnano.hardware.choose_precision), one line saying
         which and why; a resumed run also keeps the dtype its Muon orthogonalised in."""
-        device = hardware.device_type(cfg.trainer.accelerator)
-        kept = hardware.resumed_arithmetic(device, resumed)
+        trainer = self._get(self.config_init, "trainer", default={})
+        device = hardware.device_type(accelerator or trainer.get("accelerator", "auto"))
+        kept = hardware.resumed_arithmetic(device, self._resumed)
         if kept.get("muon_dtype") and "model.muon_dtype" not in self._typed:
-            cfg.model.muon_dtype = kept["muon_dtype"]
+            self.model.hparams.muon_dtype = kept["muon_dtype"]  # read by configure_optimizers
         if device == "cpu":  # DDP processes started from this one decide alike, without measuring
             os.environ.setdefault(hardware.FAST_BF16_ENV, "1" if hardware.bf16_verdict("cpu").fast else "0")
-        if cfg.trainer.precision is not None:
-            return  # the user's
-        cfg.trainer.precision, why = hardware.choose_precision(device, kept)
-        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-            print(f"gptnano: precision {cfg.trainer.precision} ({why}); --trainer.precision overrides", file=sys.stderr)
+        if trainer.get("precision") is not None:
+            return {}  # the user's
+        precision, why = hardware.choose_precision(device, kept)
+        if _rank_zero():
+            print(f"gptnano: precision {precision} ({why}); --trainer.precision overrides", file=sys.stderr)
+        return {"precision": precision}
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with checkpoints written atomically and read through the safe reader,
@@ -197,6 +242,8 @@ class GPTNanoCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer wins
             plugins.append(AtomicCheckpointIO())
+        kwargs.update(self._choose_device())
+        kwargs.update(self._choose_arithmetic(kwargs.get("accelerator")))
         kwargs.update(self._intervals_in_optimizer_steps())
         kwargs.update(self._progress_as_lines())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
@@ -232,6 +279,11 @@ class GPTNanoCLI(LightningCLI):
         if any(isinstance(c, ProgressBar) for c in given):
             return {}
         return {"callbacks": [*given, LogLines()]}
+
+
+def _rank_zero() -> bool:
+    """Whether this process prints the run's lines (the first of its node and of the nodes)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
