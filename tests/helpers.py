@@ -112,6 +112,14 @@ def wait_for(path: Path, proc, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+def posix_only(why: str):
+    """The one skip the suite allows: a test of POSIX-only behaviour, skipped on Windows, saying
+    why (the README lists them). Everything else runs everywhere."""
+    import pytest
+
+    return pytest.mark.skipif(sys.platform == "win32", reason=f"POSIX only: {why}")
+
+
 class Ran(NamedTuple):
     returncode: int
     stdout: str

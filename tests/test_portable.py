@@ -4,7 +4,6 @@ signal would kill the process before it saves). The Unix-only pieces are taken a
 on Linux, so the paths Windows takes run on every test run."""
 
 import signal
-import sys
 import threading
 import time
 
@@ -15,7 +14,7 @@ import torch
 from gptnano.data import tokens as tokens_module
 from gptnano.data.tokens import Tokens
 from gptnano.train.checkpointing import CTRL_C, Checkpoint
-from tests.helpers import TINY_GPT, WITHOUT_UNIX, start_cli, wait_for
+from tests.helpers import TINY_GPT, WITHOUT_UNIX, posix_only, start_cli, wait_for
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
@@ -118,7 +117,8 @@ def test_every_ddp_process_stops_after_the_same_step(pressed_on, monkeypatch):
     assert asked == [(pressed_on == "this process", False)]  # any process's Ctrl-C counts
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals to a process (SIGTERM kills outright on Windows)")
+@posix_only("SIGTERM and SIGINT sent to another process: on Windows SIGTERM kills it outright, and "
+            "Ctrl-C reaches only a console's processes")
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C without pread, fcntl or signals to itself"])
 def test_a_stopped_run_saves_the_step_reached(how, text_file, tmp_path):
     """SIGTERM from outside (Lightning's handler) exits 143; Ctrl-C exits 130, here in a process

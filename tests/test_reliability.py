@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptnano.models import MODELS
-from tests.helpers import TINY_GPT, cli_env, run_cli
+from tests.helpers import TINY_GPT, cli_env, posix_only, run_cli
 
 TINY = {
     "gpt": TINY_GPT,
@@ -145,6 +145,7 @@ def kill_during_writes(args, cwd: Path, folder: Path, rounds: int, seed: int, en
     return steps
 
 
+@posix_only("SIGKILL in the middle of a write; Windows has no SIGKILL (and refuses to rename over an open file)")
 def test_sigkill_during_checkpoint_writes_leaves_a_whole_file(text_file, tmp_path):
     """Killed again and again while last.ckpt is being written, the file is always whole and
     the run resumes from it. The checkpoints are large (~30 MB) and rewritten every step, so
