@@ -53,7 +53,10 @@ def test_every_interval_counts_optimizer_steps(accumulate, text_file, tmp_path, 
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6]
 
     # stdout is not a terminal here: progress came as lines, one per 2 updates and one per validation.
-    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gptnano: step")]
+    captured = capsys.readouterr()
+    own = [line for line in (captured.out + captured.err).splitlines() if line.startswith("gptnano:")]
+    assert own and max(map(len, own)) <= 200
+    out = [line for line in captured.out.splitlines() if line.startswith("gptnano: step")]
     assert [re.match(r"gptnano: step (\d+)/12 \| (\S+)", line).groups() for line in out] == [
         ("2", "loss"), ("3", "val/loss"), ("4", "loss"), ("6", "loss"), ("6", "val/loss")], out
     assert re.fullmatch(r"gptnano: step 4/12 \| loss \d\.\d{4} \| [\d.]+k? tok/s \| ETA \d+s", out[2]), out[2]

@@ -140,3 +140,21 @@ def test_a_stopped_run_saves_the_step_reached(how, text_file, tmp_path):
     assert reached > 50 and torch.load(last, weights_only=True)["global_step"] == reached
     if ctrl_c:  # the launcher's own report: the pieces really were missing, and the lock was filelock's soft one
         assert "without: os.pread fcntl self-signals; lock SoftFileLock" in err
+
+
+def test_unix_only_calls_stay_behind_their_fallbacks():
+    """Nothing in the package reaches for a Unix-only piece except where a portable path stands
+    beside it: os.pread in read_at, O_DIRECTORY in fsync_folder; no fcntl (filelock locks), and
+    no signal sent to the process itself (Ctrl-C is a flag)."""
+    from pathlib import Path
+
+    import gptnano
+
+    allowed = {"os.pread": {"tokens.py"}, "O_DIRECTORY": {"files.py"}}
+    found = {}
+    for path in Path(gptnano.__file__).parent.rglob("*.py"):
+        code = "\n".join(line.split("#")[0] for line in path.read_text(encoding="utf-8").splitlines())
+        for piece in ("os.pread", "O_DIRECTORY", "import fcntl", "os.kill(", "raise_signal(", "os.killpg("):
+            if piece in code and path.name not in allowed.get(piece, ()):
+                found.setdefault(piece, []).append(path.name)
+    assert found == {}

@@ -10,7 +10,7 @@ import torch
 
 from gptnano import lines
 from gptnano.train.progress import LogLines, is_terminal
-from tests.helpers import TINY_GPT
+from tests.helpers import TINY_GPT, run_cli
 
 
 def _trainer(step=0, **kw):
@@ -77,3 +77,17 @@ def test_a_terminal_keeps_the_bar_a_file_gets_lines(terminal, text_file, tmp_pat
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, ProgressBar) and isinstance(bar, LogLines) is not terminal
     assert [type(c) for c in cli.trainer.callbacks].count(type(bar)) == 1
+
+
+def test_fit_into_a_file_writes_short_plain_lines(text_file, tmp_path):
+    """`gptnano fit ... > run.log`: no carriage return anywhere, a line per 5 steps and per
+    validation, and no line longer than 200 characters."""
+    ran = run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.enable_progress_bar", "true",
+                   "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+                   "--trainer.log_every_n_steps", "5"], tmp_path)
+    assert "\r" not in ran.stdout + ran.stderr
+    steps = [line.split(" | ")[:2] for line in ran.stdout.splitlines() if line.startswith("gptnano: step")]
+    assert [(s.split()[-1], f.split()[0]) for s, f in steps] == [
+        ("5/20", "loss"), ("10/20", "loss"), ("10/20", "val/loss"), ("15/20", "loss"), ("20/20", "loss"),
+        ("20/20", "val/loss")]
+    assert max(len(line) for line in (ran.stdout + ran.stderr).splitlines()) <= 200

@@ -6,8 +6,11 @@ What it adds to LightningCLI: checkpoints in a fixed folder per run
 process; the network's sizes, the vocabulary and the run's settings read from the
 checkpoint that ``--ckpt_path`` names *before* the classes are built (so a run
 resumes, validates and predicts from its checkpoint alone, whatever flags it was
-started with); the precision chosen for the machine when none is given; and
-one-line errors instead of tracebacks for mistakes a user can fix.
+started with); the device and the precision chosen for the machine when none is
+given (the device by timing the run's own model, gptnano/devices.py); steps that
+count optimizer updates under gradient accumulation; progress as plain lines when
+the output is a file; and one-line errors instead of tracebacks for mistakes a user
+can fix.
 """
 
 import copy
@@ -23,7 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano import devices, hardware
+from gptnano import devices, hardware, lines
 from gptnano.checkpoint import architecture, build_net, read_checkpoint
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
@@ -232,7 +235,7 @@ class GPTNanoCLI(LightningCLI):
             return {}  # the user's
         precision, why = hardware.choose_precision(device, kept)
         if _rank_zero():
-            print(f"gptnano: precision {precision} ({why}); --trainer.precision overrides", file=sys.stderr)
+            print(lines.line(f"precision {precision} ({why}); --trainer.precision overrides"), file=sys.stderr)
         return {"precision": precision}
 
     def instantiate_trainer(self, **kwargs):
