@@ -46,10 +46,20 @@ def _operands(shape, dtypes, device: str = "cpu") -> list[tuple[torch.Tensor, to
     return [(a.to(device, dtype), b.to(device, dtype)) for dtype in dtypes]
 
 
+def device_sync(device: str) -> Callable[[], None]:
+    """What waits until ``device``'s queued work is done (a GPU runs it asynchronously, so a
+    time taken without waiting is the time to queue it); nothing on the CPU."""
+    if device == "cuda":
+        return torch.cuda.synchronize
+    if device == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
 def _best_times(pairs, rounds: int, seconds: float, device: str = "cpu") -> list[float]:
     """Fastest time of ``a @ b`` for each pair, the pairs taking turns (so a moment when the
     machine is busy slows them alike), for at least ``rounds`` rounds and ``seconds``."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = device_sync(device)
     for a, b in pairs:
         a @ b  # warm-up: kernel selection, first-touch allocation
     best, done, end = [float("inf")] * len(pairs), 0, time.perf_counter() + seconds
@@ -201,13 +211,15 @@ def precision_dtypes(precision: str) -> list[torch.dtype]:
 # Shapes of the CPU peak probe: square, and the thin shapes of the CPU models' products.
 CPU_PEAK_SHAPES = [(512, 512, 512), (1024, 1024, 1024), (2048, 128, 512), (2048, 512, 128)]
 GPU_PEAK_SHAPE = (8192, 8192, 8192)  # small products measure launch latency on a GPU, not throughput
+# Apple GPUs: big enough to fill one (8-40 cores, a few TFLOP/s), small enough for the budget.
+MPS_PEAK_SHAPES = [(2048, 2048, 2048), (4096, 4096, 4096)]
 
 
 @functools.cache
 def measured_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.2) -> float:
     """Best FLOP/s of a matrix product in ``dtype`` here, over several shapes. A shape whose
     single product would take longer than the budget (bf16 on a CPU without it) is skipped."""
-    shapes = [GPU_PEAK_SHAPE] if device == "cuda" else CPU_PEAK_SHAPES
+    shapes = {"cuda": [GPU_PEAK_SHAPE], "mps": MPS_PEAK_SHAPES}.get(device, CPU_PEAK_SHAPES)
     best, budget = 0.0, seconds / len(shapes)
     for shape in shapes:
         flops = 2 * shape[0] * shape[1] * shape[2]
@@ -220,9 +232,10 @@ def measured_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 0.2)
 def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
     """The peak FLOP/s MFU is measured against, and where it comes from.
 
-    On CUDA, Lightning's table of datasheet peaks where it knows the GPU; elsewhere (and
-    for a GPU it does not know) measured here with the largest products that fit a short
-    budget. Mixed precision runs some products in fp32, so its peak is the faster of the two.
+    On CUDA, Lightning's table of datasheet peaks where it knows the GPU; elsewhere (the
+    CPU, an Apple GPU, a GPU it does not know) measured here with the largest products that
+    fit a short budget. Mixed precision runs some products in fp32, so its peak is the faster
+    of the two.
     """
     device = torch.device(device)
     dtypes = precision_dtypes(precision)
@@ -232,7 +245,7 @@ def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
         table = [get_available_flops(device, d) for d in dtypes]
         if all(table):
             return float(max(table)), f"{torch.cuda.get_device_name(device)} datasheet"
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda", "mps"):
         return 0.0, f"not measured on {device.type}"
     return max(measured_peak(d, device.type) for d in dtypes), "measured here"
 

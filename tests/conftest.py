@@ -70,18 +70,29 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def device_verdicts_in_a_temporary_folder(tmp_path_factory):
+    """Device choices are remembered in a per-user cache folder: the tests' own go to a
+    temporary one (every gptnano process a test starts inherits it)."""
+    from gptnano.devices import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user-cache"))
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_hardware_choice():
-    """The CLI records its bf16 verdict in the environment for the DDP processes it
-    launches; in-process tests must not hand one test's verdict (or stub) to the next."""
+    """The CLI records its bf16 verdict and its device choice in the environment for the DDP
+    processes it launches; in-process tests must not hand one test's verdict (or stub) to the next."""
+    from gptnano.devices import DEVICE_ENV
     from gptnano.hardware import FAST_BF16_ENV, bf16_verdict
 
-    before = os.environ.get(FAST_BF16_ENV)
+    before = {key: os.environ.get(key) for key in (FAST_BF16_ENV, DEVICE_ENV)}
     yield
-    if before is None:
-        os.environ.pop(FAST_BF16_ENV, None)
-    else:
-        os.environ[FAST_BF16_ENV] = before
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     bf16_verdict.cache_clear()
 
 

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,6 +71,53 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | 
     if check and proc.returncode != 0:
         raise AssertionError(f"gptnano {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# `python -c WITHOUT_UNIX ARGS` runs `gptnano ARGS` as on an OS without the Unix-only pieces
+# (Windows): no os.pread, no fcntl (filelock then takes its portable lock), and no signal
+# to itself. It says so on stderr first, so a test can check the pieces really were missing.
+WITHOUT_UNIX = """
+import os, signal, sys
+sys.modules["fcntl"] = None  # `import fcntl` now fails, as on Windows
+del os.pread
+own_pid, real_kill = os.getpid(), os.kill
+
+def kill(pid, sig):
+    if pid in (own_pid, 0):
+        raise OSError("no signals to oneself here: on Windows SIGTERM would kill the process at once")
+    return real_kill(pid, sig)
+
+os.kill = kill
+signal.raise_signal = lambda sig: kill(own_pid, sig)
+import filelock
+print("without: os.pread fcntl self-signals; lock " + filelock.FileLock.__name__, file=sys.stderr)
+from gptnano.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def start_cli(args: list[str], cwd: Path, env_extra: dict | None = None, launcher: str | None = None):
+    """Start `python -m gptnano ARGS` (or `python -c LAUNCHER ARGS`) in ``cwd``; return the Popen."""
+    head = ["-c", launcher] if launcher else ["-m", "gptnano"]
+    return subprocess.Popen([sys.executable, *head, *args], cwd=cwd, env=cli_env(env_extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc, timeout: float = 120) -> None:
+    """Wait until ``path`` exists; fail if ``proc`` ends first or ``timeout`` s pass."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"no {path.name} appeared"
+        time.sleep(0.05)
+
+
+def posix_only(why: str):
+    """The one skip the suite allows: a test of POSIX-only behaviour, skipped on Windows, saying
+    why (the README lists them). Everything else runs everywhere."""
+    import pytest
+
+    return pytest.mark.skipif(sys.platform == "win32", reason=f"POSIX only: {why}")
 
 
 class Ran(NamedTuple):

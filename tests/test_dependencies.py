@@ -82,3 +82,16 @@ def test_lambdalr_still_keeps_what_a_resume_sets():
     assert {"base_lrs", "lr_lambdas", "_last_lr", "last_epoch"} <= set(vars(schedule))
     schedule._last_lr = [0.5]
     assert schedule.get_last_lr() == [0.5]
+
+
+def test_lightning_s_stop_flag_is_still_where_request_stop_sets_it():
+    """gptnano.train.checkpointing.request_stop sets Lightning's private SIGTERM flag (Ctrl-C: stop after
+    the step and save); the public ``trainer.received_sigterm`` must then read it."""
+    from lightning.pytorch import Trainer
+
+    from gptnano.train.checkpointing import request_stop
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert not trainer.received_sigterm
+    request_stop(trainer)
+    assert trainer.received_sigterm

@@ -3,19 +3,21 @@ checkpoint's sampling settings as defaults, and an interactive session driven
 through a real pseudo-terminal (typed prompts, Ctrl-C, Ctrl-D)."""
 
 import os
-import pty
 import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+if sys.platform != "win32":
+    import pty  # the interactive session is driven through a POSIX pseudo-terminal
+
 import pytest
 import torch
 
 from gptnano.checkpoint import load_net
 from gptnano.sampling import generate, stream
-from tests.helpers import TINY_GPT, make_text, run_cli, scrambled
+from tests.helpers import TINY_GPT, make_text, posix_only, run_cli, scrambled
 
 SAMPLE = ["--model.max_new_tokens", "25", "--model.temperature", "0"]  # the checkpoint's settings: greedy, 25
 
@@ -149,6 +151,7 @@ class Terminal:
         raise AssertionError(f"still running after {timeout} s; the terminal shows:\n{self.seen}")
 
 
+@posix_only("drives a pseudo-terminal (pty.fork), which Windows does not have")
 def test_interactive_session_in_a_terminal(ckpt, tmp_path):
     """Type a prompt, watch text stream in, press Ctrl-C mid-sample: the sample stops, the
     loop asks again; a second prompt streams too; Ctrl-D quits with status 0."""

@@ -1,6 +1,6 @@
 """The package's layers and its one-way import rule, checked on the source of every module.
 
-    models  <-  data, sampling, checkpoint, hardware  <-  train  <-  cli
+    models  <-  data, sampling, checkpoint, hardware, devices  <-  train  <-  cli
 
 (``errors``, ``files`` and ``lines`` sit below them all.) A module imports, at import time, only
 from its own layer or lower ones; there are no import circles, not even inside a
@@ -23,7 +23,8 @@ PACKAGE = Path(gptnano.__file__).parent
 LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
     0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines"],
     1: ["gptnano.models"],
-    2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export"],
+    2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export",
+        "gptnano.devices"],
     3: ["gptnano.train"],
     4: ["gptnano.cli", "gptnano.__main__"],
 }

@@ -4,7 +4,6 @@ and determinism. Each test drives the real `gptnano` command in a subprocess."""
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptnano.models import MODELS
-from tests.helpers import TINY_GPT, cli_env, run_cli
+from tests.helpers import TINY_GPT, cli_env, posix_only, run_cli
 
 TINY = {
     "gpt": TINY_GPT,
@@ -147,6 +146,7 @@ def kill_during_writes(args, cwd: Path, folder: Path, rounds: int, seed: int, en
     return steps
 
 
+@posix_only("SIGKILL in the middle of a write; Windows has no SIGKILL (and refuses to rename over an open file)")
 def test_sigkill_during_checkpoint_writes_leaves_a_whole_file(text_file, tmp_path):
     """Killed again and again while last.ckpt is being written, the file is always whole and
     the run resumes from it. The checkpoints are large (~30 MB) and rewritten every step, so
@@ -168,23 +168,6 @@ def test_sigkill_during_checkpoint_writes_leaves_a_whole_file(text_file, tmp_pat
              "--trainer.val_check_interval", "1000", "--ckpt_path", "last"], tmp_path)
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == steps[-1] + 3
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no temp file left behind
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_the_step_reached(sig, text_file, tmp_path):
-    args = ["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "100000",
-            "--trainer.val_check_interval", "50", "--checkpoint.last_every_n_steps", "0"]
-    last = tmp_path / "checkpoints" / "gpt" / "last.ckpt"
-    proc = _start_fit(args, tmp_path)
-    _wait_for(last, proc)  # the first validation (step 50) wrote one
-    time.sleep(1.0)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "Traceback" not in err, err[-3000:]
-    line = next(l for l in err.splitlines() if l.startswith("gptnano: stopped at step"))
-    reached = int(line.split("step ")[1].split(",")[0])
-    assert reached > 50 and torch.load(last, weights_only=True)["global_step"] == reached
 
 
 def test_non_finite_loss_stops_with_one_line(text_file, tmp_path):

@@ -56,20 +56,31 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top_p", type=optional(float), help="sample from the smallest set of tokens whose "
                     "probability adds up to top_p (none: all)")
     ap.add_argument("--seed", type=optional(int), help="seed of the sampler, for repeatable text (none: a new one)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: a GPU if there is one "
-                    "(default: auto)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: where this model "
+                    "generates faster, measured once per machine and model when there is a GPU (default: auto)")
     ap.add_argument("--interactive", action="store_true", default=False,
                     help="a prompt loop: type a prompt, watch the continuation")
     return ap
 
 
-def pick_device(name: str):
+PROBE_TOKENS = 32  # generated per timed step when --device auto measures
+
+
+def pick_device(name: str, net=None):
+    """The device to generate on. ``auto``: as ``fit`` chooses (gptnano/devices.py): the CPU where
+    there is no GPU, else whichever of the two generates with ``net`` faster, measured on a few
+    short samples and remembered per machine and model, said in one line."""
     import torch
 
-    from gptnano.hardware import device_type
-
     if name == "auto":
-        return torch.device(device_type("auto"))  # as the Trainer chooses: CUDA, then MPS, then the CPU
+        from gptnano import devices
+
+        work = {"command": "generate", "net": type(net).__name__,
+                "parameters": [[n, list(p.shape)] for n, p in net.named_parameters()]}
+        choice = devices.choose(work, lambda device: sampling_step(net, device), PROBE_TOKENS)
+        if choice.why:
+            print(devices.line(choice, "--device"), file=sys.stderr)
+        return torch.device(choice.device)
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -77,6 +88,20 @@ def pick_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: there is no {device.type} device here")
     return device
+
+
+def sampling_step(net, device: str):
+    """``PROBE_TOKENS`` greedy tokens from a copy of ``net`` on ``device``, each read back as the
+    writer reads it: what ``--device auto`` times."""
+    import copy
+
+    import torch
+
+    from gptnano.sampling import stream
+
+    model = copy.deepcopy(net).to(device).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    return lambda: [token.item() for token in stream(model, prompt, PROBE_TOKENS, temperature=0)]
 
 
 def read_prompt(args, tokenizer) -> str:
@@ -188,11 +213,12 @@ def main(argv: list[str]) -> None:
     check_settings(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"])
     given = "prompt" in args or "prompt_file" in args
     prompt = read_prompt(args, tokenizer) if given or not args.interactive else None
-    device = pick_device(args.device)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # A token is a chain of small operations that more threads only split into waits: one
-        # thread is as fast on a quiet 2-core machine and 2-6x faster on a busy one (README).
+    if "OMP_NUM_THREADS" not in os.environ:
+        # On the CPU a token is a chain of small operations that more threads only split into waits
+        # (docs/generate.md). Set before --device auto times the CPU, so that it times what
+        # generating here would do.
         torch.set_num_threads(1)
+    device = pick_device(args.device, net)
     writer = Writer(net.to(device), tokenizer, settings, device)
     try:
         if args.interactive:

@@ -6,10 +6,14 @@ What it adds to LightningCLI: checkpoints in a fixed folder per run
 process; the network's sizes, the vocabulary and the run's settings read from the
 checkpoint that ``--ckpt_path`` names *before* the classes are built (so a run
 resumes, validates and predicts from its checkpoint alone, whatever flags it was
-started with); the precision chosen for the machine when none is given; and
-one-line errors instead of tracebacks for mistakes a user can fix.
+started with); the device and the precision chosen for the machine when none is
+given (the device by timing the run's own model, gptnano/devices.py); steps that
+count optimizer updates under gradient accumulation; progress as plain lines when
+the output is a file; and one-line errors instead of tracebacks for mistakes a user
+can fix.
 """
 
+import copy
 import inspect
 import os
 import sys
@@ -18,12 +22,12 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano import hardware
+from gptnano import devices, hardware, lines
 from gptnano.checkpoint import architecture, build_net, load_grown, read_checkpoint, run_name
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
@@ -31,11 +35,13 @@ from gptnano.data.datamodule import ShakespeareDataModule
 from gptnano.errors import ConfigError, UserError
 from gptnano.files import check_writable_folder, os_error_in, write_error
 from gptnano.train.callbacks import EarlyStopping, PredictionWriter, TextSample, Throughput
-from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint
+from gptnano.train.checkpointing import CTRL_C, AtomicCheckpointIO, Checkpoint
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
+from gptnano.train.progress import LogLines, is_terminal
 from gptnano.train.report import RunReport
+from gptnano.train.steps import OPTIMIZER_SETTINGS, training_step
 
 _MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 _OUTPUTS: list[str] = []  # the folders this command writes to, for a write error that names no file
@@ -76,6 +82,7 @@ class GPTNanoCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         self._checkpoints = {}  # path -> checkpoint: read once, though parsing and building both need it
         self._init_source = None  # (path, checkpoint) of fit --init_from, whose weights the new network takes
+        self._resumed = None  # the checkpoint `fit --ckpt_path` resumes
         super().__init__(
             LitLM,
             ShakespeareDataModule,
@@ -193,7 +200,7 @@ class GPTNanoCLI(LightningCLI):
             how = " (without --init_from)" if self._init_source else ""
             raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
                             f"or start a new one with --run_name NAME (or delete {folder})")
-        self._choose_arithmetic(cfg, saved if sub == "fit" else None)
+        self._resumed = saved if sub == "fit" else None  # its device and arithmetic are kept (instantiate_trainer)
 
     def _place_logs(self, cfg, sub: str | None, name: str, saved: dict | None) -> None:
         """TensorBoard logs in one folder per run: ``<logs>/<run>/version_N`` for training,
@@ -339,20 +346,62 @@ class GPTNanoCLI(LightningCLI):
         for key, value in chosen.items():
             cfg[key] = value
 
-    def _choose_arithmetic(self, cfg, resumed: dict | None) -> None:
+    def _choose_device(self) -> dict:
+        """The device when no --trainer.accelerator was given (gptnano/devices.py): a resumed run's
+        own where this machine has it, else the CPU or the accelerator here, whichever trains this
+        model faster by a measurement of a few real steps (remembered per machine and model
+        shape); one line says which and why. The processes a DDP run starts from this one get
+        the verdict through the environment, so every rank decides alike."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("accelerator", "auto") != "auto" or "trainer.accelerator" in self._typed:
+            return {}  # the user's (an explicit "auto" too: Lightning's own rule)
+        if handed := os.environ.get(devices.DEVICE_ENV):
+            return {"accelerator": handed}
+        resumed_on = ((self._resumed or {}).get("gptnano") or {}).get("device")
+        one_device = trainer.get("devices", "auto") in ("auto", 1, "1") and trainer.get("num_nodes", 1) == 1
+        net, batch_size = self.model.net, self.datamodule.batch_size
+        work = {"command": "fit", "net": type(net).__name__, "batch": [batch_size, net.block_size],
+                "parameters": [[n, list(p.shape)] for n, p in net.named_parameters()],
+                "precision": trainer.get("precision"), "optimizer": self.model.hparams.optimizer,
+                "muon_dtype": self.model.hparams.muon_dtype}
+        choice = devices.choose(work, self._probe_step, batch_size * net.block_size, resumed_on=resumed_on,
+                                one_device=one_device)
+        if not choice.why:
+            return {}  # nothing to choose between, nothing to say
+        os.environ[devices.DEVICE_ENV] = choice.device
+        if _rank_zero():
+            print(devices.line(choice, "--trainer.accelerator"), file=sys.stderr)
+        return {"accelerator": choice.device}
+
+    def _probe_step(self, device: str):
+        """One real training step of a copy of the run's network on ``device``, in the precision it
+        would train in there (``gptnano.train.steps.training_step``), on a random batch of the
+        run's shape: what the device choice times."""
+        net, hp = copy.deepcopy(self.model.net), self.model.hparams
+        precision = self._get(self.config_init, "trainer", default={}).get("precision")
+        precision = precision or hardware.resolve_precision(device)[0]
+        ns_dtype = hardware.fast_dtype(device) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
+        ids = torch.randint(self.datamodule.vocab_size, (self.datamodule.batch_size, net.block_size + 1),
+                            generator=torch.Generator().manual_seed(0))
+        return training_step(net, {k: hp[k] for k in OPTIMIZER_SETTINGS}, device=device, precision=precision,
+                             batch=(ids[:, :-1], ids[:, 1:]), ns_dtype=ns_dtype)
+
+    def _choose_arithmetic(self, accelerator) -> dict:
         """The precision when none was given (gptnano.hardware.choose_precision), one line saying
         which and why; a resumed run also keeps the dtype its Muon orthogonalised in."""
-        device = hardware.device_type(cfg.trainer.accelerator)
-        kept = hardware.resumed_arithmetic(device, resumed)
+        trainer = self._get(self.config_init, "trainer", default={})
+        device = hardware.device_type(accelerator or trainer.get("accelerator", "auto"))
+        kept = hardware.resumed_arithmetic(device, self._resumed)
         if kept.get("muon_dtype") and "model.muon_dtype" not in self._typed:
-            cfg.model.muon_dtype = kept["muon_dtype"]
+            self.model.hparams.muon_dtype = kept["muon_dtype"]  # read by configure_optimizers
         if device == "cpu":  # DDP processes started from this one decide alike, without measuring
             os.environ.setdefault(hardware.FAST_BF16_ENV, "1" if hardware.bf16_verdict("cpu").fast else "0")
-        if cfg.trainer.precision is not None:
-            return  # the user's
-        cfg.trainer.precision, why = hardware.choose_precision(device, kept)
-        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-            print(f"gptnano: precision {cfg.trainer.precision} ({why}); --trainer.precision overrides", file=sys.stderr)
+        if trainer.get("precision") is not None:
+            return {}  # the user's
+        precision, why = hardware.choose_precision(device, kept)
+        if _rank_zero():
+            print(lines.line(f"precision {precision} ({why}); --trainer.precision overrides"), file=sys.stderr)
+        return {"precision": precision}
 
     # ----- before the first step: can the run's outputs be written? ----------
     def _check_outputs(self) -> None:
@@ -388,6 +437,10 @@ class GPTNanoCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer wins
             plugins.append(AtomicCheckpointIO())
+        kwargs.update(self._choose_device())
+        kwargs.update(self._choose_arithmetic(kwargs.get("accelerator")))
+        kwargs.update(self._intervals_in_optimizer_steps())
+        kwargs.update(self._progress_as_lines())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         quiet.drop_flops_column(trainer.callbacks)
         # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
@@ -395,6 +448,32 @@ class GPTNanoCLI(LightningCLI):
         # prints otherwise; CPU products stay exact fp32 (this flag is CUDA's only).
         torch.backends.cuda.matmul.allow_tf32 = True
         return trainer
+
+    def _intervals_in_optimizer_steps(self) -> dict:
+        """Trainer arguments that Lightning counts in batches, as gptnano counts everything: in
+        optimizer steps. Under ``accumulate_grad_batches`` k, Lightning's integer
+        ``val_check_interval`` n validates every n *batches* (steps 1, 3, 4, 6 for n=3, k=2):
+        the Trainer gets n * k, so validation follows every n-th update. (``log_every_n_steps``,
+        ``max_steps`` and gptnano's own ``last_every_n_steps`` already count updates; early stopping
+        counts validations.) The saved config.yaml keeps the user's n."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        k, n = trainer.get("accumulate_grad_batches") or 1, trainer.get("val_check_interval")
+        if isinstance(k, int) and k > 1 and isinstance(n, int) and not isinstance(n, bool):
+            return {"val_check_interval": n * k}
+        return {}
+
+    def _progress_as_lines(self) -> dict:
+        """Where stdout (the progress bar's stream) is not a terminal, a progress bar would fill the
+        file with carriage-return redraws: the Trainer gets gptnano's LogLines in its place
+        (gptnano/train/progress.py). Not when the bar is off or a progress bar callback was given."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        given = trainer.get("callbacks") or []
+        given = list(given) if isinstance(given, list) else [given]
+        if trainer.get("enable_progress_bar") is False or is_terminal(sys.stdout):
+            return {}
+        if any(isinstance(c, ProgressBar) for c in given):
+            return {}
+        return {"callbacks": [*given, LogLines()]}
 
 
 def run(argv: list[str], verbose: bool = False) -> None:
@@ -417,7 +496,7 @@ def run(argv: list[str], verbose: bool = False) -> None:
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
-        sys.exit(143)  # Checkpoint.on_exception said where the run stopped and how to resume it
+        sys.exit(130 if CTRL_C.is_set() else 143)  # as a shell reports SIGINT and SIGTERM; on_exception said where
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:

@@ -2,6 +2,7 @@
 grow with the file, and every rank shares the page cache. No Lightning, no torch."""
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,14 @@ class Tokens:
     ~1 MB, so 20 training steps of random windows added ~500 MB to the process's resident
     memory, growing with every step towards the size of the file. ``pread`` copies only
     the bytes of each window (one call per window, a few microseconds); the page cache
-    still keeps the hot parts of the file in memory, shared by every rank.
+    still keeps the hot parts of the file in memory, shared by every rank. Where the OS has
+    no ``pread`` (Windows), ``read_at`` reads the same bytes with a seek and a read.
     """
 
-    def __init__(self, path: Path, dtype, start: int = 0, stop: int | None = None, _file=None):
+    def __init__(self, path: Path, dtype, start: int = 0, stop: int | None = None, _file=None, _lock=None):
         self.path, self.dtype = Path(path), np.dtype(dtype)
         self._file = _file or open(self.path, "rb", buffering=0)  # shared by every view of it
+        self._lock = _lock or threading.Lock()  # and so is its position, where reads must seek (read_at)
         self.start = start
         self.stop = self._file.seek(0, os.SEEK_END) // self.dtype.itemsize if stop is None else stop
 
@@ -34,7 +37,8 @@ class Tokens:
         begin, end, step = key.indices(len(self))
         if step != 1:
             raise ValueError("Tokens slices must be contiguous")
-        return Tokens(self.path, self.dtype, self.start + begin, self.start + max(begin, end), self._file)
+        return Tokens(self.path, self.dtype, self.start + begin, self.start + max(begin, end), self._file,
+                      self._lock)
 
     def __reduce__(self):  # a DataLoader worker process reopens the file
         return Tokens, (self.path, self.dtype, self.start, self.stop)
@@ -46,8 +50,9 @@ class Tokens:
         """``[len(starts), length]`` ids: row i holds tokens ``starts[i] : starts[i] + length`` of this view."""
         if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
             raise IndexError(f"windows outside 0..{len(self)}")
-        size, fd = length * self.dtype.itemsize, self._file.fileno()
-        raw = b"".join(os.pread(fd, size, (self.start + int(s)) * self.dtype.itemsize) for s in starts)
+        size = length * self.dtype.itemsize
+        raw = b"".join(read_at(self._file, size, (self.start + int(s)) * self.dtype.itemsize, self._lock)
+                       for s in starts)
         if len(raw) != size * len(starts):
             raise UserError(f"{self.path} became shorter while it was read: delete it and run again")
         return np.frombuffer(raw, dtype=self.dtype).reshape(len(starts), length)
@@ -55,3 +60,23 @@ class Tokens:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         ids = self.read(0, len(self))
         return ids if dtype is None else ids.astype(dtype)
+
+
+def read_at(file, size: int, offset: int, seek_lock: threading.Lock) -> bytes:
+    """Up to ``size`` bytes of the open binary ``file`` from byte ``offset`` (fewer only at
+    its end). ``os.pread`` where the OS has it (Linux, macOS): one call, no shared file
+    position. Elsewhere (Windows) a seek and a read, under ``seek_lock`` because the
+    position they move is shared by every thread reading the file."""
+    pread = getattr(os, "pread", None)  # looked up per call, so a test can take it away
+    if pread is not None:
+        return pread(file.fileno(), size, offset)
+    parts, got = [], 0
+    with seek_lock:
+        file.seek(offset)
+        while got < size:  # an unbuffered read may return less than asked before the end
+            part = file.read(size - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    return b"".join(parts)

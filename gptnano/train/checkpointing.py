@@ -1,7 +1,6 @@
 """Checkpoints: where and when they are written (``Checkpoint``), and how (``AtomicCheckpointIO``:
 atomically, and read back only through gptnano's one safe reader)."""
 
-import os
 import signal
 import sys
 import threading
@@ -58,6 +57,12 @@ class Checkpoint(ModelCheckpoint):
     replace saving at validation (so ``best.ckpt`` would no longer follow the validation
     loss); here they only refresh ``last.ckpt``, and validations save as usual.
 
+    Ctrl-C sets a flag in this process (no signal to itself, which Windows would turn into
+    an immediate kill); at the end of the optimizer step the flag asks Lightning's loop to
+    stop as its own SIGTERM handling does, agreed first by every process of a DDP run so
+    that all of them stop after the same step. The exit status is then 130; SIGTERM from
+    outside goes through Lightning's handler as before (POSIX) and exits with 143.
+
     Args:
         train_time_interval: Refresh last.ckpt at least this often during training (wall clock,
             e.g. "0:03:00"), so a crash loses at most this much work; None: only at validation.
@@ -87,12 +92,13 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
+        CTRL_C.clear()
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.getsignal(signal.SIGINT)
 
-            def stop_after_step(signum, frame):  # a second Ctrl-C interrupts at once
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the end of this step
+            def stop_after_step(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+                CTRL_C.set()  # read at the end of the step (on_train_batch_end)
 
             signal.signal(signal.SIGINT, stop_after_step)
 
@@ -100,6 +106,14 @@ class Checkpoint(ModelCheckpoint):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+    def _stop_agreed(self, trainer) -> bool:
+        """Whether Ctrl-C was pressed on any process. Under DDP every process asks at every
+        optimizer step (one small reduction; Lightning's loop already agrees on SIGTERM once a
+        step), so the processes stop after the same step instead of some waiting forever."""
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce_boolean_decision(CTRL_C.is_set(), all=False)
+        return CTRL_C.is_set()
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
@@ -111,8 +125,14 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not update_ended(trainer, batch_idx):
+            return  # in the middle of an accumulated step: nothing is saved and nothing stops here
+        if self._stop_agreed(trainer):
+            CTRL_C.set()  # on every process, so each exits as stopped by Ctrl-C
+            request_stop(trainer)  # Lightning's loop ends after this step, then on_exception saves
+            return
         validation_follows = (batch_idx + 1) % trainer.val_check_batch == 0  # it saves last.ckpt (and best) itself
-        if (self.save_last and not validation_follows and update_ended(trainer, batch_idx) and self._refresh_due(trainer)
+        if (self.save_last and not validation_follows and self._refresh_due(trainer)
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -144,6 +164,20 @@ class Checkpoint(ModelCheckpoint):
                 print(f"gptnano: stopped at step {trainer.global_step}, saved {self.last_model_path} (Ctrl-C or "
                       "SIGTERM); resume with --ckpt_path last", file=sys.stderr)
         self._restore_sigint()
+
+
+# Set by Ctrl-C during fit (the in-process stop flag), cleared when training starts; the CLI reads
+# it to exit with 130 (interrupted) rather than 143 (terminated).
+CTRL_C = threading.Event()
+
+
+def request_stop(trainer) -> None:
+    """Ask Lightning's fit loop to stop at the end of the current step, exactly as its own
+    SIGTERM handler does: it raises ``SIGTERMException`` there (``Checkpoint.on_exception``
+    saves last.ckpt). Lightning has no public way to ask this (``trainer.should_stop`` means
+    a normal end: no exception, and validation first), so this sets its private flag;
+    tests/test_dependencies.py fails loudly if that changes."""
+    trainer._signal_connector.received_sigterm = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
