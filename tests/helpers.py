@@ -73,6 +73,23 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | 
     return proc
 
 
+def fit_in_process(folder: Path, text: str, args: list[str], name: str = "tiny.txt") -> Path:
+    """Write ``text`` (str, or bytes as they are) to ``folder/name`` and run ``gptnano fit <args>
+    --data.path <name>`` in this process from ``folder`` (cheaper than a new process, for
+    module-scoped runs that several tests read). Returns ``folder``."""
+    from gptnano.cli.main import main
+
+    path = folder / name
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text, encoding="utf-8")
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        main(["fit", *args, "--data.path", name])
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
 # `python -c WITHOUT_UNIX ARGS` runs `gptnano ARGS` as on an OS without the Unix-only pieces
 # (Windows): no os.pread, no fcntl (filelock then takes its portable lock), and no signal
 # to itself. It says so on stderr first, so a test can check the pieces really were missing.

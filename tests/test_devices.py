@@ -182,6 +182,20 @@ def test_mfu_on_mps_is_measured_against_a_measured_peak(monkeypatch):
 
 # ----- through the CLI: the probe times real training steps of the configured model -------------
 
+def slow_off_the_cpu(make_step, built: list):
+    """``make_step(..., device)`` as the probes call it, for a machine whose accelerator is slow:
+    every device gets the real CPU step, the accelerator's plus 50 ms; ``built`` collects the
+    devices asked for."""
+
+    def slowed(*args):
+        *rest, device = args
+        built.append(device)
+        step = make_step(*rest, "cpu")
+        return step if device == "cpu" else (lambda: (step(), time.sleep(0.05)))
+
+    return slowed
+
+
 @pytest.fixture
 def slow_mps(machine, monkeypatch):
     """An Apple GPU that trains the tiny GPT slowly: its side of the probe is the real CPU step
@@ -190,14 +204,7 @@ def slow_mps(machine, monkeypatch):
 
     machine("mps")
     built = []
-    real = GPTNanoCLI._probe_step
-
-    def probe_step(self, device):
-        built.append(device)
-        step = real(self, "cpu")
-        return step if device == "cpu" else (lambda: (step(), time.sleep(0.05)))
-
-    monkeypatch.setattr(GPTNanoCLI, "_probe_step", probe_step)
+    monkeypatch.setattr(GPTNanoCLI, "_probe_step", slow_off_the_cpu(GPTNanoCLI._probe_step, built))
     return built
 
 
@@ -228,14 +235,7 @@ def test_generate_auto_follows_the_same_rule(machine, tmp_path, monkeypatch, cap
 
     machine("mps")
     built = []
-    real = generate.sampling_step
-
-    def sampling_step(net, device):
-        built.append(device)
-        step = real(net, "cpu")
-        return step if device == "cpu" else (lambda: (step(), time.sleep(0.05)))
-
-    monkeypatch.setattr(generate, "sampling_step", sampling_step)
+    monkeypatch.setattr(generate, "sampling_step", slow_off_the_cpu(generate.sampling_step, built))
     net = GPT(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=16)
     assert generate.pick_device("auto", net) == torch.device("cpu") and built == ["mps", "cpu"]
     err = capsys.readouterr().err

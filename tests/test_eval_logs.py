@@ -1,13 +1,12 @@
 """validate / test / predict log with the run they scored, at its step, apart from its training
 curves (issue 19, item 4); `gptnano plot` reads the training curves only."""
 
-import os
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import TINY_GPT, make_text
+from tests.helpers import TINY_GPT, fit_in_process, make_text
 
 
 def _val_steps(version: Path) -> dict[int, float]:
@@ -19,18 +18,8 @@ def _val_steps(version: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def run_lr(tmp_path_factory):
     """A run named lr: 10 steps, validated at 5 and 10."""
-    from gptnano.cli.main import main
-
-    folder = tmp_path_factory.mktemp("evals")
-    (folder / "tiny.txt").write_text(make_text(), encoding="utf-8")
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        main(["fit", *TINY_GPT, "--data.path", "tiny.txt", "--run_name", "lr", "--trainer.max_steps", "10",
-              "--trainer.val_check_interval", "5"])
-    finally:
-        os.chdir(cwd)
-    return folder
+    return fit_in_process(tmp_path_factory.mktemp("evals"), make_text(),
+                          [*TINY_GPT, "--run_name", "lr", "--trainer.max_steps", "10", "--trainer.val_check_interval", "5"])
 
 
 def test_validate_logs_with_the_checkpoint_s_run_at_its_step(run_lr, gptnano, tmp_path):

@@ -12,7 +12,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptnano.train.checkpointing import rebased
-from tests.helpers import TINY_GPT
+from tests.helpers import TINY_GPT, fit_in_process, make_text
 
 FIT = ["fit", *TINY_GPT, "--model.optimizer", "adamw", "--trainer.log_every_n_steps", "1"]
 
@@ -94,19 +94,8 @@ def test_early_stopping_ends_with_its_reason_and_a_typed_patience_wins_on_resume
 @pytest.fixture(scope="module")
 def adamw_run(tmp_path_factory):
     """A finished tiny AdamW run (10 steps, validation every 5) to resume from."""
-    from gptnano.cli.main import main
-    from tests.helpers import make_text
-
-    folder = tmp_path_factory.mktemp("adamw")
-    (folder / "tiny.txt").write_text(make_text(), encoding="utf-8")
-    cwd = Path.cwd()
-    try:
-        import os
-        os.chdir(folder)
-        main([*FIT, "--data.path", "tiny.txt", "--trainer.max_steps", "10", "--trainer.val_check_interval", "5"])
-    finally:
-        os.chdir(cwd)
-    return folder
+    return fit_in_process(tmp_path_factory.mktemp("adamw"), make_text(),
+                          [*FIT[1:], "--trainer.max_steps", "10", "--trainer.val_check_interval", "5"])
 
 
 @pytest.mark.parametrize("typed,error", [

@@ -3,30 +3,20 @@ work, or get one line saying exactly what to change. The same rules for predict,
 and the TensorBoard sample (gptnano/data/tokenizer.py: ``default_prompt``, ``as_prompt``)."""
 
 import codecs
-import os
-from pathlib import Path
 
 import pytest
 
 from gptnano.data.cache import Corpus
 from gptnano.data.tokenizer import CharTokenizer, as_prompt, default_prompt, make_tokenizer
 from gptnano.errors import UserError
-from tests.helpers import TINY_GPT, make_text
+from tests.helpers import TINY_GPT, fit_in_process, make_text
 
 
 @pytest.fixture(scope="module")
 def old_mac_run(tmp_path_factory):
     """A tiny GPT trained on a text with old Mac line ends: '\\r', no '\\n' anywhere."""
-    from gptnano.cli.main import main
-
-    folder = tmp_path_factory.mktemp("oldmac")
-    (folder / "mac.txt").write_bytes(make_text().replace("\n", "\r").encode("utf-8"))
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        main(["fit", *TINY_GPT, "--data.path", "mac.txt", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
-    finally:
-        os.chdir(cwd)
+    folder = fit_in_process(tmp_path_factory.mktemp("oldmac"), make_text().replace("\n", "\r").encode("utf-8"),
+                            [*TINY_GPT, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"], name="mac.txt")
     return folder / "checkpoints" / "gpt" / "last.ckpt"
 
 
@@ -49,16 +39,8 @@ def test_a_linux_prompt_for_an_old_mac_model_says_what_to_change(old_mac_run, gp
 
 @pytest.fixture(scope="module")
 def unix_ckpt(tmp_path_factory):
-    from gptnano.cli.main import main
-
-    folder = tmp_path_factory.mktemp("unix")
-    (folder / "tiny.txt").write_text(make_text(), encoding="utf-8")
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        main(["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
-    finally:
-        os.chdir(cwd)
+    folder = fit_in_process(tmp_path_factory.mktemp("unix"), make_text(),
+                            [*TINY_GPT, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
     return folder / "checkpoints" / "gpt" / "last.ckpt"
 
 

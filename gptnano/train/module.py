@@ -71,9 +71,9 @@ class LitLM(L.LightningModule):
         top_p: Sample only from the smallest set of characters whose probability adds up to top_p (None: all).
         sample_seed: Seed for sampling, so `predict` is repeatable (None: the global seed).
         compile: Train through torch.compile (validation and generation stay eager). It
-            compiles on the first step (~20 s for the CPU GPT, a few seconds when cached);
-            measured on a 2-core CPU: tok/s +7-25 % for the GPT, +31 % for the CNN, +9 % for
-            the Backpack, -17 % for the RNN. Worth it for long runs only.
+            compiles on the first step (tens of seconds, less when cached), then trains the
+            GPT, CNN and Backpack faster and the RNN slower (docs/results.md, "Training
+            speed"). Worth it for long runs only.
     """
 
     def __init__(
