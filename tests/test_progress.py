@@ -91,3 +91,24 @@ def test_fit_into_a_file_writes_short_plain_lines(text_file, tmp_path):
         ("5/20", "loss"), ("10/20", "loss"), ("10/20", "val/loss"), ("15/20", "loss"), ("20/20", "loss"),
         ("20/20", "val/loss")]
     assert max(len(line) for line in (ran.stdout + ran.stderr).splitlines()) <= 200
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_bar_and_summary_stay_plain_when_rich_is_installed(terminal, text_file, tmp_path, monkeypatch):
+    """Lightning swaps in RichProgressBar and RichModelSummary whenever `rich` is importable (many
+    tools install it); gptnano keeps its own output. Rich is made to look installed here: were the
+    Trainer left to choose, it would build the Rich callbacks (and fail without the package)."""
+    from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+    from lightning.pytorch.trainer.connectors import callback_connector
+
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    monkeypatch.setattr(callback_connector, "_RICH_AVAILABLE", True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal, raising=False)
+    cli = GPTNanoCLI(args=[*TINY_GPT, "--data.path", str(text_file), "--trainer.enable_progress_bar", "true",
+                           "--trainer.enable_model_summary", "true"], run=False)
+    kinds = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert not {k for k in kinds if k.startswith("Rich")}, kinds
+    assert type(cli.trainer.progress_bar_callback) is (TQDMProgressBar if terminal else LogLines)
+    assert sum(isinstance(c, ModelSummary) for c in cli.trainer.callbacks) == 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -440,7 +440,7 @@ class GPTNanoCLI(LightningCLI):
         kwargs.update(self._choose_device())
         kwargs.update(self._choose_arithmetic(kwargs.get("accelerator")))
         kwargs.update(self._intervals_in_optimizer_steps())
-        kwargs.update(self._progress_as_lines())
+        kwargs.update(self._progress_and_summary())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
         quiet.drop_flops_column(trainer.callbacks)
         # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
@@ -462,19 +462,25 @@ class GPTNanoCLI(LightningCLI):
             return {"val_check_interval": n * k}
         return {}
 
-    def _progress_as_lines(self) -> dict:
-        """Where stdout (the progress bar's stream) is not a terminal, a progress bar would fill the
+    def _progress_and_summary(self) -> dict:
+        """The progress bar and the model summary, the same wherever gptnano runs.
+
+        Where stdout (the progress bar's stream) is not a terminal, a progress bar would fill the
         file with carriage-return redraws: the Trainer gets gptnano's LogLines in its place
-        (gptnano/train/progress.py). Not when the bar is off or a progress bar callback was given."""
+        (gptnano/train/progress.py). On a terminal it gets Lightning's tqdm bar, and a plain
+        ModelSummary: Lightning would swap both for Rich ones whenever the ``rich`` package
+        happens to be installed (many tools pull it in), changing gptnano's output and its
+        hidden messages (gptnano/cli/quiet.py) with it. Not when the bar or the summary is off,
+        or a callback of that kind was given (a user's RichProgressBar wins)."""
         trainer = self._get(self.config_init, "trainer", default={})
         given = trainer.get("callbacks") or []
         given = list(given) if isinstance(given, list) else [given]
-        if trainer.get("enable_progress_bar") is False or is_terminal(sys.stdout):
-            return {}
-        if any(isinstance(c, ProgressBar) for c in given):
-            return {}
-        return {"callbacks": [*given, LogLines()]}
-
+        added = []
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            added.append(TQDMProgressBar() if is_terminal(sys.stdout) else LogLines())
+        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            added.append(ModelSummary())
+        return {"callbacks": [*given, *added]} if added else {}
 
 def run(argv: list[str], verbose: bool = False) -> None:
     """Run one of Lightning's four commands (gptnano/cli/main.py sends them here).
