@@ -1,15 +1,16 @@
 """The headline comparison of the README: every architecture of configs/ trained for the same
 model-FLOP budget, over 3 seeds, by `gptnano compare` (each run a real `gptnano fit`).
 
-The default budget, 3e13 FLOPs (tokens x each architecture's flops_per_token), is what about
-5 minutes bought each architecture on the reference 2-core CPU (2.7e13-3.6e13). A FLOP budget
-means the same on every machine; the same runs are also plotted against training time,
-which does not. compare writes compare/<name>/results.{md,json,png}; this script copies them
+The default budget, 1.5e13 FLOPs (tokens x each architecture's flops_per_token), is what about
+5 minutes of training buy the GPT on 2 cores of an AVX2-only CPU in fp32 (1880 steps of
+configs/gpt.yaml; on an AVX512-BF16 CPU in bf16 it takes about half that). A FLOP budget means
+the same on every machine; the same runs are also plotted against training time, which does
+not. compare writes compare/<name>/results.{md,json,png}; this script copies them
 to benchmarks/results/budget.{md,json,png}.
 
-    python -m benchmarks.budget [--budget 3e13flop] [--seeds 3] [--archs gpt rnn backpack cnn]
+    python -m benchmarks.budget [--budget 1.5e13flop] [--seeds 3] [--archs gpt rnn backpack cnn]
 
-Run it on an otherwise idle machine: about an hour on 2 CPU cores. Running it again resumes an
+Run it on an otherwise idle machine: about an hour on 2 CPU cores (12 runs). Running it again resumes an
 interrupted comparison (finished runs are kept), then redraws.
 """
 
@@ -29,7 +30,7 @@ def compare_command(archs: list[str], budget: str, seeds: int) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", default="3e13flop", help="what every run gets (default: 3e13flop)")
+    ap.add_argument("--budget", default="1.5e13flop", help="what every run gets (default: 1.5e13flop)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per architecture (default: 3)")
     ap.add_argument("--archs", nargs="+", default=["gpt", "rnn", "backpack", "cnn"])
     args = ap.parse_args()

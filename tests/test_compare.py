@@ -287,3 +287,13 @@ def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path)
                              tmp_path))
     assert error == (f"gptnano: error: {Path('compare', 't')} holds runs of another command (--budget 40steps, "
                      f"--validations 2): give another --name, or delete {Path('compare', 't')}")
+
+
+def test_every_run_of_a_comparison_gets_the_planned_device():
+    """Where the machine has an accelerator and no --trainer.accelerator is given, each fit would time
+    it against the CPU on its own; compare hands every run the device it planned for instead."""
+    assert compare.pinned_accelerator({}, "mps") == "mps"
+    assert compare.pinned_accelerator({"accelerator": "auto"}, "cuda") == "cuda"
+    assert compare.pinned_accelerator({"accelerator": "cpu"}, "cpu") is None  # the user's
+    assert compare.pinned_accelerator({"accelerator": "mps"}, "mps") is None  # typed: it stands as typed
+    assert compare.pinned_accelerator({}, "cpu") is None  # nothing to choose between

@@ -222,6 +222,16 @@ def config_hash(config: dict, budget: budgets.Budget, seed: int, validations: in
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def pinned_accelerator(trainer: dict, device: str) -> str | None:
+    """The ``--trainer.accelerator`` every run of an entry gets, or None (its own setting stands).
+
+    A fit given no accelerator on a machine that has one times it against the CPU and may pick
+    either (gptnano/devices.py), run by run; a comparison plans for one device (``device``,
+    Lightning's rule, which picks the accelerator) and gives it to every run, so that no entry
+    trains on another device than the others. A CPU-only machine has nothing to pin."""
+    return device if trainer.get("accelerator") in (None, "auto") and device != "cpu" else None
+
+
 def world_size(trainer: dict, device: str, parallel: int) -> int:
     """Processes a run trains in (devices x nodes), as Lightning will count them."""
     devices = trainer.get("devices", "auto")
@@ -334,6 +344,7 @@ class Comparison:
         for p in self.points:
             trainer = p.facts["config"]["trainer"]
             p.facts["device"] = device = hardware.device_type(trainer.get("accelerator"))
+            p.facts["accelerator"] = pinned_accelerator(trainer, device)
             if device == "cpu":  # Muon's dtype ("auto") follows the same verdict in every fit and in the probe
                 if hardware.FAST_BF16_ENV not in self.env:
                     self.env[hardware.FAST_BF16_ENV] = "1" if hardware.bf16_verdict("cpu").fast else "0"
@@ -481,6 +492,8 @@ class Comparison:
                 "--trainer.logger", json.dumps(logger), "--trainer.callbacks+=" + json.dumps(TIMER)]
         if not p.facts["precision_given"]:  # one choice for every run, made once here
             argv += ["--trainer.precision", p.facts["precision"]]
+        if p.facts.get("accelerator"):  # likewise the device (pinned_accelerator)
+            argv += ["--trainer.accelerator", p.facts["accelerator"]]
         return argv
 
     # ----- running ---------------------------------------------------------------------
