@@ -4,6 +4,7 @@ the HPARAMS tab beside the run's settings, a text sample headed by its settings;
 and `gptnano plot` reading both these logs and logs written before them."""
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -111,3 +112,10 @@ def test_a_resumed_run_goes_on_from_its_best_loss(tmp_path):
     board.experiment.add_scalar = lambda tag, value, step: written.setdefault(tag, value)
     board.log_metrics({"val/loss": 1.7}, step=10)
     assert written["hp_metric"] == 1.5 and written["val/loss"] == 1.7
+
+
+def test_plot_reads_versions_in_number_order():
+    from gptnano.cli.plot import version_number
+
+    names = ["version_10", "version_2", "version_0", "version_x"]
+    assert sorted(names, key=lambda n: version_number(Path(n))) == ["version_0", "version_2", "version_10", "version_x"]

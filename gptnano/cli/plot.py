@@ -16,13 +16,20 @@ OLD_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_bpc": "val/
             "tok_s": "perf/tok_s", "mfu": "perf/mfu"}
 
 
+def version_number(folder: Path) -> tuple:
+    """Sort key of a ``version_N`` folder: by N as a number (version_10 after version_2), so a
+    step logged again by a later version comes after the earlier one's."""
+    tail = folder.name.rpartition("_")[2]
+    return (0, int(tail), "") if tail.isdigit() else (1, 0, folder.name)
+
+
 def read_run(folder: Path) -> dict:
     """Scalars of every version_* under ``folder`` (a resumed run spans several), in step
     order, under today's tag names (older logs are read too). Training curves only: what
     validate, test and predict log goes to ``folder/eval/``, which is not read."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    versions = sorted(folder.glob("version_*")) or [folder]
+    versions = sorted(folder.glob("version_*"), key=version_number) or [folder]
     series: dict[str, list] = {}
     for version in versions:
         acc = EventAccumulator(str(version), size_guidance={"scalars": 0})
