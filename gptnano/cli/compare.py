@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
                       "[--validations N] [--parallel K] [--dry_run] [fit flags for every run]",
                 description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                 epilog="Any other flag is a `gptnano fit` flag given to every run (e.g. --data.path FILE, "
-                       "--model.dropout 0.1); it takes a value. These are set by compare and refused: "
+                       "--model.net.dropout 0.1); it takes a value. These are set by compare and refused: "
                        + ", ".join(f"--{k}" for k in OWNED) + ".")
     ap.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs of `gptnano fit` to compare")
     ap.add_argument("--budget", required=True, help="what every run gets: " + budgets.EXAMPLES + ". Steps, warmup "
@@ -102,7 +102,7 @@ def _is_option(token: str) -> bool:
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(compare's own arguments and the configs, the fit flags for every run). A fit flag
-    takes one value (``--model.dropout 0.1`` or ``--model.dropout=0.1``)."""
+    takes one value (``--model.net.dropout 0.1`` or ``--model.net.dropout=0.1``)."""
     own, fit = [], []
     i = 0
     while i < len(argv):

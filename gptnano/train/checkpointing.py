@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano.checkpoint import read_checkpoint
 from gptnano.errors import UserError
-from gptnano.files import atomic_write
+from gptnano.files import atomic_write, shown_path
 from gptnano.train.callbacks import update_ended
 
 
@@ -161,7 +161,7 @@ class Checkpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             if trainer.is_global_zero:
-                print(f"gptnano: stopped at step {trainer.global_step}, saved {self.last_model_path} (Ctrl-C or "
+                print(f"gptnano: stopped at step {trainer.global_step}, saved {shown_path(self.last_model_path)} (Ctrl-C or "
                       "SIGTERM); resume with --ckpt_path last", file=sys.stderr)
         self._restore_sigint()
 
