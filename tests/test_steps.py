@@ -1,6 +1,7 @@
 """Timing real steps (gptnano.hardware.time_steps) and the Lightning-free training step it times
 (gptnano/train/steps.py), which must be the step LitLM takes."""
 
+import pytest
 import torch
 
 from gptnano.hardware import time_steps
@@ -37,6 +38,7 @@ def test_the_timed_step_trains():
     assert after < before - 0.5  # it overfits the one batch it repeats
 
 
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")  # one training step is the point here
 def test_the_timed_step_is_litlm_s_step():
     """Same weights, same batch, same settings: the Lightning-free step and a Trainer's first
     step (no warmup, clipping at 1.0) leave the same weights."""
