@@ -15,7 +15,9 @@ FP32 = ["--trainer.precision", "32-true"]  # the comparison is about the reducti
 
 
 def _val_loss(stdout: str) -> float:
-    return float(re.search(r"val/loss\s+([0-9.]+)", stdout).group(1))
+    """val/loss from Lightning's results table: plain, or drawn with box characters when `rich` is
+    installed (transformers 5 brings it)."""
+    return float(re.search(r"val/loss[\s│┃|]+([0-9.]+)", stdout).group(1))
 
 
 def _window_losses(ckpt, text: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
