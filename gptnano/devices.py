@@ -173,6 +173,13 @@ def machine() -> dict:
             "accelerator": accelerator, "torch": torch.__version__}
 
 
+def work_of(command: str, net, **settings) -> dict:
+    """What runs, as ``choose`` keys its memory by: the command, the network's class and the shape
+    of every parameter, and any other setting that changes the speed (batch, precision, ...)."""
+    return {"command": command, "net": type(net).__name__,
+            "parameters": [[n, list(p.shape)] for n, p in net.named_parameters()], **settings}
+
+
 def cache_key(work: dict) -> str:
     """A short hash of the machine and of ``work`` (what runs: the command, the model's class
     and sizes, the batch, the precision asked for...): equal keys, the same verdict."""

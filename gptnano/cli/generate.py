@@ -75,9 +75,8 @@ def pick_device(name: str, net=None):
     if name == "auto":
         from gptnano import devices
 
-        work = {"command": "generate", "net": type(net).__name__,
-                "parameters": [[n, list(p.shape)] for n, p in net.named_parameters()]}
-        choice = devices.choose(work, lambda device: sampling_step(net, device), PROBE_TOKENS)
+        choice = devices.choose(devices.work_of("generate", net), lambda device: sampling_step(net, device),
+                                PROBE_TOKENS)
         if choice.why:
             print(devices.line(choice, "--device"), file=sys.stderr)
         return torch.device(choice.device)

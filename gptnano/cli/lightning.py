@@ -360,10 +360,8 @@ class GPTNanoCLI(LightningCLI):
         resumed_on = ((self._resumed or {}).get("gptnano") or {}).get("device")
         one_device = trainer.get("devices", "auto") in ("auto", 1, "1") and trainer.get("num_nodes", 1) == 1
         net, batch_size = self.model.net, self.datamodule.batch_size
-        work = {"command": "fit", "net": type(net).__name__, "batch": [batch_size, net.block_size],
-                "parameters": [[n, list(p.shape)] for n, p in net.named_parameters()],
-                "precision": trainer.get("precision"), "optimizer": self.model.hparams.optimizer,
-                "muon_dtype": self.model.hparams.muon_dtype}
+        work = devices.work_of("fit", net, batch=[batch_size, net.block_size], precision=trainer.get("precision"),
+                               optimizer=self.model.hparams.optimizer, muon_dtype=self.model.hparams.muon_dtype)
         choice = devices.choose(work, self._probe_step, batch_size * net.block_size, resumed_on=resumed_on,
                                 one_device=one_device)
         if not choice.why:
