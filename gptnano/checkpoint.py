@@ -13,6 +13,7 @@ accepts. Weights that are not finite are refused too, by name. Anything else is 
 ``UserError`` line. No Lightning here, so tools such as ``gptnano generate`` start fast.
 """
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -234,14 +235,40 @@ def load_grown(net: LanguageModel, state_dict: dict, source: str | Path) -> list
     return grown
 
 
+def run_config(ckpt: dict) -> dict:
+    """The config the checkpoint's run was parsed into, as a nested dict of plain values (what
+    ``gptnano fit --print_config`` shows: ``trainer``, ``model``, ``data``, ``run_name``, ...),
+    with the tokenizer it trained with in ``data.vocab`` and ``data.tokenizer``.
+
+    ``gptnano fit`` keeps it in ``ckpt["gptnano"]["config"]`` (gptnano/train/logger.py,
+    ``RunConfig``). For a checkpoint written before it did (and an exported folder), the config is
+    rebuilt from what the file holds: the model's hyper-parameters, the data module's settings,
+    the run's name and seed.
+    """
+    record = ckpt.get("gptnano") or {}
+    hparams = ckpt["hyper_parameters"]
+    if isinstance(record.get("config"), dict):
+        config = copy.deepcopy(record["config"])
+    else:
+        model = {k: v for k, v in hparams.items() if k not in ("vocab", "tokenizer") and not k.startswith("_")}
+        data = {k: v for k, v in (ckpt.get("ShakespeareDataModule") or {}).items() if isinstance(v, PLAIN)}
+        config = {"model": copy.deepcopy(model), "data": data}
+        if isinstance(record.get("run_name"), str):
+            config["run_name"] = record["run_name"]
+        if isinstance(record.get("seed"), int):
+            config["seed_everything"] = record["seed"]
+    config.setdefault("data", {}).update(vocab=hparams.get("vocab") or None, tokenizer=hparams.get("tokenizer", "char"))
+    return config
+
+
 def run_name(path: str | Path, ckpt: dict | None = None) -> str:
-    """The run a checkpoint comes from: for a file, the name its run recorded (``ckpt``'s
-    ``gptnano`` metadata, as ``read_checkpoint`` returned it), else its folder's
-    (``checkpoints/<run>/`` holds a run's files); an exported folder is named by its exporter."""
+    """The run a checkpoint comes from: for a file, the name its run recorded (its config's
+    ``run_name``), else its folder's (``checkpoints/<run>/`` holds a run's files); an exported
+    folder is named by its exporter."""
     p = Path(path).resolve()
     if p.is_dir():
         return p.name
-    recorded = ((ckpt or {}).get("gptnano") or {}).get("run_name")
+    recorded = run_config(ckpt).get("run_name") if ckpt else None
     return recorded if isinstance(recorded, str) and recorded else p.parent.name
 
 
