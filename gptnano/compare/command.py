@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptnano import lines
-from gptnano.cli import budgets, resolve, stats
+from gptnano.compare import budgets, resolve, stats
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
 
@@ -178,7 +178,7 @@ class Point:
     config: str
     grid: dict[str, str]
     label: str
-    facts: dict = field(default_factory=dict)  # what fit's parser resolved (gptnano/cli/resolve.py), and more
+    facts: dict = field(default_factory=dict)  # what fit's parser resolved (gptnano/compare/resolve.py), and more
 
     def flags(self) -> list[str]:
         return [a for key, value in self.grid.items() for a in (f"--{key}", value)]
