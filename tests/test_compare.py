@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptnano.compare import budgets, command, stats
+from gptnano.compare import budgets, command, runs, stats
 from gptnano.errors import UserError
 from gptnano.models import GPT, RNN
 from tests.helpers import cli_env, make_text
@@ -144,8 +144,8 @@ def test_fit_flags_pass_through_and_grids_form_their_product():
                                    "--grid=model.muon_lr=1,2", "--trainer.precision=32-true", "--model.x", "-1"])
     assert own == ["a.yaml", "--budget", "5min", "b.yaml", "--grid=model.muon_lr=1,2"]
     assert fit == ["--model.dropout", "0.1", "--trainer.precision=32-true", "--model.x", "-1"]
-    grid = command.parse_grid(["model.muon_lr=0.01,0.02", "model.init_args.warmup_steps=10,20"])
-    points = command.make_points(["configs/gpt.yaml"], grid)
+    grid = runs.parse_grid(["model.muon_lr=0.01,0.02", "model.init_args.warmup_steps=10,20"])
+    points = runs.make_points(["configs/gpt.yaml"], grid)
     assert [p.label for p in points] == ["gpt-muon_lr=0.01,warmup_steps=10", "gpt-muon_lr=0.01,warmup_steps=20",
                                          "gpt-muon_lr=0.02,warmup_steps=10", "gpt-muon_lr=0.02,warmup_steps=20"]
     assert points[3].flags() == ["--model.muon_lr", "0.02", "--model.warmup_steps", "20"]
@@ -265,17 +265,17 @@ def test_a_run_is_known_by_its_configuration_budget_seed_and_text():
     config = {"model": {"learning_rate": 1e-3, "lr_decay_steps": None}, "seed_everything": 1337, "run_name": "gpt",
               "trainer": {"max_steps": 1000, "enable_progress_bar": True}, "data": {"seed": 1337, "batch_size": 4}}
     budget = budgets.parse_budget("5e13flop")
-    h = command.config_hash(config, budget, 0, 10, "abc")
+    h = runs.config_hash(config, budget, 0, 10, "abc")
     # What compare sets for each run, and what measures nothing, is not part of it ...
     same = {**config, "seed_everything": 7, "run_name": "x", "trainer": {"max_steps": 5, "enable_progress_bar": False},
             "data": {"seed": 7, "batch_size": 4}}
-    assert command.config_hash(same, budget, 0, 10, "abc") == h
+    assert runs.config_hash(same, budget, 0, 10, "abc") == h
     # ... everything else is.
-    assert command.config_hash({**config, "model": {"learning_rate": 2e-3}}, budget, 0, 10, "abc") != h
-    assert command.config_hash(config, budgets.parse_budget("5e13tok"), 0, 10, "abc") != h
-    assert command.config_hash(config, budget, 1, 10, "abc") != h
-    assert command.config_hash(config, budget, 0, 5, "abc") != h
-    assert command.config_hash(config, budget, 0, 10, "abd") != h
+    assert runs.config_hash({**config, "model": {"learning_rate": 2e-3}}, budget, 0, 10, "abc") != h
+    assert runs.config_hash(config, budgets.parse_budget("5e13tok"), 0, 10, "abc") != h
+    assert runs.config_hash(config, budget, 1, 10, "abc") != h
+    assert runs.config_hash(config, budget, 0, 5, "abc") != h
+    assert runs.config_hash(config, budget, 0, 10, "abd") != h
 
 
 def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path):
@@ -292,8 +292,8 @@ def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path)
 def test_every_run_of_a_comparison_gets_the_planned_device():
     """Where the machine has an accelerator and no --trainer.accelerator is given, each fit would time
     it against the CPU on its own; compare hands every run the device it planned for instead."""
-    assert command.pinned_accelerator({}, "mps") == "mps"
-    assert command.pinned_accelerator({"accelerator": "auto"}, "cuda") == "cuda"
-    assert command.pinned_accelerator({"accelerator": "cpu"}, "cpu") is None  # the user's
-    assert command.pinned_accelerator({"accelerator": "mps"}, "mps") is None  # typed: it stands as typed
-    assert command.pinned_accelerator({}, "cpu") is None  # nothing to choose between
+    assert runs.pinned_accelerator({}, "mps") == "mps"
+    assert runs.pinned_accelerator({"accelerator": "auto"}, "cuda") == "cuda"
+    assert runs.pinned_accelerator({"accelerator": "cpu"}, "cpu") is None  # the user's
+    assert runs.pinned_accelerator({"accelerator": "mps"}, "mps") is None  # typed: it stands as typed
+    assert runs.pinned_accelerator({}, "cpu") is None  # nothing to choose between

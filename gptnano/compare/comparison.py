@@ -1,0 +1,457 @@
+"""One `gptnano compare` command at work: it resolves its entries' configs (asked of fit
+itself, in a child process), plans every run's schedule for the budget, runs each as a real
+`gptnano fit` process (resuming an interrupted one, recording each in runs/), and writes the
+outputs. The command line is gptnano/compare/command.py; what a run is, runs.py.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptnano import lines
+from gptnano.compare import budgets, outputs, resolve, runs, stats
+from gptnano.errors import UserError
+from gptnano.files import atomic_write
+
+ROOT = Path("compare")
+# Lightning's Timer measures each run's training time, and a resumed run carries it on. Its interval is
+# given as text: the enum default would stop fit's SaveConfigCallback from writing config.yaml.
+TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
+HEARTBEAT_S = 60.0  # a progress line at least this often while a run trains
+POLL_S = 0.25
+
+
+@dataclass
+class Job:
+    run: runs.Run
+    proc: subprocess.Popen
+    started: float
+    index: int
+    log: object
+    beat: float = 0.0
+
+
+def _pdeathsig():
+    """Linux only: what a fit runs in its process before it starts, so that it gets a SIGTERM
+    when compare dies, however it dies (even by SIGKILL): it then saves last.ckpt and stops
+    instead of training on unwatched into the folder of a run the next compare resumes. libc
+    is opened here, in compare, so the child between fork and exec only makes one call."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+class Comparison:
+    """One `gptnano compare` command: its entries, runs, records and outputs."""
+
+    def __init__(self, args, fit_flags: list[str], argv: list[str]):
+        self.args, self.fit_flags, self.argv = args, fit_flags, argv
+        self.budget = budgets.parse_budget(args.budget)
+        if args.seeds < 1:
+            raise UserError(f"--seeds {args.seeds}: give at least 1 (mean ± std needs 2)")
+        if args.validations < 1:
+            raise UserError(f"--validations {args.validations}: give at least 1")
+        if args.parallel < 1:
+            raise UserError(f"--parallel {args.parallel}: give at least 1")
+        runs.check_fit_flags(fit_flags)
+        grid = runs.parse_grid(args.grid)
+        for config in args.configs:
+            runs.check_config(config)
+        self.points = runs.make_points(args.configs, grid)
+        stems = "-".join(dict.fromkeys(Path(c).stem for c in args.configs))
+        self.name = runs.safe_name(args.name or f"{stems}-{self.budget.text}")
+        self.folder = ROOT / self.name
+        self.done_now: list[runs.Run] = []  # finished by this command: their pace makes the ETA
+        self.die_with_me = _pdeathsig()
+
+    # ----- before any training -----------------------------------------------------------
+    def prepare(self) -> None:
+        from gptnano import hardware
+
+        self.check_recorded_command()
+        if self.args.parallel > 1:
+            self.check_gpus()
+        self.env = dict(os.environ)
+        if not self.reuse_resolved():
+            for p, got in zip(self.points, resolve.resolve(self.requests(), self.env)):
+                if "error" in got:
+                    where = p.config + "".join(f" --grid {k}={v}" for k, v in p.grid.items())
+                    raise UserError(f"{where}: {got['error']}")
+                p.facts = got
+        # One arithmetic for every run of the comparison, chosen once (and kept by a rerun): measured
+        # in each fit, a noisy bf16 probe could give two architectures different precisions.
+        self.precisions = dict(self.recorded.get("precisions") or {})
+        if self.recorded.get("fast_bf16") in ("0", "1"):
+            self.env.setdefault(hardware.FAST_BF16_ENV, self.recorded["fast_bf16"])
+        for p in self.points:
+            trainer = p.facts["config"]["trainer"]
+            p.facts["device"] = device = hardware.device_type(trainer.get("accelerator"))
+            p.facts["accelerator"] = runs.pinned_accelerator(trainer, device)
+            if device == "cpu":  # Muon's dtype ("auto") follows the same verdict in every fit and in the probe
+                if hardware.FAST_BF16_ENV not in self.env:
+                    self.env[hardware.FAST_BF16_ENV] = "1" if hardware.bf16_verdict("cpu").fast else "0"
+                os.environ[hardware.FAST_BF16_ENV] = self.env[hardware.FAST_BF16_ENV]
+                hardware.bf16_verdict.cache_clear()
+            if device not in self.precisions:
+                self.precisions[device] = hardware.resolve_precision(device)[0]
+            p.facts["precision_given"] = trainer.get("precision") is not None
+            p.facts["precision"] = trainer.get("precision") or self.precisions[device]
+            data = p.facts["config"]["data"]
+            p.facts["tokens_per_step"] = (data["batch_size"] * p.facts["block_size"]
+                                          * int(trainer.get("accumulate_grad_batches") or 1)
+                                          * runs.world_size(trainer, device, self.args.parallel))
+        self.check_parallel()
+        self.runs = []
+        for p in self.points:
+            for seed in range(self.args.seeds):
+                identity = runs.config_hash(p.facts["config"], self.budget, seed, self.args.validations,
+                                       p.facts["text_sha256"])
+                self.runs.append(runs.Run(f"{p.label}-s{seed}", p, seed, identity))
+        self.plans = {}
+        if not self.budget.machine_dependent:
+            for p in self.points:
+                self.plans[p.label] = self.plan_point(p)
+        for run in self.runs:
+            run.record = self.read_record(run)
+            if run.record and run.record.get("hash") != run.hash:
+                raise UserError(f"{self.folder} holds run {run.name} of another command (its configuration, budget, "
+                                f"seed or text differ): give another --name, or delete {self.folder}")
+
+    def requests(self) -> list[list[str]]:
+        return [["--config", p.config, *self.fit_flags, *p.flags()] for p in self.points]
+
+    def reuse_resolved(self) -> bool:
+        """Take the entries' facts from resolved.json when nothing they came from has changed
+        (the fit command lines, the config files, the text, gptnano's and the parser's code):
+        a rerun that only resumes or redraws then starts in a second."""
+        try:
+            saved = json.loads((self.folder / "resolved.json").read_text(encoding="utf-8"))
+            if saved["key"] != resolve.key(self.requests(), self.env):
+                return False
+            facts = saved["facts"]
+            if len(facts) != len(self.points) or any(resolve.file_stat(f["text"]) != f["text_stat"] for f in facts):
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        for p, f in zip(self.points, facts):
+            p.facts = f
+        return True
+
+    def save_resolved(self) -> None:
+        facts = [{k: v for k, v in p.facts.items() if k in resolve.FACTS} for p in self.points]
+        for f in facts:
+            f["text_stat"] = resolve.file_stat(f["text"])
+        atomic_write(self.folder / "resolved.json", json.dumps(
+            {"key": resolve.key(self.requests(), self.env), "facts": facts}, default=str) + "\n")
+
+    def check_recorded_command(self) -> None:
+        """Every run's identity holds the budget and the validations: if they changed, every
+        recorded run would differ, which is said at once, before the configs are resolved."""
+        self.recorded = {}
+        try:
+            recorded = json.loads((self.folder / "compare.json").read_text(encoding="utf-8"))
+            before = (budgets.parse_budget(recorded["budget"]), recorded["validations"])
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            return  # nothing recorded yet (or not by compare): the runs' own records decide
+        self.recorded = recorded
+        now = (self.budget, self.args.validations)
+        if (before[0].kind, before[0].amount, before[1]) != (now[0].kind, now[0].amount, now[1]):
+            raise UserError(f"{self.folder} holds runs of another command (--budget {before[0].text}, --validations "
+                            f"{before[1]}): give another --name, or delete {self.folder}")
+
+    def check_gpus(self) -> None:
+        import torch
+
+        k, have = self.args.parallel, torch.cuda.device_count()
+        if have < k:
+            why = " (on a CPU, parallel runs would share its cores and distort every speed and time budget)"
+            raise UserError(f"--parallel {k} runs one run per GPU and needs {k} GPUs; this machine has {have}"
+                            + ("" if have else why))
+
+    def check_parallel(self) -> None:
+        k = self.args.parallel
+        if k > 1 and any(p.facts["device"] != "cuda" for p in self.points):
+            raise UserError(f"--parallel {k} runs one run per GPU, and these runs train on a CPU: parallel runs would "
+                            "share its cores and distort every speed and time budget; leave --parallel out")
+
+    def plan_point(self, p: runs.Point, probe: budgets.Probe | None = None, slowdown: float = 1.0) -> budgets.Plan:
+        f = p.facts
+        common = dict(tokens_per_step=f["tokens_per_step"], flops_per_token=f["flops_per_token"],
+                      warmup=int(f["config"]["model"].get("warmup_steps") or 0), validations=self.args.validations,
+                      label=p.label)
+        if probe is None:
+            return budgets.plan(self.budget, **common)
+        return budgets.fit_to_time(self.budget, probe, slowdown=slowdown, **common)
+
+    def probe(self, p: runs.Point, slot: int) -> budgets.Probe:
+        f = p.facts
+        data = f["config"]["data"]
+        device = f"cuda:{slot}" if f["device"] == "cuda" else f["device"]
+        world = max(1, f["tokens_per_step"] // (data["batch_size"] * f["block_size"]))
+        return budgets.probe_run(f["net"], f["config"]["model"], device=device, precision=f["precision"],
+                                 batch_size=data["batch_size"], block_size=f["block_size"],
+                                 eval_batch_size=data["eval_batch_size"],
+                                 eval_batches=max(1, runs.eval_batches(f) // world))
+
+    def slowdown(self) -> float:
+        """Real over predicted training time of the wall-time runs done so far (1 before any):
+        what the probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
+        ratios = [r.record["result"]["train_s"] / r.record["plan"]["predicted_s"] for r in self.runs
+                  if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
+        return sorted(ratios)[len(ratios) // 2] if ratios else 1.0
+
+    # ----- records ---------------------------------------------------------------------
+    def record_path(self, run: runs.Run) -> Path:
+        return self.folder / "runs" / f"{run.name}.json"
+
+    def read_record(self, run: runs.Run) -> dict | None:
+        path = self.record_path(run)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # a record is written atomically: this is not one of ours, start the run again
+
+    def write_record(self, run: runs.Run) -> None:
+        atomic_write(self.record_path(run), json.dumps(run.record, indent=1, default=str) + "\n")
+
+    def checkpoints(self, run: runs.Run) -> Path:
+        return self.folder / "checkpoints" / run.name
+
+    def logs(self, run: runs.Run) -> Path:
+        return self.folder / "lightning_logs" / run.name
+
+    def fit_argv(self, run: runs.Run, plan: budgets.Plan) -> list[str]:
+        p = run.point
+        logger = {"class_path": "gptnano.train.logger.Board",
+                  "init_args": {"save_dir": str(self.folder / "lightning_logs"), "name": run.name}}
+        argv = ["--config", p.config, "--trainer.enable_progress_bar", "false", *self.fit_flags, *p.flags(),
+                "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
+                "--trainer.max_steps", str(plan.steps), "--trainer.val_check_interval", str(plan.val_every),
+                "--model.warmup_steps", str(plan.warmup), "--model.lr_decay_steps", str(plan.steps),
+                "--early_stopping.patience", str(plan.validations + 1),  # never stops a run early
+                "--run_name", run.name, "--checkpoint.dirpath", str(self.checkpoints(run)),
+                "--trainer.logger", json.dumps(logger), "--trainer.callbacks+=" + json.dumps(TIMER)]
+        if not p.facts["precision_given"]:  # one choice for every run, made once here
+            argv += ["--trainer.precision", p.facts["precision"]]
+        if p.facts.get("accelerator"):  # likewise the device (runs.pinned_accelerator)
+            argv += ["--trainer.accelerator", p.facts["accelerator"]]
+        return argv
+
+    # ----- running ---------------------------------------------------------------------
+    def start(self, run: runs.Run, index: int, slot: int) -> Job:
+        last = self.checkpoints(run) / "last.ckpt"
+        resume = bool(run.record) and last.is_file()
+        if resume:
+            from gptnano.checkpoint import read_checkpoint
+
+            step = int(read_checkpoint(last).get("global_step", 0))
+            run.record.setdefault("resumed_at", []).append(step)
+            what = f"resuming from step {step} of {run.record['plan']['steps']}"
+        else:
+            for folder in (self.checkpoints(run), self.logs(run)):
+                shutil.rmtree(folder, ignore_errors=True)  # a start that left no checkpoint: start again
+            plan = self.plans.get(run.point.label)
+            if plan is None:  # wall time: fitted to a probe of this machine just before the run
+                lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", "probing real steps")
+                plan = self.plan_point(run.point, self.probe(run.point, slot), self.slowdown())
+            from gptnano.hardware import machine_info
+
+            run.record = {"run": run.name, "entry": run.point.label, "config": run.point.config,
+                          "grid": run.point.grid, "seed": run.seed, "hash": run.hash, "status": "started",
+                          "plan": {**plan.__dict__, "tokens": plan.tokens, "flops": plan.flops},
+                          "precision": run.point.facts["precision"], "argv": self.fit_argv(run, plan),
+                          "facts": {k: run.point.facts[k] for k in ("text", "text_sha256", "vocab_size", "params",
+                                                                     "flops_per_token", "tokens_per_step")},
+                          "machine": machine_info(), "process_s": 0.0}
+            what = (f"{plan.steps} steps, {lines.quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
+                    f"validating every {plan.val_every}")
+        self.write_record(run)
+        lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", what, self.eta())
+        env = dict(self.env)
+        if self.args.parallel > 1:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+            env["CUDA_VISIBLE_DEVICES"] = visible[slot] if len(visible) > slot and visible[slot] else str(slot)
+        log_path = self.folder / "logs" / f"{run.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "a", encoding="utf-8")
+        cmd = [sys.executable, "-m", "gptnano", "fit", *run.record["argv"]]
+        cmd += ["--ckpt_path", "last"] if resume else []
+        log.write(f"$ gptnano {' '.join(cmd[3:])}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.die_with_me)
+        now = time.monotonic()
+        return Job(run, proc, now, index, log, beat=now)
+
+    def finish(self, job: Job) -> None:
+        run, log = job.run, job.log
+        log.close()
+        run.record["process_s"] = run.record.get("process_s", 0.0) + time.monotonic() - job.started
+        code = job.proc.returncode
+        if code != 0:
+            self.write_record(run)
+            if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):  # stopped from outside, not failed
+                raise UserError(f"run {run.name} was stopped by a signal (exit {code}); run the same command "
+                                "again to resume it")
+            raise UserError(f"run {run.name} failed (exit {code}): {self.last_error(run)}; "
+                            f"its output: {log.name}; run the same command again to resume it")
+        result = stats.read_result(self.logs(run), self.checkpoints(run) / "last.ckpt", run.record["plan"]["steps"])
+        run.record.update(status="done", result=result)
+        self.write_record(run)
+        self.done_now.append(run)
+        lines.say(f"compare {self.name}", f"done {job.index}/{len(self.runs)} {run.name}",
+                  f"final val loss {result['final_val_loss']:.4f}",
+                  f"trained {lines.duration(result['train_s'])}", self.eta())
+
+    def last_error(self, run: runs.Run) -> str:
+        try:
+            text = (self.folder / "logs" / f"{run.name}.log").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "no output"
+        found = [line for line in text.splitlines() if line.startswith("gptnano: error:")]
+        last = found[-1] if found else (text.strip().splitlines() or ["no output"])[-1]
+        return last.removeprefix("gptnano: error: ")[:150]
+
+    def eta(self, elapsed: float = 0.0) -> str:
+        """``ETA 12m30s``: the runs left at the pace of those this command finished (process time
+        per FLOP; per run for wall-time budgets), less what the current run has done."""
+        left = [r for r in self.runs if not r.done]
+        if not left:
+            return ""
+        if not self.done_now:
+            return "ETA after the first run"
+        if self.budget.machine_dependent:
+            per_run = sum(r.record["process_s"] for r in self.done_now) / len(self.done_now)
+            seconds = per_run * len(left)
+        else:
+            done_flops = sum(r.record["plan"]["flops"] for r in self.done_now)
+            seconds = sum(r.record["process_s"] for r in self.done_now) / done_flops * sum(
+                self.plans[r.point.label].flops for r in left)
+        remaining = seconds / self.args.parallel - elapsed
+        if remaining <= 0 and left:
+            return "ETA ? (slower than the runs so far)"
+        return f"ETA {lines.duration(max(0.0, remaining))}"
+
+    def execute(self) -> None:
+        todo = [(i, r) for i, r in enumerate(self.runs, 1) if not r.done]
+        started = sum(1 for _, r in todo if r.record)
+        machine = " (wall time: machine-dependent)" if self.budget.machine_dependent else ""
+        lines.say(f"compare {self.name}",
+                  f"{len(self.points)} entries x {self.args.seeds} seeds = {len(self.runs)} runs",
+                  f"{len(self.runs) - len(todo)} done", f"{started} to resume" if started else "",
+                  f"budget {self.budget.text}{machine}", f"output of each fit in {self.folder / 'logs'}")
+        free, running = list(range(self.args.parallel)), {}
+        try:
+            while todo or running:
+                while todo and free:
+                    slot = free.pop(0)
+                    index, run = todo.pop(0)
+                    running[slot] = self.start(run, index, slot)
+                time.sleep(POLL_S)
+                for slot, job in list(running.items()):
+                    if job.proc.poll() is not None:
+                        del running[slot]
+                        free.append(slot)
+                        self.finish(job)
+                    elif time.monotonic() - job.beat >= HEARTBEAT_S:
+                        job.beat = time.monotonic()
+                        elapsed = job.beat - job.started
+                        lines.say(f"compare {self.name}", f"run {job.index}/{len(self.runs)} {job.run.name}",
+                                  f"training for {lines.duration(elapsed)}", self.eta(elapsed))
+        except KeyboardInterrupt:
+            self.stop(running.values())
+            names = ", ".join(f"{j.index}/{len(self.runs)} {j.run.name}" for j in running.values())
+            lines.say(f"compare {self.name}", f"stopped during run {names}" if names else "stopped",
+                      "run the same command again to resume")
+            raise
+        except BaseException:
+            self.stop(running.values())
+            raise
+
+    def stop(self, jobs) -> None:
+        """Ask each fit to stop (SIGTERM: Lightning ends the step, gptnano saves last.ckpt) and wait."""
+        for job in jobs:
+            if job.proc.poll() is None:
+                job.proc.send_signal(signal.SIGTERM)
+        for job in jobs:
+            try:
+                job.proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the checkpoint
+                job.proc.kill()
+            job.run.record["process_s"] = job.run.record.get("process_s", 0.0) + time.monotonic() - job.started
+            self.write_record(job.run)
+            job.log.close()
+
+    # ----- outputs ---------------------------------------------------------------------
+    def dry_run(self) -> None:
+        cols = ["entry", "params", "FLOPs/token", "tokens/step", "steps", "validate every", "warmup", "tokens", "FLOPs",
+                "runs"]
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for p in self.points:
+            plan = self.plans.get(p.label) or self.plan_point(p, self.probe(p, 0))
+            seeds = [r for r in self.runs if r.point is p]
+            state = f"{sum(r.done for r in seeds)}/{len(seeds)} done"
+            print(f"| {p.label} | {p.facts['params']} | {p.facts['flops_per_token']:.4g} | {plan.tokens_per_step} | "
+                  f"{plan.steps} | {plan.val_every} | {plan.warmup} | {plan.tokens} | {plan.flops:.4g} | {state} |")
+        if self.budget.machine_dependent:
+            print("\nSteps of a wall-time budget come from a probe of real steps: these from one just now; "
+                  "each run is probed again just before it starts.")
+
+    def report(self) -> list[Path]:
+        from gptnano.hardware import machine_info, machine_line
+
+        finished = [r for r in self.runs if r.done]
+        entries = {p.label: stats.entry_stats([r.record for r in finished if r.point is p]) for p in self.points
+                   if any(r.point is p for r in finished)}
+        warnings = []
+        if self.budget.machine_dependent:
+            for r in finished:
+                off = r.record["result"]["train_s"] / self.budget.amount - 1
+                if abs(off) > 0.05:
+                    warnings.append(f"{r.name} trained {r.record['result']['train_s']:.0f} s, {100 * off:+.0f} % "
+                                    f"off its {self.budget.text} budget")
+        machine = machine_info()
+        texts = sorted({p.facts["text"] for p in self.points})
+        report = {"name": self.name, "command": ["gptnano", "compare", *self.argv], "budget_text": self.budget.text,
+                  "budget": self.budget.describe(), "budget_kind": self.budget.kind,
+                  "budget_amount": self.budget.amount,
+                  "seeds": self.args.seeds, "validations": self.args.validations, "text": ", ".join(texts),
+                  "precision": ", ".join(sorted({r.record["precision"] for r in finished})),
+                  "machine": machine, "machine_line": machine_line(machine), "entries": entries,
+                  "ranking": [{"entry": label, "vs_above": verdict} for label, _, verdict in stats.ranking(entries)],
+                  "warnings": warnings, "runs": [r.record for r in finished]}
+        md = atomic_write(self.folder / "results.md", outputs.markdown(report))
+        js = outputs.write_json(self.folder / "results.json", report)
+        png = self.folder / "results.png"
+        written = [md, js]
+        if outputs.plot(report, report["runs"], png):
+            written.append(png)
+        else:
+            lines.say("results.png not drawn: plotting needs matplotlib (pip install 'gptnano[plot]')")
+        print(outputs.markdown(report))
+        return written
+
+    def write_command(self) -> None:
+        from gptnano.hardware import FAST_BF16_ENV
+
+        self.save_resolved()
+        atomic_write(self.folder / "compare.json", json.dumps(
+            {"command": ["gptnano", "compare", *self.argv], "budget": self.budget.text, "seeds": self.args.seeds,
+             "validations": self.args.validations, "precisions": self.precisions,
+             "fast_bf16": self.env.get(FAST_BF16_ENV), "entries": [p.label for p in self.points],
+             "runs": {r.name: r.hash for r in self.runs}}, indent=1) + "\n")
+
