@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import announce_machine, corpus_path, markdown_table, median, write_result
-from gptnano.cli.plot import read_run
+from gptnano.logs import read_run
 
 RUNS = {
     "default": [],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptnano import logs
 from gptnano.compare import budgets, command, runs, stats
 from gptnano.errors import UserError
 from gptnano.models import GPT, RNN
@@ -229,8 +230,8 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
     assert again.returncode == 0, err
     assert "run 2/4 gpt-s1 | resuming from step" in err and "run 1/4" not in err  # the finished run is not trained again
     assert first.stat().st_mtime_ns == first_written
-    assert len(stats.versions(folder / "lightning_logs" / "gpt-s1")) == 2  # resumed: a second version of its logs
-    assert [p.name for p in stats.versions(folder / "lightning_logs" / "gpt-s0")] == ["version_0"]
+    assert len(logs.versions(folder / "lightning_logs" / "gpt-s1")) == 2  # resumed: a second version of its logs
+    assert [p.name for p in logs.versions(folder / "lightning_logs" / "gpt-s0")] == ["version_0"]
 
     report = json.loads((folder / "results.json").read_text())
     assert set(report["entries"]) == {"gpt", "rnn"} and len(report["runs"]) == 4 and "cpu" in report["machine"]

@@ -2,7 +2,7 @@
 
     models  <-  data, sampling, checkpoint, hardware, devices  <-  train  <-  cli, compare
 
-(``errors``, ``files`` and ``lines`` sit below them all.) A module imports, at import time, only
+(``errors``, ``files``, ``lines`` and ``logs`` sit below them all.) A module imports, at import time, only
 from its own layer or lower ones; there are no import circles, not even inside a
 layer; the models import only torch; the dispatcher and every tool of its command
 table import nothing that imports Lightning; and the ``__init__.py`` files of the
@@ -21,7 +21,7 @@ from gptnano.cli.commands import TOOLS
 
 PACKAGE = Path(gptnano.__file__).parent
 LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
-    0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines"],
+    0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines", "gptnano.logs"],
     1: ["gptnano.models"],
     2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export",
         "gptnano.devices"],

@@ -12,21 +12,14 @@ import statistics
 from pathlib import Path
 
 from gptnano.errors import UserError
+from gptnano.logs import read_run, versions
 
 LN2 = math.log(2)
 
 
 # ----- one run ---------------------------------------------------------------------------
-def versions(folder: Path) -> list[Path]:
-    """The version_N folders of a run's logs in the order they were written (a resumed run has several)."""
-    found = [p for p in folder.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[8:]))
-
-
 def read_versions(folder: Path) -> list[dict]:
-    """The scalars of each version that logged a validation (``gptnano.cli.plot.read_run``'s form)."""
-    from gptnano.cli.plot import read_run
-
+    """The scalars of each version that logged a validation (``gptnano.logs.read_run``'s form)."""
     runs = []
     for version in versions(folder):
         try:
