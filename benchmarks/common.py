@@ -3,7 +3,6 @@
 import importlib
 import json
 import os
-import statistics
 from pathlib import Path
 
 import yaml
@@ -34,10 +33,6 @@ def build_net(arch: str, vocab_size: int, **overrides):
     module, name = cfg["class_path"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
     return cls(**{**cfg.get("init_args", {}), "vocab_size": vocab_size, **overrides})
-
-
-def median(xs):
-    return statistics.median(xs)
 
 
 def rss_mb() -> float:

@@ -2,9 +2,9 @@
 
     models  <-  data, sampling, checkpoint, hardware, devices  <-  train  <-  cli, compare
 
-(``errors``, ``files``, ``lines`` and ``logs`` sit below them all.) A module imports, at import time, only
-from its own layer or lower ones; there are no import circles, not even inside a
-layer; the models import only torch; the dispatcher and every tool of its command
+(``errors``, ``files``, ``lines``, ``logs`` and ``numbers`` sit below them all.) A module imports,
+at import time, only from its own layer or lower ones; there are no import circles, not even
+inside a layer; the models import only torch; the dispatcher and every tool of its command
 table import nothing that imports Lightning; and the ``__init__.py`` files of the
 layers are empty. Function-level imports are allowed: that is how the dispatcher
 reaches the Lightning CLI only when a Lightning command runs.
@@ -21,7 +21,7 @@ from gptnano.cli.commands import TOOLS
 
 PACKAGE = Path(gptnano.__file__).parent
 LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
-    0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines", "gptnano.logs"],
+    0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines", "gptnano.logs", "gptnano.numbers"],
     1: ["gptnano.models"],
     2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export",
         "gptnano.devices"],

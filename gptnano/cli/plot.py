@@ -11,6 +11,7 @@ from pathlib import Path
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
 from gptnano.logs import read_run
+from gptnano.numbers import median
 
 
 def summary(run: dict) -> dict:
@@ -24,8 +25,8 @@ def summary(run: dict) -> dict:
         "bpc": f"{best / math.log(2):.3f}",
         "steps": val[-1][1],
         "wall (s)": round(val[-1][0] - run["start"]),
-        "tok/s": round(sorted(tok)[len(tok) // 2]) if tok else "",
-        "MFU": f"{100 * sorted(mfu)[len(mfu) // 2]:.1f}%" if mfu else "",
+        "tok/s": round(median(tok)) if tok else "",
+        "MFU": f"{100 * median(mfu):.1f}%" if mfu else "",
     }
     return row
 

@@ -19,6 +19,7 @@ from gptnano import lines
 from gptnano.compare import budgets, outputs, resolve, runs, stats
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
+from gptnano.numbers import median
 
 ROOT = Path("compare")
 # Lightning's Timer measures each run's training time, and a resumed run carries it on. Its interval is
@@ -211,7 +212,7 @@ class Comparison:
         what the probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
         ratios = [r.record["result"]["train_s"] / r.record["plan"]["predicted_s"] for r in self.runs
                   if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
-        return sorted(ratios)[len(ratios) // 2] if ratios else 1.0
+        return median(ratios) if ratios else 1.0
 
     # ----- records ---------------------------------------------------------------------
     def record_path(self, run: runs.Run) -> Path:

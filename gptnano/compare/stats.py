@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gptnano.errors import UserError
 from gptnano.logs import read_run, versions
+from gptnano.numbers import median
 
 LN2 = math.log(2)
 
@@ -58,8 +59,8 @@ def curve(runs: list[dict], train_s: float, steps: int) -> list[tuple[int, float
 
 
 def median_of(runs: list[dict], tag: str) -> float | None:
-    values = sorted(v for run in runs for _, _, v in run["series"].get(tag, []))
-    return values[len(values) // 2] if values else None
+    values = [v for run in runs for _, _, v in run["series"].get(tag, [])]
+    return median(values) if values else None
 
 
 def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
