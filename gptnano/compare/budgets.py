@@ -14,9 +14,8 @@ import math
 import re
 
 from gptnano.errors import UserError
-from gptnano.numbers import median
+from gptnano.numbers import PREFIXES, median
 
-PREFIXES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 UNITS = {  # unit as typed (lower case) -> (kind, factor to the kind's unit)
     "step": ("steps", 1.0), "steps": ("steps", 1.0),
     "tok": ("tokens", 1.0), "toks": ("tokens", 1.0), "token": ("tokens", 1.0), "tokens": ("tokens", 1.0),
@@ -54,12 +53,13 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     """``2000steps``, ``20Mtok``, ``5e13flop``, ``300s``, ``5min``, ``1.5h`` -> Budget (k, M, G, T, P prefixes)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([kMGTP]?)([A-Za-z]+)\s*", text or "")
+    prefix = "[" + "".join(PREFIXES) + "]?"
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(" + prefix + r")([A-Za-z]+)\s*", text or "")
     unit = UNITS.get(m.group(4).lower()) if m else None
     if unit is None:
         raise UserError(f"bad --budget {text!r}: give {EXAMPLES}")
     kind, factor = unit
-    amount = float(m.group(1)) * 10 ** int(m.group(2) or 0) * PREFIXES[m.group(3)] * factor
+    amount = float(m.group(1)) * 10 ** int(m.group(2) or 0) * PREFIXES.get(m.group(3), 1.0) * factor
     if not math.isfinite(amount) or amount <= 0:
         raise UserError(f"bad --budget {text!r}: it must be a positive amount of {EXAMPLES}")
     if kind == "steps" and amount != round(amount):

@@ -19,7 +19,7 @@ from gptnano import lines
 from gptnano.compare import budgets, outputs, resolve, runs, stats
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
-from gptnano.numbers import median
+from gptnano.numbers import median, quantity
 
 ROOT = Path("compare")
 # Lightning's Timer measures each run's training time, and a resumed run carries it on. Its interval is
@@ -279,7 +279,7 @@ class Comparison:
                           "facts": {k: run.point.facts[k] for k in ("text", "text_sha256", "vocab_size", "params",
                                                                      "flops_per_token", "tokens_per_step")},
                           "machine": machine_info(), "process_s": 0.0}
-            what = (f"{plan.steps} steps, {lines.quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
+            what = (f"{plan.steps} steps, {quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
                     f"validating every {plan.val_every}")
         self.write_record(run)
         lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", what, self.eta())

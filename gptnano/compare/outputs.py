@@ -4,24 +4,15 @@ validation curves of every entry, mean over seeds with a min–max band). No Lig
 """
 
 import json
-import math
 from pathlib import Path
 
 from gptnano.compare.stats import ranking
 from gptnano.files import atomic_write
+from gptnano.numbers import quantity
 
 
 def _pm(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
-
-
-def _si(x: float | None, unit: str = "") -> str:
-    if x is None or not math.isfinite(x):
-        return ""
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{prefix}{unit}"
-    return f"{x:.3g}{unit}"
 
 
 COLUMNS = ["rank", "entry", "final val loss", "min–max", "bpc", "best val loss", "params", "steps", "tokens",
@@ -41,9 +32,9 @@ def markdown(report: dict) -> str:
     for i, (label, e, verdict) in enumerate(ranking(report["entries"]), 1):
         f = e["final_val_loss"]
         rows.append([str(i), label, _pm(f), f"{f['min']:.4f}–{f['max']:.4f}", _pm(e["bpc"], 3),
-                     f"{e['best_val_loss']['mean']:.4f}", _si(e["params"]), f"{e['steps']:.0f}", _si(e["tokens"]),
-                     _si(e["flops"]), f"{e['train_s']:.0f}" if e["train_s"] is not None else "",
-                     _si(e["tok_s"]), f"{100 * e['mfu']:.3g}%" if e["mfu"] is not None else "", verdict])
+                     f"{e['best_val_loss']['mean']:.4f}", quantity(e["params"]), f"{e['steps']:.0f}", quantity(e["tokens"]),
+                     quantity(e["flops"]), f"{e['train_s']:.0f}" if e["train_s"] is not None else "",
+                     quantity(e["tok_s"]), f"{100 * e['mfu']:.3g}%" if e["mfu"] is not None else "", verdict])
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     foot = ["", "Two entries are *not distinguishable at N seeds* when their mean final losses differ by less "
