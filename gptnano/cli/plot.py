@@ -11,7 +11,7 @@ from pathlib import Path
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
 from gptnano.logs import read_run
-from gptnano.numbers import median
+from gptnano.numbers import markdown_table, median
 
 
 def summary(run: dict) -> dict:
@@ -55,13 +55,6 @@ def plot(runs: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="gptnano plot", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,5 +67,6 @@ def main(argv: list[str]) -> None:
             raise UserError(f"not a folder: {f}")
     runs = [read_run(f) for f in folders]
     plot(runs, Path(args.out))
-    print(markdown([summary(r) for r in runs]))
+    rows = [summary(r) for r in runs]
+    print("\n".join(markdown_table(rows, list(rows[0]))))
     print(f"\nwrote {args.out}")

@@ -19,7 +19,7 @@ from gptnano import lines
 from gptnano.compare import budgets, outputs, resolve, runs, stats
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
-from gptnano.numbers import median, quantity
+from gptnano.numbers import markdown_table, median, quantity
 
 ROOT = Path("compare")
 # Lightning's Timer measures each run's training time, and a resumed run carries it on. Its interval is
@@ -401,13 +401,18 @@ class Comparison:
     def dry_run(self) -> None:
         cols = ["entry", "params", "FLOPs/token", "tokens/step", "steps", "validate every", "warmup", "tokens", "FLOPs",
                 "runs"]
-        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-        for p in self.points:
-            plan = self.plans.get(p.label) or self.plan_point(p, self.probe(p, 0))
-            seeds = [r for r in self.runs if r.point is p]
-            state = f"{sum(r.done for r in seeds)}/{len(seeds)} done"
-            print(f"| {p.label} | {p.facts['params']} | {p.facts['flops_per_token']:.4g} | {plan.tokens_per_step} | "
-                  f"{plan.steps} | {plan.val_every} | {plan.warmup} | {plan.tokens} | {plan.flops:.4g} | {state} |")
+
+        def rows():  # one at a time: under a wall-time budget each entry's plan needs a probe
+            for p in self.points:
+                plan = self.plans.get(p.label) or self.plan_point(p, self.probe(p, 0))
+                seeds = [r for r in self.runs if r.point is p]
+                state = f"{sum(r.done for r in seeds)}/{len(seeds)} done"
+                yield dict(zip(cols, [p.label, p.facts["params"], f"{p.facts['flops_per_token']:.4g}",
+                                      plan.tokens_per_step, plan.steps, plan.val_every, plan.warmup, plan.tokens,
+                                      f"{plan.flops:.4g}", state]))
+
+        for line in markdown_table(rows(), cols):
+            print(line)
         if self.budget.machine_dependent:
             print("\nSteps of a wall-time budget come from a probe of real steps: these from one just now; "
                   "each run is probed again just before it starts.")

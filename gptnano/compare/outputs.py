@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gptnano.compare.stats import ranking
 from gptnano.files import atomic_write
-from gptnano.numbers import quantity
+from gptnano.numbers import markdown_table, quantity
 
 
 def _pm(s: dict, digits: int = 4) -> str:
@@ -31,12 +31,12 @@ def markdown(report: dict) -> str:
     rows = []
     for i, (label, e, verdict) in enumerate(ranking(report["entries"]), 1):
         f = e["final_val_loss"]
-        rows.append([str(i), label, _pm(f), f"{f['min']:.4f}–{f['max']:.4f}", _pm(e["bpc"], 3),
-                     f"{e['best_val_loss']['mean']:.4f}", quantity(e["params"]), f"{e['steps']:.0f}", quantity(e["tokens"]),
-                     quantity(e["flops"]), f"{e['train_s']:.0f}" if e["train_s"] is not None else "",
-                     quantity(e["tok_s"]), f"{100 * e['mfu']:.3g}%" if e["mfu"] is not None else "", verdict])
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
+        rows.append(dict(zip(COLUMNS, [
+            i, label, _pm(f), f"{f['min']:.4f}–{f['max']:.4f}", _pm(e["bpc"], 3), f"{e['best_val_loss']['mean']:.4f}",
+            quantity(e["params"]), f"{e['steps']:.0f}", quantity(e["tokens"]), quantity(e["flops"]),
+            f"{e['train_s']:.0f}" if e["train_s"] is not None else "", quantity(e["tok_s"]),
+            f"{100 * e['mfu']:.3g}%" if e["mfu"] is not None else "", verdict])))
+    table = list(markdown_table(rows, COLUMNS))
     foot = ["", "Two entries are *not distinguishable at N seeds* when their mean final losses differ by less "
             "than two standard errors of the difference, sqrt(s₁²/n₁ + s₂²/n₂). tok/s and MFU: training "
             "medians from TensorBoard; train time: Lightning's Timer (training and validations, no start-up)."]
