@@ -1,7 +1,8 @@
 """Backpack language model (Hewitt, Thickstun, Manning & Liang 2023, "Backpack
 Language Models", arXiv 2305.16765). Every token carries n_senses context-free
-sense vectors; a small causal transformer only decides how much of each past
-token's senses to add up, so each prediction is a linear, inspectable mix of senses.
+sense vectors; a small causal transformer (the GPT's blocks, imported from gpt.py)
+only decides how much of each past token's senses to add up, so each prediction is a
+linear, inspectable mix of senses.
 """
 
 from contextlib import contextmanager
@@ -13,7 +14,8 @@ from torch import nn
 
 from gptnano.errors import ConfigError
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import MLP, Block, CausalSelfAttention, Dropout, attention_weights, init_gpt2
+from gptnano.models.gpt import MLP, Block, CausalSelfAttention, causal_softmax
+from gptnano.models.layers import Dropout, init_gpt2
 
 EARLIER_SENSE_NETWORK = (
     "this Backpack was trained with gptnano's earlier sense network, Linear(e + MLP(LN(e))), "
@@ -79,7 +81,7 @@ class Backpack(LanguageModel):
 
     One token embedding E is shared three ways, as in the paper's reference code:
     input of the sense network, input (plus learned positions) of the
-    contextualization transformer, and the tied output head (the paper's logits = E o).
+    contextualization transformer (the GPT's blocks), and the tied output head (the paper's logits = E o).
     Defaults are sized like the CPU GPT (823,680 parameters against its 809,856 at 65
     characters): the sense network costs about (12 + 4 n_senses) C^2, so the width is
     80 where the GPT's is 128; depth, heads and the paper's 16 senses stay.
@@ -176,7 +178,7 @@ class Backpack(LanguageModel):
         for block in self.blocks:
             x = block(x)
         q, k = self._sense_qk(self.ln_f(x))
-        return attention_weights(q, k, causal_offset=0)
+        return causal_softmax(q, k, causal_offset=0)
 
     def _logits(self, alpha: torch.Tensor, senses: torch.Tensor) -> torch.Tensor:
         alpha = alpha * self.sense_scale.view(1, -1, 1, 1)  # (B, n_senses, Tq, Tk)
@@ -210,7 +212,7 @@ class Backpack(LanguageModel):
         senses = self.sense_vectors(idx)
         if start > 0:
             k, senses = torch.cat([cache.sense_keys, k], dim=2), torch.cat([cache.senses, senses], dim=1)
-        alpha = attention_weights(q[:, :, -1:], k, causal_offset=history.size(1) - 1)  # (B, n_senses, 1, T)
+        alpha = causal_softmax(q[:, :, -1:], k, causal_offset=history.size(1) - 1)  # (B, n_senses, 1, T)
         return self._logits(alpha, senses)[:, -1, :], BackpackCache(history, kv, k, senses)
 
     def sense_logits(self, token_id: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """RNN: an Elman network (Elman 1990, "Finding Structure in Time") as a language
 model. Each layer keeps a hidden state, h_t = tanh(x_t W_x + b_x + h_{t-1} W_h + b_h),
-and takes the place of attention in the same pre-LayerNorm residual block as the
-GPT. Order comes from the recurrence itself, so there is no position embedding.
+and takes the place of attention in the GPT's pre-LayerNorm residual ``Block``
+(imported from gpt.py). Order comes from the recurrence itself, so there is no
+position embedding.
 """
 
 from typing import Any
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import Block, Dropout, init_gpt2
+from gptnano.models.gpt import Block
+from gptnano.models.layers import Dropout, init_gpt2
 
 
 def elman_scan(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
