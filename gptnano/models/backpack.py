@@ -17,20 +17,6 @@ from gptnano.models.base import LanguageModel, check_dropout, check_positive
 from gptnano.models.gpt import MLP, Block, CausalSelfAttention, causal_softmax
 from gptnano.models.layers import Dropout, init_gpt2
 
-EARLIER_SENSE_NETWORK = (
-    "this Backpack was trained with gptnano's earlier sense network, Linear(e + MLP(LN(e))), "
-    "before it followed the paper; its weights do not carry over: retrain it with the current version"
-)
-
-
-def refuse_earlier_sense_network(module, state_dict, prefix, *args) -> None:
-    """Load pre-hook: weights of the earlier sense network (a ``sense_proj`` Linear after one
-    ``ln`` + ``mlp``) are refused with the reason, not as a list of missing and unexpected keys.
-    A hook, not a ``load_state_dict`` override, so that it also runs when Lightning loads the
-    whole LightningModule."""
-    if any(k.startswith((f"{prefix}sense_proj.", f"{prefix}ln.")) for k in state_dict):
-        raise ConfigError(EARLIER_SENSE_NETWORK)
-
 
 class SenseNetwork(nn.Module):
     """Context-free senses C(x), as the paper's reference implementation computes them::
@@ -55,7 +41,6 @@ class SenseNetwork(nn.Module):
         self.mlp = MLP(n_embd, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.final_mlp = MLP(n_embd, 0.0, bias, n_out=n_senses * n_embd)
-        self.register_load_state_dict_pre_hook(refuse_earlier_sense_network)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         e = self.drop(e)
