@@ -66,33 +66,10 @@ class Backpack(LanguageModel):
 
     One token embedding E is shared three ways, as in the paper's reference code:
     input of the sense network, input (plus learned positions) of the
-    contextualization transformer (the GPT's blocks), and the tied output head (the paper's logits = E o).
-    Defaults are sized like the CPU GPT (823,680 parameters against its 809,856 at 65
-    characters): the sense network costs about (12 + 4 n_senses) C^2, so the width is
-    80 where the GPT's is 128; depth, heads and the paper's 16 senses stay.
-
-    Deliberate differences from the reference implementation (the code that trained
-    the paper's models, github.com/john-hewitt/backpacks-flash-attn):
-
-    - Attention in the contextualization transformer is the GPT's, scaled by
-      1/sqrt(head size); the reference's configs also divide layer i's scores by i + 1
-      (GPT-2's ``scale_attn_by_inverse_layer_idx``). The alpha heads: 1/sqrt(head size) in both.
-    - GELU is the exact (erf) one, as in our GPT; the reference uses GPT-2's tanh
-      approximation ("gelu_new") in every MLP, the sense network's included.
-    - One ``dropout`` rate where GPT-2's config has three (embeddings, attention
-      probabilities, residual branches; 0.1 each by default). The places are the
-      reference's: the transformer's as in GPT-2, the sense network's as ``SenseNetwork``
-      says, none on the senses or on alpha. (The Hugging Face port, modeling_backpack_gpt2.py,
-      places it otherwise: also on the final MLP's output, and twice on the middle MLP's.)
-    - Future positions get -inf before the alpha softmax where the reference adds -10000:
-      the same weights to float32 rounding.
-    - ``n_senses`` need not divide ``n_embd``: the alpha heads then use
-      n_senses * (n_embd // n_senses) dimensions (the reference requires it to divide).
-
-    Not a difference: the initialisation. Both draw every weight from N(0, 0.02), zero the
-    biases, start LayerNorms at the identity, and draw the second Linear of every MLP (the
-    sense network's 4C -> n_senses * C projection included) and every attention output
-    projection from N(0, 0.02 / sqrt(2 n_layer)), n_layer being the transformer's depth.
+    contextualization transformer (the GPT's blocks), and the tied output head (the
+    paper's logits = E o). The defaults are sized like the CPU GPT (configs/backpack.yaml);
+    how this code differs from the reference implementation, on purpose, is listed in
+    docs/architectures.md, "Differences from the reference implementations".
 
     Args:
         vocab_size: Number of distinct tokens (linked from the data; do not set by hand).
