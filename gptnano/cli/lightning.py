@@ -335,7 +335,7 @@ class GPTNanoCLI(LightningCLI):
         def weights_fit(init_args: dict) -> bool:
             try:
                 build_net({"class_path": hparams["net"]["class_path"], "init_args": init_args}, ckpt["state_dict"], path)
-            except ConfigError:  # an impossible size, or weights the network refuses: its own line says why
+            except ConfigError:  # an impossible size: its own line says why
                 raise
             except UserError:
                 return False
