@@ -3,11 +3,11 @@
 import importlib
 import json
 import os
-import statistics
 from pathlib import Path
 
 import yaml
 
+from gptnano import numbers
 from gptnano.files import atomic_write
 from gptnano.hardware import machine_info, machine_line
 
@@ -36,10 +36,6 @@ def build_net(arch: str, vocab_size: int, **overrides):
     return cls(**{**cfg.get("init_args", {}), "vocab_size": vocab_size, **overrides})
 
 
-def median(xs):
-    return statistics.median(xs)
-
-
 def rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     import resource
@@ -63,7 +59,4 @@ def announce_machine() -> None:
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table of ``rows``, captioned with the machine it was measured on."""
-    out = [f"Measured on: {machine_line()}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        out.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(out)
+    return "\n".join([f"Measured on: {machine_line()}", "", *numbers.markdown_table(rows, columns)])

@@ -38,9 +38,10 @@ import lightning as L
 
 from benchmarks.common import ROOT, corpus_path, markdown_table, write_result
 from gptnano.files import atomic_write
+from gptnano.numbers import PREFIXES
 
 SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt")
-UNITS = {"K": 10**3, "M": 10**6, "G": 10**9}
+UNITS = {**PREFIXES, "K": PREFIXES["k"]}  # sizes such as 100M, 1G, 10K or 10k
 
 
 # ----- corpora ------------------------------------------------------------------

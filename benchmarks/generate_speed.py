@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from benchmarks.common import announce_machine, build_net, markdown_table, median, write_result
+from benchmarks.common import announce_machine, build_net, markdown_table, write_result
+from gptnano.numbers import median
 from gptnano.sampling import generate, generate_naive
 
 # The CNN needs 8 dilated layers (1..128) for a receptive field of 256.

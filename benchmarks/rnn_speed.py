@@ -26,6 +26,7 @@ from torch import nn
 from gptnano.files import atomic_write
 from gptnano.hardware import machine_info, machine_line
 from gptnano.models.rnn import ElmanLayer
+from gptnano.numbers import markdown_table
 
 # (E input width, H hidden size, L layers, B batch, T sequence length)
 SHAPES = [
@@ -105,17 +106,14 @@ def bench_shape(E: int, H: int, L: int, B: int, T: int, steps: int, warmup: int)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| E | H | layers | B | T | ours tok/s | reference tok/s | nn.RNN tok/s | ours/builtin |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ["E", "H", "layers", "B", "T", "ours tok/s", "reference tok/s", "nn.RNN tok/s", "ours/builtin"]
+    table = []
     for r in rows:
         t = r["tokens_per_s"]
-        lines.append(
-            f"| {r['E']} | {r['H']} | {r['L']} | {r['B']} | {r['T']} | {t['ours']:,.0f} | "
-            f"{t['reference']:,.0f} | {t['builtin']:,.0f} | {r['ratio']:.2f}x |"
-        )
-    return "\n".join(lines)
+        cells = [r["E"], r["H"], r["L"], r["B"], r["T"], f"{t['ours']:,.0f}", f"{t['reference']:,.0f}",
+                 f"{t['builtin']:,.0f}", f"{r['ratio']:.2f}x"]
+        table.append(dict(zip(columns, cells)))
+    return "\n".join(markdown_table(table, columns))
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import markdown_table, median, write_result
+from benchmarks.common import markdown_table, write_result
+from gptnano.numbers import median
 
 TINY_FIT = ["fit", "--model.net", "GPT", "--model.net.block_size", "16", "--model.net.n_layer", "1",
             "--model.net.n_head", "2", "--model.net.n_embd", "16", "--data.batch_size", "4",

@@ -34,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import announce_machine, corpus_path, markdown_table, median, write_result
-from gptnano.cli.plot import read_run
+from benchmarks.common import announce_machine, corpus_path, markdown_table, write_result
+from gptnano.logs import read_run
+from gptnano.numbers import median
 
 RUNS = {
     "default": [],

@@ -35,10 +35,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ROOT, announce_machine, corpus_path, markdown_table, median, write_result
+from benchmarks.common import ROOT, announce_machine, corpus_path, markdown_table, write_result
 from gptnano.cli.lightning import GPTNanoCLI
 from gptnano.data.windows import TrainWindows
 from gptnano.hardware import measured_peak, peak_flops
+from gptnano.numbers import median
 
 WARMUP = 5
 

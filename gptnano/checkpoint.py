@@ -9,8 +9,9 @@ rebuilds tensors, numbers, strings, lists and dicts, a safetensors file holds on
 tensors and a JSON header, and the network a checkpoint names is built only if it is
 a gptnano architecture already known to this process (the registry in
 ``gptnano/models``), with plain-valued constructor arguments that its signature
-accepts. Weights that are not finite are refused too, by name. Anything else is one
-``UserError`` line. No Lightning here, so tools such as ``gptnano generate`` start fast.
+accepts. Weights that are not finite are refused too, by name, and weights of a layout
+gptnano has outgrown, with the reason. Anything else is one ``UserError`` line. No
+Lightning here, so tools such as ``gptnano generate`` start fast.
 """
 
 import copy
@@ -38,6 +39,15 @@ EXPORT_VERSION = 1
 # rates, schedule) belong to a training run, and a run started from an export sets its own.
 SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "sample_seed")
 
+# Layouts of weights that an earlier gptnano wrote and this one cannot use: (architecture,
+# state_dict keys only that layout has, why). Refused with the reason rather than torch's
+# list of missing and unexpected keys.
+OBSOLETE_LAYOUTS = (
+    ("Backpack", ("net.sense_net.sense_proj.", "net.sense_net.ln."),  # a sense_proj Linear after one ln + mlp
+     "this Backpack was trained with gptnano's earlier sense network, Linear(e + MLP(LN(e))), before it followed "
+     "the paper; its weights do not carry over: retrain it with the current version"),
+)
+
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file (``weights_only=True``: no pickle code runs) or an exported folder,
@@ -51,7 +61,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
     Raises:
         UserError: a missing or unreadable file, a folder that is no export, a network that is
-            not a gptnano architecture, or a weight that is NaN or infinite.
+            not a gptnano architecture, weights of an obsolete layout, or a weight that is NaN or infinite.
     """
     p = Path(path)
     if p.is_dir():
@@ -67,9 +77,20 @@ def read_checkpoint(path: str | Path) -> dict:
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict) or "net" not in hparams:
         raise UserError(f"{path} is not a gptnano checkpoint (no model hyper-parameters in it)")
-    architecture(hparams["net"], path)  # refuse a foreign network before anyone builds it
+    cls, _ = architecture(hparams["net"], path)  # refuse a foreign network before anyone builds it
+    refuse_obsolete(cls, ckpt["state_dict"], path)
     check_finite(ckpt["state_dict"], path)
     return ckpt
+
+
+def refuse_obsolete(cls: type[LanguageModel], state_dict: dict, source: str | Path) -> None:
+    """Refuse, in one line that says why, weights of a layout this gptnano has outgrown
+    (``OBSOLETE_LAYOUTS``). Every command reads checkpoints through ``read_checkpoint``,
+    Lightning's loading included (``train.checkpointing.AtomicCheckpointIO``), so this one
+    check covers them all."""
+    for name, keys, why in OBSOLETE_LAYOUTS:
+        if cls.__name__ == name and any(k.startswith(keys) for k in state_dict):
+            raise UserError(f"{source}: {why}")
 
 
 def check_finite(state_dict: dict, source: str | Path) -> None:
@@ -197,8 +218,6 @@ def build_net(spec, state_dict: dict | None = None, source: str | Path = "the ch
         state = {k.removeprefix("net."): v for k, v in state_dict.items() if k.startswith("net.")}
         try:
             net.load_state_dict(state)
-        except UserError as e:  # the network refused these weights and said why (e.g. an earlier layout)
-            raise type(e)(f"{source}: {e}") from None
         except RuntimeError as e:
             first = str(e).splitlines()[0][:200]
             raise UserError(f"the weights in {source} do not fit a {cls.__name__} with {init_args}: {first}") from None

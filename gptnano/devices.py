@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from gptnano import lines
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
 from gptnano.hardware import _mps_available, cpu_model, device_sync, time_steps
+from gptnano.numbers import median
 
 CACHE_ENV = "GPTNANO_CACHE_DIR"  # the folder of remembered verdicts (default: the per-user cache folder)
 DEVICE_ENV = "GPTNANO_DEVICE"  # a verdict handed down to the processes a run launches (DDP ranks)
@@ -111,7 +111,7 @@ def race(steps: dict[str, Callable[[], object]], *, seconds: float = PROBE_SECON
 
 def faster(times: dict[str, list[float]], tokens_per_step: int) -> tuple[str, dict[str, float]]:
     """The side with the shortest median step, and every side's tokens per second."""
-    rates = {name: tokens_per_step / statistics.median(t) for name, t in times.items() if t}
+    rates = {name: tokens_per_step / median(t) for name, t in times.items() if t}
     return max(rates, key=rates.get), rates
 
 

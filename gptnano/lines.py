@@ -42,15 +42,6 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def quantity(x: float) -> str:
-    """``950``, ``23.1k``, ``4.20M``, ``1.3G``: a count or rate to three figures."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            v = x / scale
-            return f"{v:.3g}{unit}" if v < 1000 else f"{v:.0f}{unit}"
-    return f"{x:.3g}" if x != int(x) else f"{int(x)}"
-
-
 def steps_field(step: int, max_steps: int | None) -> str:
     """``step 200/1000`` (``step 200`` without a limit)."""
     return f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"

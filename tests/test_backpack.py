@@ -239,12 +239,21 @@ def test_an_earlier_backpack_checkpoint_is_refused_with_the_reason():
     assert str(OLD_BACKPACK) in str(refused.value) and "\n" not in str(refused.value)
 
 
-# A typed network setting makes the CLI check the saved weights before Lightning loads them.
+# Every command reads a checkpoint through gptnano.checkpoint.read_checkpoint, which refuses it
+# before anything is built or trained (a typed network setting, Lightning's own loading included).
 @pytest.mark.parametrize("command", [["generate"], ["senses", "--token", "e"], ["predict"],
-                                     ["predict", "--model.net.dropout", "0.1"]])
+                                     ["predict", "--model.net.dropout", "0.1"], ["validate"], ["fit"],
+                                     ["export", "--out", "exported"]])
 def test_every_reader_refuses_an_earlier_backpack_in_one_line(command, tmp_path, gptnano):
-    ran = gptnano([*command, "--ckpt_path", str(OLD_BACKPACK)], tmp_path)
+    assert_refused_in_one_line(gptnano([*command, "--ckpt_path", str(OLD_BACKPACK)], tmp_path))
+
+
+def test_a_new_run_from_an_earlier_backpack_is_refused_in_one_line(tmp_path, gptnano):
+    assert_refused_in_one_line(gptnano(["fit", "--init_from", str(OLD_BACKPACK), "--run_name", "ft"], tmp_path))
+
+
+def assert_refused_in_one_line(ran) -> None:
     assert ran.returncode == 2 and "Traceback" not in ran.stderr
     errors = [line for line in ran.stderr.splitlines() if line.startswith("gptnano: error:")]
     assert len(errors) == 1 and errors == ran.stderr.strip().splitlines()[-1:], ran.stderr[-2000:]
-    assert re.search(REFUSED, errors[0])
+    assert re.search(REFUSED, errors[0]) and str(OLD_BACKPACK) in errors[0]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptnano.cli import budgets, compare, stats
+from gptnano import logs
+from gptnano.compare import budgets, command, runs, stats
 from gptnano.errors import UserError
 from gptnano.models import GPT, RNN
 from tests.helpers import cli_env, make_text
@@ -140,12 +141,12 @@ def test_a_resumed_run_keeps_one_point_per_validation():
 
 # ----- the command line -------------------------------------------------------------------
 def test_fit_flags_pass_through_and_grids_form_their_product():
-    own, fit = compare.split_argv(["a.yaml", "--budget", "5min", "--model.dropout", "0.1", "b.yaml",
+    own, fit = command.split_argv(["a.yaml", "--budget", "5min", "--model.dropout", "0.1", "b.yaml",
                                    "--grid=model.muon_lr=1,2", "--trainer.precision=32-true", "--model.x", "-1"])
     assert own == ["a.yaml", "--budget", "5min", "b.yaml", "--grid=model.muon_lr=1,2"]
     assert fit == ["--model.dropout", "0.1", "--trainer.precision=32-true", "--model.x", "-1"]
-    grid = compare.parse_grid(["model.muon_lr=0.01,0.02", "model.init_args.warmup_steps=10,20"])
-    points = compare.make_points(["configs/gpt.yaml"], grid)
+    grid = runs.parse_grid(["model.muon_lr=0.01,0.02", "model.init_args.warmup_steps=10,20"])
+    points = runs.make_points(["configs/gpt.yaml"], grid)
     assert [p.label for p in points] == ["gpt-muon_lr=0.01,warmup_steps=10", "gpt-muon_lr=0.01,warmup_steps=20",
                                          "gpt-muon_lr=0.02,warmup_steps=10", "gpt-muon_lr=0.02,warmup_steps=20"]
     assert points[3].flags() == ["--model.muon_lr", "0.02", "--model.warmup_steps", "20"]
@@ -229,8 +230,8 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
     assert again.returncode == 0, err
     assert "run 2/4 gpt-s1 | resuming from step" in err and "run 1/4" not in err  # the finished run is not trained again
     assert first.stat().st_mtime_ns == first_written
-    assert len(stats.versions(folder / "lightning_logs" / "gpt-s1")) == 2  # resumed: a second version of its logs
-    assert [p.name for p in stats.versions(folder / "lightning_logs" / "gpt-s0")] == ["version_0"]
+    assert len(logs.versions(folder / "lightning_logs" / "gpt-s1")) == 2  # resumed: a second version of its logs
+    assert [p.name for p in logs.versions(folder / "lightning_logs" / "gpt-s0")] == ["version_0"]
 
     report = json.loads((folder / "results.json").read_text())
     assert set(report["entries"]) == {"gpt", "rnn"} and len(report["runs"]) == 4 and "cpu" in report["machine"]
@@ -265,17 +266,17 @@ def test_a_run_is_known_by_its_configuration_budget_seed_and_text():
     config = {"model": {"learning_rate": 1e-3, "lr_decay_steps": None}, "seed_everything": 1337, "run_name": "gpt",
               "trainer": {"max_steps": 1000, "enable_progress_bar": True}, "data": {"seed": 1337, "batch_size": 4}}
     budget = budgets.parse_budget("5e13flop")
-    h = compare.config_hash(config, budget, 0, 10, "abc")
+    h = runs.config_hash(config, budget, 0, 10, "abc")
     # What compare sets for each run, and what measures nothing, is not part of it ...
     same = {**config, "seed_everything": 7, "run_name": "x", "trainer": {"max_steps": 5, "enable_progress_bar": False},
             "data": {"seed": 7, "batch_size": 4}}
-    assert compare.config_hash(same, budget, 0, 10, "abc") == h
+    assert runs.config_hash(same, budget, 0, 10, "abc") == h
     # ... everything else is.
-    assert compare.config_hash({**config, "model": {"learning_rate": 2e-3}}, budget, 0, 10, "abc") != h
-    assert compare.config_hash(config, budgets.parse_budget("5e13tok"), 0, 10, "abc") != h
-    assert compare.config_hash(config, budget, 1, 10, "abc") != h
-    assert compare.config_hash(config, budget, 0, 5, "abc") != h
-    assert compare.config_hash(config, budget, 0, 10, "abd") != h
+    assert runs.config_hash({**config, "model": {"learning_rate": 2e-3}}, budget, 0, 10, "abc") != h
+    assert runs.config_hash(config, budgets.parse_budget("5e13tok"), 0, 10, "abc") != h
+    assert runs.config_hash(config, budget, 1, 10, "abc") != h
+    assert runs.config_hash(config, budget, 0, 5, "abc") != h
+    assert runs.config_hash(config, budget, 0, 10, "abd") != h
 
 
 def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path):
@@ -292,8 +293,8 @@ def test_another_budget_in_the_same_folder_is_refused_at_once(gptnano, tmp_path)
 def test_every_run_of_a_comparison_gets_the_planned_device():
     """Where the machine has an accelerator and no --trainer.accelerator is given, each fit would time
     it against the CPU on its own; compare hands every run the device it planned for instead."""
-    assert compare.pinned_accelerator({}, "mps") == "mps"
-    assert compare.pinned_accelerator({"accelerator": "auto"}, "cuda") == "cuda"
-    assert compare.pinned_accelerator({"accelerator": "cpu"}, "cpu") is None  # the user's
-    assert compare.pinned_accelerator({"accelerator": "mps"}, "mps") is None  # typed: it stands as typed
-    assert compare.pinned_accelerator({}, "cpu") is None  # nothing to choose between
+    assert runs.pinned_accelerator({}, "mps") == "mps"
+    assert runs.pinned_accelerator({"accelerator": "auto"}, "cuda") == "cuda"
+    assert runs.pinned_accelerator({"accelerator": "cpu"}, "cpu") is None  # the user's
+    assert runs.pinned_accelerator({"accelerator": "mps"}, "mps") is None  # typed: it stands as typed
+    assert runs.pinned_accelerator({}, "cpu") is None  # nothing to choose between

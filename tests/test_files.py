@@ -95,7 +95,6 @@ def test_lines_share_one_format_and_width():
     long = lines.line("x" * 500)
     assert len(long) == lines.MAX_WIDTH and long.endswith("…")
     assert [lines.duration(s) for s in (0.4, 42, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
-    assert [lines.quantity(x) for x in (950, 23140, 4.2e6, 1234567890)] == ["950", "23.1k", "4.2M", "1.23G"]
     assert lines.steps_field(5, 10) == "step 5/10" and lines.steps_field(5, -1) == "step 5"
 
 

@@ -1,10 +1,10 @@
-"""GPT specifics: hand-written attention equals PyTorch's fused kernel."""
+"""GPT specifics: hand-written attention equals PyTorch's fused kernel, and the attention
+probabilities it shows (``CausalSelfAttention.probabilities``) are the ones it uses."""
 
 import pytest
 import torch
 
-from gptnano.models.gpt import GPT
-from gptnano.models.layers import CausalSelfAttention
+from gptnano.models.gpt import GPT, CausalSelfAttention
 
 
 @pytest.mark.parametrize("B,T,C,nh", [(1, 1, 8, 1), (2, 7, 16, 2), (3, 33, 64, 4), (2, 64, 48, 6)])
@@ -24,6 +24,33 @@ def test_hand_attention_equals_sdpa(B, T, C, nh, train):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     for (n, p1), p2 in zip(hand.named_parameters(), fused.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6, msg=n)
+    # What the fused kernel computes is what probabilities() shows: output = c_proj(heads of att @ v).
+    with torch.no_grad():
+        att = hand.probabilities(x)  # (B, nh, T, T)
+        v = hand.c_attn(x).split(C, dim=2)[2].view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        y = hand.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+        torch.testing.assert_close(y, fused.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_attention_probabilities_are_causal_and_normalised(T):
+    """Row i of every head is a distribution over positions 0..i: it sums to 1 and is exactly 0
+    above the diagonal. Dropout (here p = 0.5, in training mode) never touches it, and reading
+    it draws no random numbers."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 4, dropout=0.5).train()
+    x = torch.randn(3, T, 16)
+    torch.manual_seed(1)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        att = attn.probabilities(x)
+    assert torch.equal(torch.rand(4), expected_draw)
+    assert att.shape == (3, 4, T, T)
+    torch.testing.assert_close(att.sum(-1), torch.ones(3, 4, T))
+    above = torch.ones(T, T, dtype=torch.bool).triu(1)
+    assert torch.equal(att[..., above], torch.zeros_like(att[..., above]))
+    assert (att[..., ~above] > 0).all()
 
 
 def test_whole_gpt_same_with_and_without_sdpa():

@@ -1,10 +1,10 @@
 """The package's layers and its one-way import rule, checked on the source of every module.
 
-    models  <-  data, sampling, checkpoint, hardware, devices  <-  train  <-  cli
+    models  <-  data, sampling, checkpoint, hardware, devices  <-  train  <-  cli, compare
 
-(``errors``, ``files`` and ``lines`` sit below them all.) A module imports, at import time, only
-from its own layer or lower ones; there are no import circles, not even inside a
-layer; the models import only torch; the dispatcher and every tool of its command
+(``errors``, ``files``, ``lines``, ``logs`` and ``numbers`` sit below them all.) A module imports,
+at import time, only from its own layer or lower ones; there are no import circles, not even
+inside a layer; the models import only torch; the dispatcher and every tool of its command
 table import nothing that imports Lightning; and the ``__init__.py`` files of the
 layers are empty. Function-level imports are allowed: that is how the dispatcher
 reaches the Lightning CLI only when a Lightning command runs.
@@ -21,12 +21,12 @@ from gptnano.cli.commands import TOOLS
 
 PACKAGE = Path(gptnano.__file__).parent
 LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
-    0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines"],
+    0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines", "gptnano.logs", "gptnano.numbers"],
     1: ["gptnano.models"],
     2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export",
         "gptnano.devices"],
     3: ["gptnano.train"],
-    4: ["gptnano.cli", "gptnano.__main__"],
+    4: ["gptnano.cli", "gptnano.compare", "gptnano.__main__"],
 }
 LIGHTNING = ("lightning", "pytorch_lightning", "torchmetrics")  # third-party names that mean "imports Lightning"
 # Modules that import Lightning by design; everything else must not, even indirectly.

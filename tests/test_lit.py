@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gptnano.errors import UserError
 from gptnano.models import GPT
-from gptnano.models.layers import CausalSelfAttention
+from gptnano.models.gpt import CausalSelfAttention
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.module import LitLM, warmup_cosine
 from gptnano.train.optim import MuonAdamW, muon_matrices
@@ -101,16 +101,17 @@ def test_cpu_bf16_attention_is_hand_written_and_close_to_fp32(sdpa, monkeypatch)
     torch.manual_seed(0)
     attn = CausalSelfAttention(32, 4, use_sdpa=sdpa)
     x = torch.randn(2, 16, 32)
-    exact = attn._attend(*attn._heads(x), causal_offset=0)
+    with torch.no_grad():
+        exact = attn(x)
 
     def no_sdpa(*args, **kwargs):
         raise AssertionError("SDPA called on the CPU bf16 path")
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        q, k, v = attn._heads(x)
-        assert q.dtype == torch.bfloat16
-        y = attn._attend(q, k, v, causal_offset=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        q, _, _ = attn.heads(x)
+        assert q.dtype == torch.bfloat16 and not attn.fused(q)
+        y = attn(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), exact, atol=2e-2, rtol=2e-2)
     assert not torch.allclose(y.float(), exact, atol=1e-6)  # it really ran in bf16

@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from gptnano.cli.plot import read_run, summary
+from gptnano.cli.plot import summary
+from gptnano.logs import read_run
 from gptnano.train.logger import Board, RunSettings, hparams_table
 from tests.helpers import TINY_GPT, run_cli
 
@@ -115,7 +116,7 @@ def test_a_resumed_run_goes_on_from_its_best_loss(tmp_path):
 
 
 def test_plot_reads_versions_in_number_order():
-    from gptnano.cli.plot import version_number
+    from gptnano.logs import version_number
 
     names = ["version_10", "version_2", "version_0", "version_x"]
     assert sorted(names, key=lambda n: version_number(Path(n))) == ["version_0", "version_2", "version_10", "version_x"]

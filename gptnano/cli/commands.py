@@ -15,6 +15,6 @@ TOOLS = {  # name -> (module whose main(argv) runs it, what it does)
     "generate": ("gptnano.cli.generate", "stream text from a checkpoint as it is sampled; --interactive to talk to it"),
     "senses": ("gptnano.cli.senses", "print what each sense of a Backpack predicts; generate with a sense removed"),
     "plot": ("gptnano.cli.plot", "plot validation loss vs time and step for several runs, with a table"),
-    "compare": ("gptnano.cli.compare", "train configs for one budget over several seeds: mean ± std, ranking, plot"),
+    "compare": ("gptnano.compare.command", "train configs for one budget over several seeds: mean ± std, ranking, plot"),
     "export": ("gptnano.cli.export", "write a trained model for use elsewhere: safetensors, transformers (GPT), ONNX"),
 }

@@ -10,42 +10,8 @@ from pathlib import Path
 
 from gptnano.errors import UserError
 from gptnano.files import atomic_write
-
-# Tags of logs written before the grouped names of gptnano/train/logger.py, and their names now.
-OLD_TAGS = {"train_loss": "train/loss", "val_loss": "val/loss", "val_bpc": "val/bpc", "val_ppl": "val/ppl",
-            "tok_s": "perf/tok_s", "mfu": "perf/mfu"}
-
-
-def version_number(folder: Path) -> tuple:
-    """Sort key of a ``version_N`` folder: by N as a number (version_10 after version_2), so a
-    step logged again by a later version comes after the earlier one's."""
-    tail = folder.name.rpartition("_")[2]
-    return (0, int(tail), "") if tail.isdigit() else (1, 0, folder.name)
-
-
-def read_run(folder: Path) -> dict:
-    """Scalars of every version_* under ``folder`` (a resumed run spans several), in step
-    order, under today's tag names (older logs are read too). Training curves only: what
-    validate, test and predict log goes to ``folder/eval/``, which is not read."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    versions = sorted(folder.glob("version_*"), key=version_number) or [folder]
-    series: dict[str, list] = {}
-    for version in versions:
-        acc = EventAccumulator(str(version), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            name = OLD_TAGS.get(tag, tag)
-            # Old validations were logged at Lightning's global_step - 1: move them to the
-            # optimizer step they followed, where new logs put them.
-            shift = 1 if tag != name and name.startswith("val/") else 0
-            series.setdefault(name, []).extend((e.wall_time, e.step + shift, e.value) for e in acc.Scalars(tag))
-    if "val/loss" not in series:
-        raise UserError(f"no validation loss (val/loss) logged under {folder}")
-    for values in series.values():
-        values.sort(key=lambda e: e[1])
-    start = min(e[0] for values in series.values() for e in values)
-    return {"name": folder.name, "series": series, "start": start}
+from gptnano.logs import read_run
+from gptnano.numbers import markdown_table, median
 
 
 def summary(run: dict) -> dict:
@@ -59,8 +25,8 @@ def summary(run: dict) -> dict:
         "bpc": f"{best / math.log(2):.3f}",
         "steps": val[-1][1],
         "wall (s)": round(val[-1][0] - run["start"]),
-        "tok/s": round(sorted(tok)[len(tok) // 2]) if tok else "",
-        "MFU": f"{100 * sorted(mfu)[len(mfu) // 2]:.1f}%" if mfu else "",
+        "tok/s": round(median(tok)) if tok else "",
+        "MFU": f"{100 * median(mfu):.1f}%" if mfu else "",
     }
     return row
 
@@ -89,13 +55,6 @@ def plot(runs: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="gptnano plot", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,5 +67,6 @@ def main(argv: list[str]) -> None:
             raise UserError(f"not a folder: {f}")
     runs = [read_run(f) for f in folders]
     plot(runs, Path(args.out))
-    print(markdown([summary(r) for r in runs]))
+    rows = [summary(r) for r in runs]
+    print("\n".join(markdown_table(rows, list(rows[0]))))
     print(f"\nwrote {args.out}")

@@ -1,7 +1,8 @@
 """Backpack language model (Hewitt, Thickstun, Manning & Liang 2023, "Backpack
 Language Models", arXiv 2305.16765). Every token carries n_senses context-free
-sense vectors; a small causal transformer only decides how much of each past
-token's senses to add up, so each prediction is a linear, inspectable mix of senses.
+sense vectors; a small causal transformer (the GPT's blocks, imported from gpt.py)
+only decides how much of each past token's senses to add up, so each prediction is a
+linear, inspectable mix of senses.
 """
 
 from contextlib import contextmanager
@@ -13,21 +14,8 @@ from torch import nn
 
 from gptnano.errors import ConfigError
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import MLP, Block, CausalSelfAttention, Dropout, attention_weights, init_gpt2
-
-EARLIER_SENSE_NETWORK = (
-    "this Backpack was trained with gptnano's earlier sense network, Linear(e + MLP(LN(e))), "
-    "before it followed the paper; its weights do not carry over: retrain it with the current version"
-)
-
-
-def refuse_earlier_sense_network(module, state_dict, prefix, *args) -> None:
-    """Load pre-hook: weights of the earlier sense network (a ``sense_proj`` Linear after one
-    ``ln`` + ``mlp``) are refused with the reason, not as a list of missing and unexpected keys.
-    A hook, not a ``load_state_dict`` override, so that it also runs when Lightning loads the
-    whole LightningModule."""
-    if any(k.startswith((f"{prefix}sense_proj.", f"{prefix}ln.")) for k in state_dict):
-        raise ConfigError(EARLIER_SENSE_NETWORK)
+from gptnano.models.gpt import MLP, Block, CausalSelfAttention, causal_softmax
+from gptnano.models.layers import Dropout, init_gpt2
 
 
 class SenseNetwork(nn.Module):
@@ -53,7 +41,6 @@ class SenseNetwork(nn.Module):
         self.mlp = MLP(n_embd, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.final_mlp = MLP(n_embd, 0.0, bias, n_out=n_senses * n_embd)
-        self.register_load_state_dict_pre_hook(refuse_earlier_sense_network)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         e = self.drop(e)
@@ -79,33 +66,10 @@ class Backpack(LanguageModel):
 
     One token embedding E is shared three ways, as in the paper's reference code:
     input of the sense network, input (plus learned positions) of the
-    contextualization transformer, and the tied output head (the paper's logits = E o).
-    Defaults are sized like the CPU GPT (823,680 parameters against its 809,856 at 65
-    characters): the sense network costs about (12 + 4 n_senses) C^2, so the width is
-    80 where the GPT's is 128; depth, heads and the paper's 16 senses stay.
-
-    Deliberate differences from the reference implementation (the code that trained
-    the paper's models, github.com/john-hewitt/backpacks-flash-attn):
-
-    - Attention in the contextualization transformer is the GPT's, scaled by
-      1/sqrt(head size); the reference's configs also divide layer i's scores by i + 1
-      (GPT-2's ``scale_attn_by_inverse_layer_idx``). The alpha heads: 1/sqrt(head size) in both.
-    - GELU is the exact (erf) one, as in our GPT; the reference uses GPT-2's tanh
-      approximation ("gelu_new") in every MLP, the sense network's included.
-    - One ``dropout`` rate where GPT-2's config has three (embeddings, attention
-      probabilities, residual branches; 0.1 each by default). The places are the
-      reference's: the transformer's as in GPT-2, the sense network's as ``SenseNetwork``
-      says, none on the senses or on alpha. (The Hugging Face port, modeling_backpack_gpt2.py,
-      places it otherwise: also on the final MLP's output, and twice on the middle MLP's.)
-    - Future positions get -inf before the alpha softmax where the reference adds -10000:
-      the same weights to float32 rounding.
-    - ``n_senses`` need not divide ``n_embd``: the alpha heads then use
-      n_senses * (n_embd // n_senses) dimensions (the reference requires it to divide).
-
-    Not a difference: the initialisation. Both draw every weight from N(0, 0.02), zero the
-    biases, start LayerNorms at the identity, and draw the second Linear of every MLP (the
-    sense network's 4C -> n_senses * C projection included) and every attention output
-    projection from N(0, 0.02 / sqrt(2 n_layer)), n_layer being the transformer's depth.
+    contextualization transformer (the GPT's blocks), and the tied output head (the
+    paper's logits = E o). The defaults are sized like the CPU GPT (configs/backpack.yaml);
+    how this code differs from the reference implementation, on purpose, is listed in
+    docs/architectures.md, "Differences from the reference implementations".
 
     Args:
         vocab_size: Number of distinct tokens (linked from the data; do not set by hand).
@@ -176,7 +140,7 @@ class Backpack(LanguageModel):
         for block in self.blocks:
             x = block(x)
         q, k = self._sense_qk(self.ln_f(x))
-        return attention_weights(q, k, causal_offset=0)
+        return causal_softmax(q, k, causal_offset=0)
 
     def _logits(self, alpha: torch.Tensor, senses: torch.Tensor) -> torch.Tensor:
         alpha = alpha * self.sense_scale.view(1, -1, 1, 1)  # (B, n_senses, Tq, Tk)
@@ -210,7 +174,7 @@ class Backpack(LanguageModel):
         senses = self.sense_vectors(idx)
         if start > 0:
             k, senses = torch.cat([cache.sense_keys, k], dim=2), torch.cat([cache.senses, senses], dim=1)
-        alpha = attention_weights(q[:, :, -1:], k, causal_offset=history.size(1) - 1)  # (B, n_senses, 1, T)
+        alpha = causal_softmax(q[:, :, -1:], k, causal_offset=history.size(1) - 1)  # (B, n_senses, 1, T)
         return self._logits(alpha, senses)[:, -1, :], BackpackCache(history, kv, k, senses)
 
     def sense_logits(self, token_id: int) -> torch.Tensor:

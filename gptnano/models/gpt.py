@@ -1,20 +1,155 @@
 """GPT: a decoder-only transformer (Radford et al. 2019, "Language Models are
-Unsupervised Multitask Learners"), in the nanoGPT layout: token + learned
-position embeddings, pre-LayerNorm blocks of causal self-attention and a GELU
-MLP, a final LayerNorm, and an output head tied to the token embedding.
+Unsupervised Multitask Learners"), in the nanoGPT layout, read top to bottom:
+CausalSelfAttention -> MLP -> Block -> GPT.
+
+The RNN and the Backpack are this block with something else in it or around it:
+they import ``CausalSelfAttention``, ``MLP`` and ``Block`` from here, and
+``layers.py`` keeps only small helpers that are not the architecture.
 """
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from gptnano.errors import ConfigError
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import Block, CausalSelfAttention, Dropout, init_gpt2
+from gptnano.models.layers import Dropout, hand_written_is_faster, init_gpt2
+
+
+def causal_softmax(q: torch.Tensor, k: torch.Tensor, causal_offset: int = 0) -> torch.Tensor:
+    """Attention probabilities of queries ``q[..., Tq, hs]`` over keys ``k[..., Tk, hs]``:
+    ``softmax(q k^T / sqrt(hs))`` over the keys each query may see, ``(..., Tq, Tk)``.
+
+    Query i sits at position ``causal_offset + i`` and may look at keys
+    ``0 .. causal_offset + i``; the mask sets every later key to -inf before the
+    softmax, which is what makes the model causal (those probabilities are exactly 0).
+    """
+    Tq, Tk = q.size(-2), k.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (..., Tq, Tk)
+    future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(diagonal=causal_offset + 1)
+    return att.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, written out by hand: ``[B, T, C] -> [B, T, C]``.
+
+    ``use_sdpa=True`` swaps the hand-written lines for ``F.scaled_dot_product_attention``
+    (a fused kernel; tests/test_gpt.py proves both equal) wherever that is the faster
+    path (``layers.hand_written_is_faster``). ``probabilities`` shows what it attends to.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, use_sdpa: bool = True):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head = n_head
+        self.use_sdpa = use_sdpa
+        self.dropout = dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # queries, keys and values in one Linear
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout = Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
+        # queries, keys and values of every position, each split into n_head heads of hs = C / n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.fused(q):
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            att = causal_softmax(q, k)  # (B, nh, T, T): each row a softmax over the positions <= its own
+            y = self.attn_dropout(att) @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))  # output projection
+
+    def fused(self, q: torch.Tensor) -> bool:
+        """Whether this call takes SDPA: asked for, and not slower than the hand-written lines here."""
+        return self.use_sdpa and not hand_written_is_faster(q.device.type, q.dtype, torch.compiler.is_compiling())
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """What each head attends to: ``att[B, n_head, T, T]`` for the block's normalised input
+        ``x[B, T, C]``, the softmax ``forward``'s hand-written path computes, without dropout
+        (nothing random is drawn). Row i sums to 1 over positions 0..i; above the diagonal it is 0."""
+        q, k, _ = self.heads(x)
+        return causal_softmax(q, k)  # (B, nh, T, T)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``forward``'s first lines: ``x[B, T, C]`` -> q, k, v, each ``(B, nh, T, hs)``."""
+        B, T, C = x.size()
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
+
+    def forward_cached(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """``forward`` for new positions ``x[B, T, C]`` after the positions whose keys and values
+        ``cache`` holds (``(k, v)``, each ``(B, nh, T_past, hs)``, or None). Returns the output and
+        the keys and values of all positions so far."""
+        B, T, C = x.size()
+        q, k, v = self.heads(x)
+        offset = 0 if cache is None else cache[0].size(-2)  # positions before x
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=-2), torch.cat([cache[1], v], dim=-2)  # (B, nh, offset + T, hs)
+        # SDPA's causal mask is square (offset 0); one new token sees every key, no mask needed.
+        if self.fused(q) and (offset == 0 or T == 1):
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=offset == 0)
+        else:
+            y = self.attn_dropout(causal_softmax(q, k, causal_offset=offset)) @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(C, 4C) -> GELU -> Linear(4C, n_out) -> dropout.
+
+    ``n_out`` is C (the residual width) unless a caller widens the output, as the
+    Backpack's sense network does to emit all of a token's sense vectors at once.
+    """
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = True, n_out: int | None = None):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_out or n_embd, bias=bias)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: ``x + mixer(ln_1(x))`` then ``x + mlp(ln_2(x))``.
+
+    The token *mixer* is an argument: causal self-attention in the GPT and the
+    Backpack, an Elman recurrence in the RNN. A mixer maps ``[B, T, C] -> [B, T, C]``
+    causally and offers ``forward_cached(x, cache) -> (y, cache)`` for generation.
+    """
+
+    def __init__(self, n_embd: int, mixer: nn.Module, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.mixer = mixer
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+        y, cache = self.mixer.forward_cached(self.ln_1(x), cache)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), cache
 
 
 class GPT(LanguageModel):
-    """Decoder-only transformer language model.
+    """Decoder-only transformer language model: token + learned position embeddings,
+    ``n_layer`` blocks of causal self-attention and an MLP, a final LayerNorm, and an
+    output head tied to the token embedding.
 
     Args:
         vocab_size: Number of distinct tokens (linked from the data; do not set by hand).

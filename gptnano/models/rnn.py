@@ -1,7 +1,9 @@
 """RNN: an Elman network (Elman 1990, "Finding Structure in Time") as a language
 model. Each layer keeps a hidden state, h_t = tanh(x_t W_x + b_x + h_{t-1} W_h + b_h),
-and takes the place of attention in the same pre-LayerNorm residual block as the
-GPT. Order comes from the recurrence itself, so there is no position embedding.
+and takes the place of attention in the GPT's pre-LayerNorm residual ``Block``
+(imported from gpt.py). Order comes from the recurrence itself, so there is no
+position embedding. The recurrence to read comes first; a faster and an exportable
+version of it, each tested equal, come last.
 """
 
 from typing import Any
@@ -11,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptnano.models.base import LanguageModel, check_dropout, check_positive
-from gptnano.models.layers import Block, Dropout, init_gpt2
+from gptnano.models.gpt import Block
+from gptnano.models.layers import Dropout, init_gpt2
 
 
 def elman_scan(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -27,62 +30,6 @@ def elman_scan(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Te
         h = torch.tanh(a[:, t] + h @ w_h.t())  # (B, H)
         hs.append(h)
     return torch.stack(hs, dim=1)  # (B, T, H)
-
-
-def elman_scan_exportable(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """``elman_scan`` for ``torch.export`` (the ONNX exporter): a Python loop would be unrolled
-    into a graph of fixed length, while torch's ``scan`` operator stays one loop that ONNX
-    runs for any length. Same arguments and result as ``elman_scan``; forward only.
-    ``scan`` is not public in torch 2.13 (tests/test_dependencies.py fails loudly if it moves)."""
-    from torch._higher_order_ops.scan import scan
-
-    def step(h: torch.Tensor, a_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.tanh(a_t + h @ w_h.t())  # (B, H)
-        return h, h.clone()  # (carry, output): scan wants them as separate tensors
-
-    return scan(step, h0, a.transpose(0, 1))[1].transpose(0, 1)  # over time-major (T, B, H); back to (B, T, H)
-
-
-class ElmanScan(torch.autograd.Function):
-    """``elman_scan`` with a hand-written backward pass (BPTT): same numbers, less overhead.
-
-    At these sizes a step is two small operations (a [B, H] x [H, H] product and
-    a tanh), so per-step bookkeeping costs as much as the arithmetic. The forward
-    loop runs without autograd recording, in place in one time-major buffer; the
-    backward loop keeps only what is truly sequential (the gradient flowing back
-    through h_{t-1} W_h^T) and gets dW_h from one matrix product over all steps
-    at the end. First-order gradients only.
-    """
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        # Time-major copy of `a` (T, B, H): each step's [B, H] block is contiguous and
-        # is overwritten in place, first by z_t = a_t + h_{t-1} W_h^T, then by h_t = tanh(z_t).
-        hs = a.transpose(0, 1).clone(memory_format=torch.contiguous_format)
-        w_ht = w_h.t()
-        h = h0
-        for h_t in hs.unbind(0):
-            h = h_t.addmm_(h, w_ht).tanh_()
-        ctx.save_for_backward(w_h, h0, hs)
-        return hs.transpose(0, 1)  # (B, T, H), a view: no copy
-
-    @staticmethod
-    def backward(ctx, grad_hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w_h, h0, hs = ctx.saved_tensors
-        dtanh = 1.0 - hs * hs  # tanh'(z_t) = 1 - h_t^2, all steps at once, (T, B, H)
-        # gz[t] becomes dL/dz_t: the gradient arriving at h_t from the output, plus the
-        # one from step t+1, which read h_t through W_h; then times tanh'(z_t).
-        gz = grad_hs.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (T, B, H)
-        g = None
-        for g_t, dtanh_t in zip(reversed(gz.unbind(0)), reversed(dtanh.unbind(0))):
-            if g is not None:
-                g_t.addmm_(g, w_h)
-            g = g_t.mul_(dtanh_t)
-        # Each step used W_h once, with h_{t-1} (h0 for step 0): dW_h = sum_t dz_t^T h_{t-1},
-        # one matrix product over all steps instead of T small ones.
-        grad_w_h = torch.addmm(gz[0].t() @ h0, gz[1:].flatten(0, 1).t(), hs[:-1].flatten(0, 1))  # (H, H)
-        grad_h0 = gz[0] @ w_h  # (B, H)
-        return gz.transpose(0, 1), grad_w_h, grad_h0
 
 
 class ElmanLayer(nn.Module):
@@ -202,3 +149,66 @@ class RNN(LanguageModel):
             x, h = block.forward_cached(x, None if cache is None else cache[i])
             new_cache.append(h)
         return self.lm_head(self.ln_f(x[:, -1, :])), new_cache
+
+
+# ----- Faster and exportable variants -----------------------------------------------
+# ``elman_scan`` above is the recurrence to read. ``ElmanLayer`` runs one of these in its
+# place, same numbers: ``ElmanScan`` to train faster, ``elman_scan_exportable`` under torch.export.
+
+
+class ElmanScan(torch.autograd.Function):
+    """``elman_scan`` with a hand-written backward pass (BPTT): same numbers, less overhead.
+
+    Why it exists: at these sizes a step is two small operations (a [B, H] x [H, H]
+    product and a tanh), so autograd's per-step bookkeeping costs as much as the
+    arithmetic (docs/results.md, "Elman RNN against torch.nn.RNN"). The forward
+    loop runs without autograd recording, in place in one time-major buffer; the
+    backward loop keeps only what is truly sequential (the gradient flowing back
+    through h_{t-1} W_h^T) and gets dW_h from one matrix product over all steps
+    at the end. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        # Time-major copy of `a` (T, B, H): each step's [B, H] block is contiguous and
+        # is overwritten in place, first by z_t = a_t + h_{t-1} W_h^T, then by h_t = tanh(z_t).
+        hs = a.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        w_ht = w_h.t()
+        h = h0
+        for h_t in hs.unbind(0):
+            h = h_t.addmm_(h, w_ht).tanh_()
+        ctx.save_for_backward(w_h, h0, hs)
+        return hs.transpose(0, 1)  # (B, T, H), a view: no copy
+
+    @staticmethod
+    def backward(ctx, grad_hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w_h, h0, hs = ctx.saved_tensors
+        dtanh = 1.0 - hs * hs  # tanh'(z_t) = 1 - h_t^2, all steps at once, (T, B, H)
+        # gz[t] becomes dL/dz_t: the gradient arriving at h_t from the output, plus the
+        # one from step t+1, which read h_t through W_h; then times tanh'(z_t).
+        gz = grad_hs.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # (T, B, H)
+        g = None
+        for g_t, dtanh_t in zip(reversed(gz.unbind(0)), reversed(dtanh.unbind(0))):
+            if g is not None:
+                g_t.addmm_(g, w_h)
+            g = g_t.mul_(dtanh_t)
+        # Each step used W_h once, with h_{t-1} (h0 for step 0): dW_h = sum_t dz_t^T h_{t-1},
+        # one matrix product over all steps instead of T small ones.
+        grad_w_h = torch.addmm(gz[0].t() @ h0, gz[1:].flatten(0, 1).t(), hs[:-1].flatten(0, 1))  # (H, H)
+        grad_h0 = gz[0] @ w_h  # (B, H)
+        return gz.transpose(0, 1), grad_w_h, grad_h0
+
+
+def elman_scan_exportable(a: torch.Tensor, w_h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """``elman_scan`` for ``torch.export`` (the ONNX exporter), forward only, same arguments and result.
+
+    Why it exists: the exporter would unroll a Python loop into a graph of fixed length,
+    while torch's ``scan`` operator stays one loop that ONNX runs for any length.
+    ``scan`` is not public in torch 2.13 (tests/test_dependencies.py fails loudly if it moves)."""
+    from torch._higher_order_ops.scan import scan
+
+    def step(h: torch.Tensor, a_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(a_t + h @ w_h.t())  # (B, H)
+        return h, h.clone()  # (carry, output): scan wants them as separate tensors
+
+    return scan(step, h0, a.transpose(0, 1))[1].transpose(0, 1)  # over time-major (T, B, H); back to (B, T, H)

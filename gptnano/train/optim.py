@@ -6,8 +6,8 @@ along the momentum it steps along its *orthogonalised* version: the matrix
 with the same singular vectors and every singular value set to ~1. Small
 directions of the gradient get as much update as large ones, which on tiny
 Shakespeare roughly halves the steps a GPT needs to reach a given validation
-loss (README, "Results"). A few Newton-Schulz iterations approximate the
-orthogonalisation with matrix products only.
+loss (docs/results.md, "Time to a validation loss"). A few Newton-Schulz
+iterations approximate the orthogonalisation with matrix products only.
 
 Muon is made for the matrices *inside* the network. Embeddings, the output
 head (tied to the embedding here), biases, LayerNorm gains and convolution

@@ -20,6 +20,7 @@ import time
 from lightning.pytorch.callbacks import ProgressBar
 
 from gptnano import lines
+from gptnano.numbers import quantity
 from gptnano.train.callbacks import update_ended
 
 
@@ -83,7 +84,7 @@ class LogLines(ProgressBar):
             return
         now = time.perf_counter()
         seconds, steps = now - self._since[0], step - self._since[1]
-        rate = f"{lines.quantity(self._tokens / seconds)} tok/s" if seconds > 0 and steps > 0 else ""
+        rate = f"{quantity(self._tokens / seconds)} tok/s" if seconds > 0 and steps > 0 else ""
         eta = ""
         if trainer.max_steps and trainer.max_steps > 0 and steps > 0:
             eta = f"ETA {lines.duration((trainer.max_steps - step) * seconds / steps)}"

@@ -14,8 +14,8 @@ import math
 import re
 
 from gptnano.errors import UserError
+from gptnano.numbers import PREFIXES, median
 
-PREFIXES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 UNITS = {  # unit as typed (lower case) -> (kind, factor to the kind's unit)
     "step": ("steps", 1.0), "steps": ("steps", 1.0),
     "tok": ("tokens", 1.0), "toks": ("tokens", 1.0), "token": ("tokens", 1.0), "tokens": ("tokens", 1.0),
@@ -53,12 +53,13 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     """``2000steps``, ``20Mtok``, ``5e13flop``, ``300s``, ``5min``, ``1.5h`` -> Budget (k, M, G, T, P prefixes)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([kMGTP]?)([A-Za-z]+)\s*", text or "")
+    prefix = "[" + "".join(PREFIXES) + "]?"
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(" + prefix + r")([A-Za-z]+)\s*", text or "")
     unit = UNITS.get(m.group(4).lower()) if m else None
     if unit is None:
         raise UserError(f"bad --budget {text!r}: give {EXAMPLES}")
     kind, factor = unit
-    amount = float(m.group(1)) * 10 ** int(m.group(2) or 0) * PREFIXES[m.group(3)] * factor
+    amount = float(m.group(1)) * 10 ** int(m.group(2) or 0) * PREFIXES.get(m.group(3), 1.0) * factor
     if not math.isfinite(amount) or amount <= 0:
         raise UserError(f"bad --budget {text!r}: it must be a positive amount of {EXAMPLES}")
     if kind == "steps" and amount != round(amount):
@@ -189,7 +190,7 @@ def probe_run(net_spec: dict, settings: dict, *, device: str, precision: str, ba
     ns_dtype = fast_dtype(device_type) if muon == "auto" else getattr(torch, muon)
     step = training_step(net, settings, device=device, precision=precision, batch=(ids[:, :-1], ids[:, 1:]),
                          ns_dtype=ns_dtype)
-    step_s = sorted(time_steps(step, sync=sync, warmup=2, min_steps=5, max_steps=200, seconds=seconds))
+    step_s = time_steps(step, sync=sync, warmup=2, min_steps=5, max_steps=200, seconds=seconds)
     net.eval()
     val_ids = torch.randint(net.vocab_size, (eval_batch_size, block_size), generator=g).to(device)
 
@@ -198,10 +199,9 @@ def probe_run(net_spec: dict, settings: dict, *, device: str, precision: str, ba
         with autocast_for(precision, device_type):
             net(val_ids)
 
-    eval_s = sorted(time_steps(evaluate, sync=sync, warmup=1, min_steps=2, max_steps=10, seconds=seconds / 4))
+    eval_s = time_steps(evaluate, sync=sync, warmup=1, min_steps=2, max_steps=10, seconds=seconds / 4)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     # A cached sample costs the same per token: time a tenth of it, a few times.
-    sample_s = sorted(time_steps(lambda: generate(net, prompt, SAMPLE_TOKENS // 10), sync=sync, warmup=1, min_steps=2,
-                                 max_steps=5, seconds=seconds / 10))
-    median = lambda xs: xs[len(xs) // 2]  # noqa: E731
+    sample_s = time_steps(lambda: generate(net, prompt, SAMPLE_TOKENS // 10), sync=sync, warmup=1, min_steps=2,
+                          max_steps=5, seconds=seconds / 10)
     return Probe(median(step_s), eval_batches * median(eval_s) + 10 * median(sample_s))

@@ -25,7 +25,7 @@ def resolve(requests: list[list[str]], env: dict) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="gptnano-resolve-") as tmp:
         ask, answer = Path(tmp, "requests.json"), Path(tmp, "answers.json")
         ask.write_text(json.dumps(requests), encoding="utf-8")
-        code = "from gptnano.cli.resolve import child; child()"
+        code = "from gptnano.compare.resolve import child; child()"
         proc = subprocess.run([sys.executable, "-c", code, str(ask), str(answer)], env=env, capture_output=True,
                               text=True)
         if proc.returncode != 0 or not answer.is_file():

@@ -1,35 +1,26 @@
-"""What `gptnano compare` reads from its runs and reports: each run's final validation loss
-and curve, each entry's mean and spread over seeds, a ranking that says when two entries
-cannot be told apart, and the three outputs (results.md, results.json, results.png).
+"""What `gptnano compare` reads from its runs and makes of them: each run's final validation
+loss and curve, each entry's mean and spread over seeds, and a ranking that says when two
+entries cannot be told apart (written out by gptnano/compare/outputs.py).
 
 A run's numbers come from its TensorBoard events (validation losses at their optimizer
 steps, training tok/s and MFU) and its last.ckpt (training time, by Lightning's ``Timer``,
 which a resumed run carries on). No Lightning here.
 """
 
-import json
 import math
-import re
 import statistics
 from pathlib import Path
 
 from gptnano.errors import UserError
-from gptnano.files import atomic_write
+from gptnano.logs import read_run, versions
+from gptnano.numbers import median
 
 LN2 = math.log(2)
 
 
 # ----- one run ---------------------------------------------------------------------------
-def versions(folder: Path) -> list[Path]:
-    """The version_N folders of a run's logs in the order they were written (a resumed run has several)."""
-    found = [p for p in folder.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[8:]))
-
-
 def read_versions(folder: Path) -> list[dict]:
-    """The scalars of each version that logged a validation (``gptnano.cli.plot.read_run``'s form)."""
-    from gptnano.cli.plot import read_run
-
+    """The scalars of each version that logged a validation (``gptnano.logs.read_run``'s form)."""
     runs = []
     for version in versions(folder):
         try:
@@ -68,8 +59,8 @@ def curve(runs: list[dict], train_s: float, steps: int) -> list[tuple[int, float
 
 
 def median_of(runs: list[dict], tag: str) -> float | None:
-    values = sorted(v for run in runs for _, _, v in run["series"].get(tag, []))
-    return values[len(values) // 2] if values else None
+    values = [v for run in runs for _, _, v in run["series"].get(tag, [])]
+    return median(values) if values else None
 
 
 def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
@@ -156,101 +147,3 @@ def ranking(entries: dict[str, dict]) -> list[tuple[str, dict, str]]:
                 verdict = f"+{diff:.4f}, not distinguishable at {n} seeds (< 2 SE = {2 * se:.4f})"
         ranked.append((label, e, verdict))
     return ranked
-
-
-# ----- the outputs -----------------------------------------------------------------------
-def _pm(s: dict, digits: int = 4) -> str:
-    return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
-
-
-def _si(x: float | None, unit: str = "") -> str:
-    if x is None or not math.isfinite(x):
-        return ""
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{prefix}{unit}"
-    return f"{x:.3g}{unit}"
-
-
-COLUMNS = ["rank", "entry", "final val loss", "min–max", "bpc", "best val loss", "params", "steps", "tokens",
-           "FLOPs", "train time (s)", "tok/s", "MFU", "vs. the entry above"]
-
-
-def markdown(report: dict) -> str:
-    """results.md: what was compared, on what, and the ranked table."""
-    seeds = report["seeds"]
-    head = [f"# gptnano compare {report['name']}", "",
-            f"Budget: {report['budget_text']}, i.e. {report['budget']}. {seeds} seed{'s' * (seeds > 1)} per entry "
-            "(a seed sets seed_everything and data.seed: initialisation, dropout and the order of training windows).",
-            "Final validation loss: at the last step of each run's finished schedule (nats per token), mean ± "
-            "standard deviation over seeds; bpc: bits per token (per character for a character-level text).",
-            f"Text: {report['text']}. Precision: {report['precision']}. Machine: {report['machine_line']}.", ""]
-    rows = []
-    for i, (label, e, verdict) in enumerate(ranking(report["entries"]), 1):
-        f = e["final_val_loss"]
-        rows.append([str(i), label, _pm(f), f"{f['min']:.4f}–{f['max']:.4f}", _pm(e["bpc"], 3),
-                     f"{e['best_val_loss']['mean']:.4f}", _si(e["params"]), f"{e['steps']:.0f}", _si(e["tokens"]),
-                     _si(e["flops"]), f"{e['train_s']:.0f}" if e["train_s"] is not None else "",
-                     _si(e["tok_s"]), f"{100 * e['mfu']:.3g}%" if e["mfu"] is not None else "", verdict])
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    foot = ["", "Two entries are *not distinguishable at N seeds* when their mean final losses differ by less "
-            "than two standard errors of the difference, sqrt(s₁²/n₁ + s₂²/n₂). tok/s and MFU: training "
-            "medians from TensorBoard; train time: Lightning's Timer (training and validations, no start-up)."]
-    if report.get("warnings"):
-        foot += [""] + [f"- {w}" for w in report["warnings"]]
-    return "\n".join(head + table + foot) + "\n"
-
-
-def write_json(path: Path, report: dict) -> Path:
-    return atomic_write(path, json.dumps(report, indent=1, default=str) + "\n")
-
-
-def band(curves: list[list[tuple[float, float]]]):
-    """Mean x, and mean, min and max loss, over seeds, validation by validation: the i-th
-    validation of every seed together (the seeds of an entry validate at the same steps, except
-    under a wall-time budget, where the i-th validation is still at the same share of each run)."""
-    import numpy as np
-
-    n = min(len(c) for c in curves)
-    xs = np.array([[c[i][0] for i in range(n)] for c in curves]).mean(0)
-    ys = np.array([[c[i][1] for i in range(n)] for c in curves])
-    return xs, ys.mean(0), ys.min(0), ys.max(0)
-
-
-def plot(report: dict, runs: list[dict], out: Path) -> bool:
-    """results.png: validation loss against training tokens and against training time, the
-    mean over seeds with a min–max band, one colour per entry. False if matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-    for i, (label, _, _) in enumerate(ranking(report["entries"])):
-        mine = [r for r in runs if r["entry"] == label]
-        colour = f"C{i % 10}"
-        per_step = mine[0]["plan"]["tokens_per_step"]
-        for ax, x_of in ((by_tokens, lambda p: p[0] * per_step), (by_time, lambda p: p[1])):
-            xs, mean, low, high = band([[(x_of(p), p[2]) for p in r["result"]["curve"]] for r in mine])
-            ax.plot(xs, mean, color=colour, marker=".", label=f"{label} ({len(mine)} seed{'s' * (len(mine) > 1)})")
-            if len(mine) > 1:
-                ax.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
-    by_tokens.set(xlabel="training tokens", ylabel="validation loss (nats/token)",
-                  title=f"validation loss vs tokens ({report['budget_text']})")
-    by_time.set(xlabel="training time (s, validations included)", title="the same runs vs training time")
-    for ax in (by_tokens, by_time):
-        ax.grid(alpha=0.3)
-    by_tokens.legend(fontsize=8)
-    fig.suptitle("mean over seeds, band: min–max", fontsize=9)
-    fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    return True
-
-
-def safe_name(text: str) -> str:
-    """A folder name from any text: letters, digits and ._=,+- kept, the rest as _."""
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text).strip("._") or "run"
