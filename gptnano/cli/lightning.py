@@ -34,7 +34,7 @@ from gptnano.data.datamodule import DEFAULT_CACHE, SHAKESPEARE_SHA256, Shakespea
 from gptnano.errors import UserError
 from gptnano.files import check_writable_folder, os_error_in, write_error
 from gptnano.train.callbacks import PredictionWriter, ResumableEarlyStopping, TextSample, Throughput
-from gptnano.train.checkpointing import AtomicCheckpointIO, Checkpoint, stop_exit_status
+from gptnano.train.checkpointing import STOP, AtomicCheckpointIO, Checkpoint, stop_exit_status
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
@@ -454,10 +454,12 @@ def run(argv: list[str], verbose: bool = False) -> None:
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
-        sys.exit(stop_exit_status())  # as a shell reports the signal; Checkpoint.on_exception said where it saved
+        _exit_stopped()
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
+        if STOP.is_set():
+            _exit_stopped()  # what failed after a stop signal was a write to the terminal that is gone
         refused = os_error_in(e)
         if refused is None:
             raise
@@ -467,3 +469,18 @@ def run(argv: list[str], verbose: bool = False) -> None:
                           "whole or not at all)") from None
     finally:
         threading.excepthook = previous_hook
+
+
+def _exit_stopped() -> None:
+    """Exit as a shell reports the signal that stopped the fit (Checkpoint.on_exception saved and said
+    where). Output that can no longer reach a closed terminal is dropped, so that Python's own flush at
+    exit cannot turn the status into 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            except (OSError, ValueError):
+                pass
+    sys.exit(stop_exit_status())

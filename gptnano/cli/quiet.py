@@ -36,6 +36,8 @@ MESSAGES = {  # start of a Lightning info line -> why it is hidden
     "`Trainer.fit` stopped:": "gptnano's own end-of-run line (gptnano/train/report.py) says why, and where the "
                               "checkpoints are",
     "Time limit reached.": "the end-of-run line says so (max_time)",
+    "Loading `train_dataloader` to estimate": "the schedule's length with max_steps -1 (LitLM.decay_steps): "
+                                              "nothing to act on",
 }
 # Lightning prints its start-up lines through these loggers (rank_zero_info).
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")

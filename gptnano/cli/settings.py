@@ -152,16 +152,18 @@ def refusals(saved: dict, asked: dict, *, fitting: bool, fixed: set[str], source
     if new_net and old_net and new_net != old_net:
         raise UserError(f"{source} holds a {old_net} network, but --config or --model.net ask for {new_net}: "
                         f"give the {old_net}'s config, or none")
-    rows = {**{k: v for k, v in REFUSED.items() if fitting or v[0] == "every"},
-            **{f"model.net.{k}": ("every", "its saved weights have other shapes") for k in fixed}}
-    for key, (_, why) in rows.items():
+    sizes = {k: (old[f"model.net.{k}"], new.get(f"model.net.{k}")) for k in sorted(fixed) if f"model.net.{k}" in old}
+    if changed := {k: (a, b) for k, (a, b) in sizes.items() if a != b}:
+        shown = ", ".join(f"{k}={b} (saved: {a})" for k, (a, b) in changed.items())
+        raise UserError(f"{source} cannot take {shown}: its saved weights have other shapes "
+                        "(start a new run with --run_name to change the network)")
+    for key, (who, why) in REFUSED.items():
         before, after = old.get(key), new.get(key)
         if key == "checkpoint.every_n_train_steps":  # None and 0 both mean "off"
             before, after = before or 0, after or 0
-        if key in old and before != after:
-            what = "the network" if key.startswith("model.net.") else "a resume" if fitting else "an evaluation"
-            raise UserError(f"--{key} {after} cannot change on {what} of {source} (the run's is {before}): {why}; "
-                            "start a new run with --run_name to change it")
+        if key in old and before != after and (fitting or who == "every"):
+            raise UserError(f"--{key} {after} cannot change on {'resume' if fitting else 'a checkpoint'} (the run's "
+                            f"is {before}): {why}; start a new run with --run_name to change it")
 
 
 def check_splits(saved: dict, asked: dict, subcommand: str) -> None:

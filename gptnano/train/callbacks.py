@@ -152,7 +152,8 @@ class ResumableEarlyStopping(LightningEarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return OWN_STATE + super().state_key
+        # gptnano.EarlyStopping{'monitor': ..., 'mode': ...}: the key earlier checkpoints' state moves to
+        return OWN_STATE + "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
 
     def load_state_dict(self, state_dict: dict) -> None:
         patience = self.patience
