@@ -127,6 +127,9 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], N
     return path
 
 
+PROBE = ".gptnano-write-check"  # the file check_writable_folder writes and removes
+
+
 def check_writable_folder(folder: Path | str, what: str, create: bool = True) -> Path:
     """Prove a file can be written in ``folder`` before any work that would be lost if it could not
     (the first training step, say); ``what`` names its use. With ``create`` the folder is made if
@@ -145,10 +148,13 @@ def check_writable_folder(folder: Path | str, what: str, create: bool = True) ->
             where = where.parent
         if not where.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(where))
-        probe = where / f".gptnano-write-check.{os.getpid()}{TEMP_SUFFIX}"
+        probe = where / f"{PROBE}.{os.getpid()}{TEMP_SUFFIX}"
         with open(probe, "wb") as f:
             f.write(b"ok")
-        probe.unlink()
+        # A probe of a process killed before it could remove its own (SIGKILL the moment it appeared) goes
+        # with this one; missing_ok, since another process's check may have taken this one already.
+        for stale in where.glob(f"{PROBE}.*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
     except OSError as e:
         raise WriteError(f"cannot write {what} in {shown_path(folder)}: {_reason(e)}; nothing was started") from None
     return folder

@@ -104,3 +104,12 @@ def test_no_hand_written_temp_and_rename_left_in_the_package():
     offenders = [p for p in package.rglob("*.py") if p.name != "files.py"
                  and ("os.replace(" in p.read_text() or ".replace(path)" in p.read_text())]
     assert offenders == []
+
+
+def test_a_probe_left_by_a_killed_process_goes_with_the_next_check(tmp_path):
+    """A run killed (SIGKILL) the moment its write check appeared leaves the probe file: the next
+    check in that folder removes it with its own, so a resumed run's folder holds no litter."""
+    stale = tmp_path / ".gptnano-write-check.99999.tmp"
+    stale.write_bytes(b"ok")
+    files.check_writable_folder(tmp_path, "checkpoints", create=False)
+    assert list(tmp_path.iterdir()) == []
