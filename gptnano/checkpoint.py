@@ -308,7 +308,10 @@ def loaded(ckpt: dict, path: str | Path) -> Loaded:
     tokenizer = make_tokenizer(vocab, hparams.get("tokenizer", "char"))
     if len(tokenizer) != net.vocab_size:
         raise UserError(f"{path}: its vocabulary has {len(tokenizer)} tokens but its network {net.vocab_size}")
-    return Loaded(net.eval(), tokenizer, hparams)
+    # The sampling settings a tool defaults to are the run's config's (what its last command parsed).
+    model = run_config(ckpt).get("model") or {}
+    sampling = {k: v for k, v in model.items() if k in SAMPLING and isinstance(v, PLAIN)}
+    return Loaded(net.eval(), tokenizer, {**hparams, **sampling})
 
 
 def load_net(path: str | Path) -> Loaded:

@@ -142,7 +142,8 @@ class Checkpoint(ModelCheckpoint):
         return STOP.is_set()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
+        if not trainer.fast_dev_run:  # Lightning's would write last.ckpt even then; its docs say fast_dev_run saves none
+            super().on_train_end(trainer, pl_module)
         # Training that ends between two saves (max_steps past the last validation or
         # last_every_n_steps point) must still leave last.ckpt at its final step.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
