@@ -155,3 +155,17 @@ def test_trainer_settings_that_work():
     assert settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5, "check_val_every_n_epoch": None},
                                   typed) == {}
     assert settings.check_trainer({"max_steps": 10, "val_check_interval": "00:00:01:00"}) == {}  # Lightning's duration
+
+
+def test_the_reliability_table_is_the_code_s():
+    """docs/reliability.md's resume table names every row of REFUSED as refused on a resume, and a
+    row refused by every command is refused in its evaluation column too."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    table = doc[doc.index("| setting | a resume"):doc.index("A resume that changes a batch size")]
+    for key, (who, _) in settings.REFUSED.items():
+        row = next((line for line in table.splitlines() if f"`{key}`" in line), None)
+        assert row is not None, f"docs/reliability.md has no row for {key}"
+        resume, evaluation = [cell.strip() for cell in row.split("|")[2:4]]
+        assert resume.startswith("refused") and evaluation.startswith("refused" if who == "every" else "applies"), row

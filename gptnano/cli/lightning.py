@@ -112,10 +112,12 @@ class GPTNanoCLI(LightningCLI):
         argv = settings.moved_class_paths(settings.architecture_names(sys.argv[1:] if args is None else list(args)))
         cmd = settings.read_command_line(argv, self.subcommands())
         self._typed = cmd.typed
-        if cmd.init_from and (cmd.ckpt_path or cmd.subcommand not in ("fit", None)):
-            raise UserError("--init_from starts a new run from a trained model (fit only); --ckpt_path resumes or "
-                            "evaluates a run: give one of them (a run begun with --init_from resumes with "
-                            "--run_name NAME --ckpt_path last)")
+        if cmd.init_from and cmd.subcommand not in ("fit", None):
+            raise UserError(f"--init_from is for fit; {cmd.subcommand} takes a checkpoint or an exported folder as "
+                            "--ckpt_path")
+        if cmd.init_from and cmd.ckpt_path:
+            raise UserError("--init_from starts a new run from a trained model, --ckpt_path resumes a run: give one of "
+                            "them (a run begun with --init_from resumes with --run_name NAME --ckpt_path last)")
         if cmd.ckpt_path:
             path = cmd.ckpt_path
             if path in ("last", "best"):
@@ -182,7 +184,15 @@ class GPTNanoCLI(LightningCLI):
         base = run_config(saved)
         cls, net_args = architecture(saved["hyper_parameters"]["net"], path)
         fixed = {k for k in net_args if k not in cls.run_settings and k != "vocab_size"}
+        if cfg.model.net.class_path.rsplit(".", 1)[-1] == cls.__name__:
+            for key in fixed - {k.removeprefix("model.net.") for k in self._typed}:
+                cfg.model.net.init_args[key] = net_args[key]  # the weights fix it: over a --config file, not a flag
         settings.refusals(base, cfg.as_dict(), fitting=sub == "fit", fixed=fixed, source=path)
+        was = base["data"].get("batch_size")
+        if sub == "fit" and was and was != cfg.data.batch_size and _rank_zero():
+            print(f"gptnano: batch size {was} -> {cfg.data.batch_size} from step {_step_of(saved)}: the batches differ "
+                  "from an unbroken run's from here on, and an epoch in progress ends at the new length",
+                  file=sys.stderr)
         if sub != "predict":
             cfg.data.path = self._text(cfg, saved, base["data"].get("path"))
         if sub in ("validate", "test") and (saved.get("gptnano") or {}).get("text", {}).get("path") == cfg.data.path:
@@ -229,7 +239,8 @@ class GPTNanoCLI(LightningCLI):
             shown = ", ".join(f"{k}={v} (its weights: {fixed[k]})" for k, v in typed.items())
             raise UserError(f"--init_from {source} cannot take {shown}: the network and its sizes come from the "
                             "trained model (train one of other sizes without --init_from)")
-        net.init_args.update(fixed)
+        for key, value in fixed.items():
+            net.init_args[key] = value
         kind = hparams.get("tokenizer", "char")
         if ("data.tokenizer" in self._typed and cfg.data.tokenizer != kind) or "data.vocab" in self._typed:
             raise UserError(f"--init_from {source}: the tokenizer is the trained model's ({kind}), "
@@ -269,22 +280,26 @@ class GPTNanoCLI(LightningCLI):
                                 "last, or train on from it as a new run with --run_name NAME")
 
     def _place_logs(self, cfg, sub: str | None, name: str, root: str | None) -> None:
-        """gptnano's TensorBoard logger (Board) in the run's folder: ``<root>/lightning_logs/<run>/version_N``
-        for training, ``.../<run>/eval/version_N`` for validate, test and predict, at the step of the
-        checkpoint they read. A logger the user gives alone replaces it, as in Lightning; a list keeps
-        it beside theirs; ``--trainer.logger false`` trains without any."""
-        logs = Path(root or ".") / "lightning_logs"
+        """gptnano's TensorBoard logger (Board) in the run's folder: ``<logs>/<run>/version_N`` for
+        training, ``<logs>/<run>/eval/version_N`` for validate, test and predict, at the step of the
+        checkpoint they read; ``<logs>`` is ``<root>/lightning_logs``, or the Board's ``save_dir`` where one
+        was typed. A logger the user gives alone replaces it, as in Lightning; a list keeps it beside
+        theirs; ``--trainer.logger false`` trains without any."""
+        logger, board_class = cfg.trainer.logger, "gptnano.train.logger.Board"
+        boards = [x for x in (logger if isinstance(logger, list) else [logger])
+                  if getattr(x, "class_path", None) == board_class]
+        typed = boards and boards[0].init_args.get("save_dir") and {"trainer.logger", "trainer.logger.save_dir"} & \
+            self._typed
+        logs = Path(boards[0].init_args.save_dir) if typed else Path(root or ".") / "lightning_logs"
         evaluating = sub in ("validate", "test", "predict")
         init = {"save_dir": str(logs / name), "name": "eval", "step": _step_of(self._saved)} if evaluating \
             else {"save_dir": str(logs), "name": name}
-        board = Namespace(class_path="gptnano.train.logger.Board", init_args=Namespace(**init))
-        logger = cfg.trainer.logger
-        boards = [x for x in (logger if isinstance(logger, list) else [logger])
-                  if getattr(x, "class_path", None) == board.class_path]
         if logger in (None, True):
-            cfg.trainer.logger = board
+            cfg.trainer.logger = Namespace(class_path=board_class, init_args=Namespace())
+            boards = [cfg.trainer.logger]
         elif isinstance(logger, list) and not boards:
-            logger.append(board)
+            boards = [Namespace(class_path=board_class, init_args=Namespace())]
+            logger.append(boards[0])
         for found in boards:
             for key, value in init.items():
                 found.init_args[key] = value
@@ -427,9 +442,9 @@ class GPTNanoCLI(LightningCLI):
                 _OUTPUTS.append(os.path.relpath(callback.dirpath))
                 check_writable_folder(callback.dirpath, "checkpoints", create=False)
         for logger in self.trainer.loggers:
-            if getattr(logger, "log_dir", None):
-                _OUTPUTS.append(str(logger.log_dir))
-                check_writable_folder(logger.log_dir, "logs", create=False)
+            if getattr(logger, "save_dir", None):
+                _OUTPUTS.append(str(Path(logger.save_dir) / str(logger.name or "")))
+                check_writable_folder(_OUTPUTS[-1], "logs", create=False)
 
     before_fit = before_validate = before_test = before_predict = _check_outputs
 

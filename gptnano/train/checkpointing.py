@@ -196,6 +196,12 @@ class Checkpoint(ModelCheckpoint):
         self._restore_signals()
 
 
+def own_checkpoint(trainer) -> "Checkpoint | None":
+    """gptnano's checkpoint callback among the trainer's (not ``trainer.checkpoint_callback``, the first
+    of any: a user's own ModelCheckpoint may come before it)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, Checkpoint)), None)
+
+
 # Signals that stop a fit after its step in this process (SIGTERM: Lightning's own handler), and
 # the exit status of each, as a shell reports a process the signal ended.
 STOP_SIGNALS = ("SIGINT", "SIGHUP", "SIGBREAK")

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from gptnano.errors import WriteError
 from gptnano.files import os_error_in, write_error
-from gptnano.train.checkpointing import Checkpoint
+from gptnano.train.checkpointing import own_checkpoint
 
 BEST_OF = "val/loss"  # hp_metric is the lowest value of this tag
 
@@ -170,8 +170,7 @@ class RunSettings(L.Callback):
             logger.log_hyperparams(settings)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        scores = [c.best_model_score for c in trainer.checkpoint_callbacks
-                  if isinstance(c, Checkpoint) and c.best_model_score is not None]
+        score = getattr(own_checkpoint(trainer), "best_model_score", None)
         for logger in trainer.loggers:
-            if isinstance(logger, Board) and scores:
-                logger.best = min(logger.best, float(scores[0]))
+            if isinstance(logger, Board) and score is not None:
+                logger.best = min(logger.best, float(score))
