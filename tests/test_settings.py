@@ -88,12 +88,14 @@ def test_an_evaluation_may_score_another_split_a_resume_may_not():
     ("validate", {"val_fraction": 0.05}, None),  # a part of the run's validation split
 ])
 def test_evaluating_on_trained_text_is_refused(sub, data, error):
+    from gptnano.data.datamodule import check_splits
+
     saved = {"val_fraction": 0.1, "test_fraction": 0.1 if error is None and sub == "test" else 0.0}
     if error is None:
-        settings.check_splits(saved, {"val_fraction": 0.1, "test_fraction": 0.0, **data}, sub)
+        check_splits(saved, {"val_fraction": 0.1, "test_fraction": 0.0, **data}, sub)
     else:
         with pytest.raises(UserError, match=error):
-            settings.check_splits(saved, {"val_fraction": 0.1, "test_fraction": 0.0, **data}, sub)
+            check_splits(saved, {"val_fraction": 0.1, "test_fraction": 0.0, **data}, sub)
 
 
 def test_what_the_command_line_alone_says(tmp_path):

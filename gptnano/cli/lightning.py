@@ -29,8 +29,8 @@ from gptnano import devices, hardware, lines
 from gptnano.checkpoint import architecture, load_grown, read_checkpoint, run_config, run_name
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
-from gptnano.data.cache import Corpus
-from gptnano.data.datamodule import DEFAULT_CACHE, SHAKESPEARE_SHA256, ShakespeareDataModule
+from gptnano.data.cache import run_text
+from gptnano.data.datamodule import DEFAULT_CACHE, SHAKESPEARE_SHA256, ShakespeareDataModule, check_splits
 from gptnano.errors import UserError
 from gptnano.files import check_writable_folder, os_error_in, write_error
 from gptnano.train.callbacks import PredictionWriter, ResumableEarlyStopping, TextSample, Throughput
@@ -156,7 +156,7 @@ class GPTNanoCLI(LightningCLI):
         sub, cfg = self.config.get("subcommand"), self._cfg()
         for key, value in settings.check_trainer(cfg.trainer.as_dict(), self._typed).items():
             cfg.trainer[key] = value
-        settings.check_callbacks(cfg.checkpoint.as_dict(), cfg.early_stopping.as_dict())
+        settings.check_callbacks(cfg.as_dict())
         if self._ckpt_path:
             self._from_checkpoint(cfg, sub)
         elif self._saved is not None:
@@ -194,33 +194,16 @@ class GPTNanoCLI(LightningCLI):
                   "from an unbroken run's from here on, and an epoch in progress ends at the new length",
                   file=sys.stderr)
         if sub != "predict":
-            cfg.data.path = self._text(cfg, saved, base["data"].get("path"))
+            given = base["data"].get("path")
+            asked = cfg.data.path if cfg.data.path != given or "data.path" in self._typed else None
+            cfg.data.path, line = run_text((saved.get("gptnano") or {}).get("text"), asked or None, cfg.data.tokenizer,
+                                           DEFAULT_CACHE, SHAKESPEARE_SHA256)
+            if not (saved.get("gptnano") or {}).get("text"):
+                cfg.data.path = asked or given  # an older checkpoint: the text as given
+            if line and _rank_zero():
+                print(line, file=sys.stderr)
         if sub in ("validate", "test") and (saved.get("gptnano") or {}).get("text", {}).get("path") == cfg.data.path:
-            settings.check_splits(base["data"], cfg.data.as_dict(), sub)
-
-    def _text(self, cfg, saved: dict, given: str | None) -> str | None:
-        """The text a command on a checkpoint reads: the run's own (GPTNANO_DATA does not override it),
-        refused if it changed since, unless a path is asked for (then one line says so)."""
-        text = (saved.get("gptnano") or {}).get("text")
-        if not text:
-            return cfg.data.path  # an older checkpoint: the text as given
-        recorded, sha = text["path"], text["sha256"]
-        asked = cfg.data.path if cfg.data.path != given or "data.path" in self._typed else None
-        if asked and Path(asked).resolve() != Path(recorded):
-            if Corpus(Path(asked), cfg.data.tokenizer).scan(verbose=False).sha256 != sha and _rank_zero():
-                print(f"gptnano: reading {asked}, not the text the run was trained on ({recorded}, sha256 "
-                      f"{sha[:12]}...)", file=sys.stderr)
-            return asked
-        if Path(recorded).is_file():
-            now = Corpus(Path(recorded), cfg.data.tokenizer).scan(verbose=False).sha256
-            if now != sha and not asked:
-                raise UserError(f"the run's text {recorded} has changed since it was trained on (sha256 {sha[:12]}... "
-                                f"then, {now[:12]}... now): give --data.path {recorded} to go on with it as it is")
-            return recorded
-        if sha == SHAKESPEARE_SHA256:
-            return str(DEFAULT_CACHE)  # downloaded again where it is missing
-        raise UserError(f"the run's text {recorded} is not there (a run moved to another machine?): give "
-                        f"--data.path FILE (the run's text has sha256 {sha[:12]}...)")
+            check_splits(base["data"], cfg.data.as_dict(), sub)
 
     def _start_from(self, cfg) -> None:
         """``fit --init_from PATH``: the network and its sizes from PATH (a size typed otherwise is one

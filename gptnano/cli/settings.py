@@ -166,21 +166,6 @@ def refusals(saved: dict, asked: dict, *, fitting: bool, fixed: set[str], source
                             f"is {before}): {why}; start a new run with --run_name to change it")
 
 
-def check_splits(saved: dict, asked: dict, subcommand: str) -> None:
-    """Refuse evaluating on text the run trained on: a validation split reaching into the run's
-    training split, or a test split the run did not hold out. ``saved`` and ``asked`` are the
-    ``data`` settings; the splits are contiguous (train | val | test), so fractions decide."""
-    v, t = saved.get("val_fraction", 0.1), saved.get("test_fraction", 0.0)
-    v2, t2 = asked.get("val_fraction", 0.1), asked.get("test_fraction", 0.0)
-    if subcommand == "test" and (t2 > t + 1e-12 or t == 0):
-        held = f"held out the last {t:g} of the text" if t else "held out no test split"
-        raise UserError(f"--data.test_fraction {t2:g}: the run {held}, so this test split would score text it "
-                        "trained or validated on; test with --data.test_fraction at most the run's")
-    if subcommand == "validate" and v2 + t2 > v + t + 1e-12:
-        raise UserError(f"--data.val_fraction {v2:g} (with test_fraction {t2:g}) reaches into the text this run "
-                        f"trained on (its validation split is the {v + t:g} after training): score at most that")
-
-
 def check_trainer(trainer: dict, typed: set[str] = frozenset()) -> dict:
     """Refuse Trainer settings that cannot work, before anything is built (one line each), and
     return the settings to change: a typed fractional ``val_check_interval`` counts in epochs,
@@ -232,20 +217,24 @@ REFUSED_TRAINER = {
 }
 
 
-def check_callbacks(checkpoint: dict, early_stopping: dict) -> None:
-    """Refuse checkpoint and early-stopping settings that cannot work (one line each).
+CALLBACK_RULES = {  # gptnano's callback settings that cannot work: key -> (test, what it must be)
+    "early_stopping.patience": (lambda v: isinstance(v, int) and v >= 0, "a whole number of validations >= 0"),
+    "early_stopping.min_delta": (lambda v: v >= 0, ">= 0"),
+    "checkpoint.save_top_k": (lambda v: isinstance(v, int) and v >= -1, "-1 (all), 0 (none) or a positive number"),
+    "checkpoint.last_every_n_steps": (lambda v: v >= 0, "a number of steps >= 0 (0: off)"),
+}
+
+
+def check_callbacks(config: dict) -> None:
+    """Refuse checkpoint and early-stopping settings that cannot work (one line each). ``config`` is the
+    command's (``checkpoint`` and ``early_stopping`` in it).
 
     Raises:
         UserError: naming the setting, its value and what it must be.
     """
-    rules = [("early_stopping.patience", early_stopping.get("patience"), lambda v: isinstance(v, int) and v >= 0,
-              "a whole number of validations >= 0"),
-             ("early_stopping.min_delta", early_stopping.get("min_delta"), lambda v: v >= 0, ">= 0"),
-             ("checkpoint.save_top_k", checkpoint.get("save_top_k"), lambda v: isinstance(v, int) and v >= -1,
-              "-1 (all), 0 (none) or a positive number of checkpoints"),
-             ("checkpoint.last_every_n_steps", checkpoint.get("last_every_n_steps"), lambda v: v >= 0,
-              "a number of steps >= 0 (0: off)")]
-    for key, value, ok, what in rules:
+    for key, (ok, what) in CALLBACK_RULES.items():
+        group, name = key.split(".")
+        value = (config.get(group) or {}).get(name)
         if value is not None and not ok(value):
             raise UserError(f"--{key} must be {what}, got {value!r}")
 

@@ -33,6 +33,25 @@ FULL_PASS_TOKENS = 2_000_000
 DEFAULT_VAL_TOKENS = 1_000_000
 
 
+def check_splits(saved: dict, asked: dict, subcommand: str) -> None:
+    """Refuse evaluating on text the run trained on: a validation split reaching into the run's
+    training split, or a test split the run did not hold out. ``saved`` and ``asked`` are the
+    ``data`` settings (fractions); the splits are contiguous (train | val | test), so the fractions decide.
+
+    Raises:
+        UserError: naming the fraction and the split it would reach into.
+    """
+    v, t = saved.get("val_fraction", 0.1), saved.get("test_fraction", 0.0)
+    v2, t2 = asked.get("val_fraction", 0.1), asked.get("test_fraction", 0.0)
+    if subcommand == "test" and (t2 > t + 1e-12 or t == 0):
+        held = f"held out the last {t:g} of the text" if t else "held out no test split"
+        raise UserError(f"--data.test_fraction {t2:g}: the run {held}, so this test split would score text it "
+                        "trained or validated on; test with --data.test_fraction at most the run's")
+    if subcommand == "validate" and v2 + t2 > v + t + 1e-12:
+        raise UserError(f"--data.val_fraction {v2:g} (with test_fraction {t2:g}) reaches into the text this run "
+                        f"trained on (its validation split is the {v + t:g} after training): score at most that")
+
+
 class WindowLoader(DataLoader):
     """A DataLoader that Lightning treats as resumable (its ``state_dict`` / ``load_state_dict``
     interface): the windows are a pure function of the run's global batch index, which the

@@ -3,7 +3,6 @@ atomically, and read back only through gptnano's one safe reader)."""
 
 import shutil
 import signal
-import sys
 import threading
 import time
 from datetime import timedelta
