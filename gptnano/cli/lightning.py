@@ -157,6 +157,9 @@ class GPTNanoCLI(LightningCLI):
         for key, value in settings.check_trainer(cfg.trainer.as_dict(), self._typed).items():
             cfg.trainer[key] = value
         settings.check_callbacks(cfg.as_dict())
+        given = cfg.trainer.callbacks
+        if isinstance(given, list):  # `--trainer.callbacks+=X` on a resume of a run that has X: one X
+            cfg.trainer.callbacks = [c for i, c in enumerate(given) if c not in given[:i]]
         if self._ckpt_path:
             self._from_checkpoint(cfg, sub)
         elif self._saved is not None:
@@ -193,16 +196,13 @@ class GPTNanoCLI(LightningCLI):
             print(f"gptnano: batch size {was} -> {cfg.data.batch_size} from step {_step_of(saved)}: the batches differ "
                   "from an unbroken run's from here on, and an epoch in progress ends at the new length",
                   file=sys.stderr)
-        if sub != "predict":
-            given = base["data"].get("path")
-            asked = cfg.data.path if cfg.data.path != given or "data.path" in self._typed else None
-            cfg.data.path, line = run_text((saved.get("gptnano") or {}).get("text"), asked or None, cfg.data.tokenizer,
-                                           DEFAULT_CACHE, SHAKESPEARE_SHA256)
-            if not (saved.get("gptnano") or {}).get("text"):
-                cfg.data.path = asked or given  # an older checkpoint: the text as given
+        text = (saved.get("gptnano") or {}).get("text")
+        if sub != "predict" and text:  # (an older checkpoint recorded no text: it reads the one given)
+            asked = cfg.data.path if cfg.data.path != base["data"].get("path") or "data.path" in self._typed else None
+            cfg.data.path, line = run_text(text, asked, cfg.data.tokenizer, DEFAULT_CACHE, SHAKESPEARE_SHA256)
             if line and _rank_zero():
                 print(line, file=sys.stderr)
-        if sub in ("validate", "test") and (saved.get("gptnano") or {}).get("text", {}).get("path") == cfg.data.path:
+        if sub in ("validate", "test") and text and text["path"] == cfg.data.path:
             check_splits(base["data"], cfg.data.as_dict(), sub)
 
     def _start_from(self, cfg) -> None:
