@@ -14,6 +14,7 @@ gptnano has outgrown, with the reason. Anything else is one ``UserError`` line. 
 Lightning here, so tools such as ``gptnano generate`` start fast.
 """
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -253,14 +254,40 @@ def load_grown(net: LanguageModel, state_dict: dict, source: str | Path) -> list
     return grown
 
 
+def run_config(ckpt: dict) -> dict:
+    """The config the checkpoint's run was parsed into, as a nested dict of plain values (what
+    ``gptnano fit --print_config`` shows: ``trainer``, ``model``, ``data``, ``run_name``, ...),
+    with the tokenizer it trained with in ``data.vocab`` and ``data.tokenizer``.
+
+    ``gptnano fit`` keeps it in ``ckpt["gptnano"]["config"]`` (gptnano/train/logger.py,
+    ``RunConfig``). For a checkpoint written before it did (and an exported folder), the config is
+    rebuilt from what the file holds: the model's hyper-parameters, the data module's settings,
+    the run's name and seed.
+    """
+    record = ckpt.get("gptnano") or {}
+    hparams = ckpt["hyper_parameters"]
+    if isinstance(record.get("config"), dict):
+        config = copy.deepcopy(record["config"])
+    else:
+        model = {k: v for k, v in hparams.items() if k not in ("vocab", "tokenizer") and not k.startswith("_")}
+        data = {k: v for k, v in (ckpt.get("ShakespeareDataModule") or {}).items() if isinstance(v, PLAIN)}
+        config = {"model": copy.deepcopy(model), "data": data}
+        if isinstance(record.get("run_name"), str):
+            config["run_name"] = record["run_name"]
+        if isinstance(record.get("seed"), int):
+            config["seed_everything"] = record["seed"]
+    config.setdefault("data", {}).update(vocab=hparams.get("vocab") or None, tokenizer=hparams.get("tokenizer", "char"))
+    return config
+
+
 def run_name(path: str | Path, ckpt: dict | None = None) -> str:
-    """The run a checkpoint comes from: for a file, the name its run recorded (``ckpt``'s
-    ``gptnano`` metadata, as ``read_checkpoint`` returned it), else its folder's
-    (``checkpoints/<run>/`` holds a run's files); an exported folder is named by its exporter."""
+    """The run a checkpoint comes from: for a file, the name its run recorded (its config's
+    ``run_name``), else its folder's (``checkpoints/<run>/`` holds a run's files); an exported
+    folder is named by its exporter."""
     p = Path(path).resolve()
     if p.is_dir():
         return p.name
-    recorded = ((ckpt or {}).get("gptnano") or {}).get("run_name")
+    recorded = run_config(ckpt).get("run_name") if ckpt else None
     return recorded if isinstance(recorded, str) and recorded else p.parent.name
 
 
@@ -281,7 +308,10 @@ def loaded(ckpt: dict, path: str | Path) -> Loaded:
     tokenizer = make_tokenizer(vocab, hparams.get("tokenizer", "char"))
     if len(tokenizer) != net.vocab_size:
         raise UserError(f"{path}: its vocabulary has {len(tokenizer)} tokens but its network {net.vocab_size}")
-    return Loaded(net.eval(), tokenizer, hparams)
+    # The sampling settings a tool defaults to are the run's config's (what its last command parsed).
+    model = run_config(ckpt).get("model") or {}
+    sampling = {k: v for k, v in model.items() if k in SAMPLING and isinstance(v, PLAIN)}
+    return Loaded(net.eval(), tokenizer, {**hparams, **sampling})
 
 
 def load_net(path: str | Path) -> Loaded:

@@ -21,8 +21,13 @@ def line(*fields: str) -> str:
 
 
 def say(*fields: str, file=None) -> None:
-    """Print ``line(*fields)`` to stderr (or ``file``) at once: progress goes out as it happens."""
-    print(line(*fields), file=file or sys.stderr, flush=True)
+    """Print ``line(*fields)`` to stderr (or ``file``) at once: progress goes out as it happens. A
+    stream that is gone (the terminal closed: SIGHUP, a dropped ssh session) loses the line, never
+    the work around it."""
+    try:
+        print(line(*fields), file=file or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def duration(seconds: float) -> str:

@@ -4,16 +4,13 @@ place, so that a release that renames one fails here with its name instead of so
 import pytest
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_summary import model_summary
 
 USED = [
     (ModelCheckpoint, "_save_last_checkpoint", "gptnano.train.checkpointing.Checkpoint refreshes last.ckpt between validations"),
     (ModelCheckpoint, "_should_skip_saving_checkpoint", "gptnano.train.checkpointing.Checkpoint"),
     (ModelCheckpoint, "_monitor_candidates", "gptnano.train.checkpointing.Checkpoint"),
-    (LightningCLI, "_parse_ckpt_path", "gptnano.cli.lightning replaces it: the checkpoint must not override typed flags"),
     (model_summary, "_format_summary_table", "gptnano.cli.quiet prints the model summary without FLOPs"),
-    (LightningCLI, "_get", "gptnano.cli.lightning reads the trainer's plugins from the parsed config"),
 ]
 
 
@@ -29,17 +26,6 @@ def test_a_module_outside_a_trainer_has_none():
 @pytest.mark.parametrize("owner,name,why", USED, ids=[n for _, n, _ in USED])
 def test_lightning_still_has_it(owner, name, why):
     assert callable(getattr(owner, name, None)), f"Lightning no longer has {name}: {why}"
-
-
-def test_the_parser_still_keeps_its_subcommand_parsers():
-    """gptnano.cli.lightning gives a subcommand defaults from a checkpoint through jsonargparse's private map."""
-    from jsonargparse import ArgumentParser
-
-    from gptnano.cli.lightning import subcommand_parser
-
-    parser, fit = ArgumentParser(), ArgumentParser()
-    parser.add_subcommands().add_subcommand("fit", fit)
-    assert subcommand_parser(parser, "fit") is fit
 
 
 def test_torch_still_has_its_scan_operator():

@@ -116,9 +116,10 @@ CASES = [
     Case("ckpt-other-vocabulary", lambda w: ["validate", "--ckpt_path", str(w.ckpt), "--data.path", _write(w.tmp, "o.txt", "xyzw\n".encode() * 500)],
      r"characters not in the model's vocabulary .*different text"),
     Case("max-steps-zero", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.max_steps", "0"],
-     r"--trainer.max_steps must be a positive number of optimizer steps, got 0"),
+     r"--trainer.max_steps must be a positive number of optimizer steps, or -1 with --trainer\.max_epochs or "
+     r"--trainer\.max_time to bound the run, got 0"),
     Case("max-steps-negative", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.max_steps", "-1"],
-     r"--trainer.max_steps must be a positive number of optimizer steps, got -1"),
+     r"--trainer.max_steps must be .*, or -1 with --trainer\.max_epochs or --trainer\.max_time to bound the run, got -1"),
     Case("ckpt-is-a-folder", lambda w: ["validate", "--ckpt_path", str(w.tmp)], r"checkpoint is a folder, not a file"),
     Case("resume-without-checkpoint", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--ckpt_path", "last"],
      r"no checkpoints/gpt/last\.ckpt to resume"),
@@ -151,7 +152,8 @@ CASES = [
      r"--format hf is not available for RNN: use safetensors or onnx"),
     # Issue 19, item 6: settings that cannot work are found before the first step (before: tracebacks).
     Case("val-check-interval-zero", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.val_check_interval", "0"],
-     r"--trainer\.val_check_interval must be a positive number of steps between validations, got 0"),
+     r"--trainer\.val_check_interval must be a positive number of steps between validations, a fraction of an "
+     r"epoch, or a duration, got 0"),
     Case("accumulate-zero", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--trainer.accumulate_grad_batches", "0"],
      r"--trainer\.accumulate_grad_batches must be a whole number >= 1, got 0"),
     Case("patience-negative", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--early_stopping.patience", "-1"],

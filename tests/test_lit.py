@@ -244,14 +244,14 @@ def test_text_sample_leaves_the_random_streams_as_it_found_them(monkeypatch):
     class Trainer:
         sanity_checking, is_global_zero, global_step = False, True, 7
         state = type("State", (), {"fn": "fit"})()
-        logger = type("Logger", (), {"experiment": Experiment()})()
+        loggers = [type("Logger", (), {"experiment": Experiment()})()]
 
     lit = _lit()  # no sample_seed: sampling draws from the global stream
     torch.manual_seed(0)
     expected = torch.rand(4)
     torch.manual_seed(0)
     TextSample(max_new_tokens=20).on_validation_end(Trainer(), lit)
-    assert len(Trainer.logger.experiment.text) > 20
+    assert len(Trainer.loggers[0].experiment.text) > 20
     assert torch.equal(torch.rand(4), expected)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from gptnano.data import tokens as tokens_module
 from gptnano.data.tokens import Tokens
-from gptnano.train.checkpointing import CTRL_C, Checkpoint
+from gptnano.train.checkpointing import STOP, Checkpoint
 from tests.helpers import TINY_GPT, WITHOUT_UNIX, posix_only, start_cli, wait_for
 
 
@@ -75,17 +75,17 @@ def test_ctrl_c_is_a_flag_read_at_the_end_of_an_optimizer_step(monkeypatch):
     previous = signal.getsignal(signal.SIGINT)
     checkpoint.on_train_start(trainer, None)
     try:
-        assert not CTRL_C.is_set()
+        assert not STOP.is_set()
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what Python calls on Ctrl-C
-        assert CTRL_C.is_set() and not trainer.received_sigterm
+        assert STOP.is_set() and not trainer.received_sigterm
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a second one interrupts at once
         checkpoint.on_train_batch_end(trainer, None, None, None, batch_idx=0)  # micro-batch 1 of 3
         assert not trainer.received_sigterm
         checkpoint.on_train_batch_end(trainer, None, None, None, batch_idx=2)  # the update
         assert trainer.received_sigterm  # Lightning's loop raises SIGTERMException at the end of this step
     finally:
-        checkpoint._restore_sigint()
-        CTRL_C.clear()
+        checkpoint._restore_signals()
+        STOP.clear()
     assert signal.getsignal(signal.SIGINT) is previous and saved == []  # saving is on_exception's job
 
 
@@ -108,22 +108,23 @@ def test_every_ddp_process_stops_after_the_same_step(pressed_on, monkeypatch):
     trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=any_process),
                               accumulate_grad_batches=1, _signal_connector=SimpleNamespace(received_sigterm=False))
     if pressed_on == "this process":
-        CTRL_C.set()
+        STOP.set()
     try:
         Checkpoint().on_train_batch_end(trainer, None, None, None, batch_idx=0)
-        assert CTRL_C.is_set() and trainer._signal_connector.received_sigterm
+        assert STOP.is_set() and trainer._signal_connector.received_sigterm
     finally:
-        CTRL_C.clear()
+        STOP.clear()
     assert asked == [(pressed_on == "this process", False)]  # any process's Ctrl-C counts
 
 
-@posix_only("SIGTERM and SIGINT sent to another process: on Windows SIGTERM kills it outright, and "
-            "Ctrl-C reaches only a console's processes")
-@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C without pread, fcntl or signals to itself"])
+@posix_only("SIGTERM, SIGINT and SIGHUP sent to another process: on Windows SIGTERM kills it outright, "
+            "Ctrl-C reaches only a console's processes, and there is no SIGHUP")
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C without pread, fcntl or signals to itself", "SIGHUP"])
 def test_a_stopped_run_saves_the_step_reached(how, text_file, tmp_path):
     """SIGTERM from outside (Lightning's handler) exits 143; Ctrl-C exits 130, here in a process
     that has no os.pread, no fcntl (the build lock is filelock's portable one) and may not
-    signal itself: what Windows has. Either way last.ckpt holds the step the line names."""
+    signal itself: what Windows has; SIGHUP (the terminal closed) exits 129. Each way last.ckpt
+    holds the step the line names."""
     args = ["fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps", "100000",
             "--trainer.val_check_interval", "50", "--checkpoint.last_every_n_steps", "0"]
     last = tmp_path / "checkpoints" / "gpt" / "last.ckpt"
@@ -131,15 +132,52 @@ def test_a_stopped_run_saves_the_step_reached(how, text_file, tmp_path):
     proc = start_cli(args, tmp_path, launcher=WITHOUT_UNIX if ctrl_c else None)
     wait_for(last, proc)  # the first validation (step 50) wrote one
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT if ctrl_c else signal.SIGTERM)
+    proc.send_signal(signal.SIGINT if ctrl_c else getattr(signal, how))
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if ctrl_c else 143), err[-3000:]
+    assert proc.returncode == {"SIGTERM": 143, "SIGHUP": 129}.get(how, 130), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    line = next(l for l in err.splitlines() if l.startswith("gptnano: stopped at step"))
-    reached = int(line.split("step ")[1].split(",")[0])
+    line = next(line for line in err.splitlines() if line.startswith("gptnano: stopped at step"))
+    reached = int(line.split("step ")[1].split(" ")[0])
     assert reached > 50 and torch.load(last, weights_only=True)["global_step"] == reached
+    assert f"by {'Ctrl-C' if ctrl_c else how}, saved" in line
     if ctrl_c:  # the launcher's own report: the pieces really were missing, and the lock was filelock's soft one
         assert "without: os.pread fcntl self-signals; lock SoftFileLock" in err
+
+
+@posix_only("SIGHUP and a closed terminal are POSIX's")
+def test_sighup_saves_though_the_terminal_is_gone_and_nohup_trains_on(text_file, tmp_path):
+    """The terminal closes: SIGHUP arrives and every later write to it fails. The run still saves the
+    step it reached and exits 129 (its progress lines go to the dead stream at every step). Started
+    under nohup (SIGHUP ignored), the same signal leaves it training."""
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    args = [sys.executable, "-m", "gptnano", "fit", *TINY_GPT, "--data.path", str(text_file), "--trainer.max_steps",
+            "100000", "--trainer.val_check_interval", "50", "--trainer.log_every_n_steps", "1"]
+    for ignored in (False, True):
+        folder = tmp_path / ("nohup" if ignored else "tty")
+        folder.mkdir()
+        last = folder / "checkpoints" / "gpt" / "last.ckpt"
+        with (folder / "err.txt").open("w") as err:
+            proc = subprocess.Popen(args, cwd=folder, env=cli_env(), stdout=subprocess.PIPE, stderr=err,
+                                    preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored
+                                    else None)
+            wait_for(last, proc)
+            proc.send_signal(signal.SIGHUP)
+            proc.stdout.close()  # the terminal is gone: writes to stdout now fail (EPIPE)
+            if ignored:
+                time.sleep(3.0)
+                assert proc.poll() is None  # nohup: training goes on
+                proc.kill()
+                proc.wait(timeout=60)
+                continue
+            assert proc.wait(timeout=120) == 129
+        log = (folder / "err.txt").read_text()
+        line = next(line for line in log.splitlines() if line.startswith("gptnano: stopped at step"))
+        reached = int(line.split("step ")[1].split(" ")[0])
+        assert reached >= 50 and torch.load(last, weights_only=True)["global_step"] == reached
 
 
 def test_unix_only_calls_stay_behind_their_fallbacks():

@@ -16,8 +16,18 @@ from tests.helpers import TINY_GPT, run_cli
 def _trainer(step=0, **kw):
     settings = dict(global_step=step, max_steps=100, log_every_n_steps=10, accumulate_grad_batches=2, world_size=1,
                     is_global_zero=True, sanity_checking=False, state=SimpleNamespace(fn="fit"), callback_metrics={},
-                    checkpoint_callback=None)
+                    checkpoint_callbacks=[], fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                        batch_progress=SimpleNamespace(is_last_batch=False))))
     return SimpleNamespace(**{**settings, **kw})
+
+
+def _best(score: float):
+    """gptnano's checkpoint callback holding a best score (the progress line reads that one)."""
+    from gptnano.train.checkpointing import Checkpoint
+
+    callback = Checkpoint(monitor="val/loss")
+    callback.best_model_score = torch.tensor(score)
+    return callback
 
 
 def test_a_line_per_logging_step_with_the_update_s_mean_loss():
@@ -50,7 +60,7 @@ def test_a_validation_line_with_the_best_loss_so_far():
     out = io.StringIO()
     bar = LogLines(file=out)
     trainer = _trainer(step=250, callback_metrics={"val/loss": torch.tensor(1.9), "val/bpc": torch.tensor(2.741)},
-                       checkpoint_callback=SimpleNamespace(best_model_score=torch.tensor(1.8)))
+                       checkpoint_callbacks=[_best(1.8)])
     bar.on_validation_start(trainer, None)
     bar.on_validation_end(trainer, None)
     assert out.getvalue().startswith("gptnano: step 250/100 | val/loss 1.9000 | val/bpc 2.741 | best 1.8000 | validation ")

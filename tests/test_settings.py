@@ -1,69 +1,118 @@
-"""The rule "a checkpoint supplies the settings, typed flags win" (gptnano/cli/settings.py),
-on plain dicts: no Lightning, no parser, no files but the ones a case writes."""
+"""Where a run's settings come from (gptnano/cli/settings.py), on plain dicts: no Lightning, no
+parser, no files but the ones a case writes. The checkpoint's config is the parser's base, the
+command line applies over it; one table says what may not change."""
 
 import pytest
+import yaml
 
 from gptnano.cli import settings
 from gptnano.errors import UserError
 
-SAVED = {
-    "net": {"class_path": "gptnano.models.GPT", "init_args": {"n_layer": 2, "n_embd": 32, "dropout": 0.0}},
-    "learning_rate": 1e-3, "temperature": 0.8, "optimizer": "muon", "vocab": "abc", "tokenizer": "char",
+SAVED = {  # a checkpoint's config, as gptnano.checkpoint.run_config returns it
+    "seed_everything": 7, "run_name": "lr2", "ckpt_path": "checkpoints/lr2/last.ckpt", "init_from": None,
+    "trainer": {"max_steps": 10, "precision": "bf16-mixed", "accelerator": "cpu", "devices": 1, "fast_dev_run": False},
+    "model": {"net": {"class_path": "gptnano.models.GPT", "init_args": {"n_layer": 2, "n_embd": 32, "dropout": 0.0}},
+              "learning_rate": 1e-3, "optimizer": "adamw"},
+    "data": {"path": "tiny.txt", "batch_size": 4, "val_fraction": 0.1, "test_fraction": 0.0, "vocab": "abc",
+             "tokenizer": "char"},
+    "checkpoint": {"monitor": "val/loss", "mode": "min", "every_n_train_steps": None},
+    "early_stopping": {"monitor": "val/loss", "mode": "min", "patience": 1},
 }
-# What a --config file asks for: another size, another learning rate, another temperature.
-CONFIG = {"net": {"class_path": "gptnano.models.GPT", "init_args": {"n_layer": 4, "n_embd": 128, "dropout": 0.0}},
-          "learning_rate": 4e-3, "temperature": 1.0, "optimizer": "muon", "vocab": "", "tokenizer": "char"}
+FIXED = {"n_layer", "n_embd"}  # what the GPT's weights fix (dropout is a run setting)
 
 
-def merged(typed=(), model=None, fits=lambda args: args["n_layer"] == 2 and args["n_embd"] == 32):
-    return settings.from_checkpoint(SAVED, "GPT", SAVED["net"]["init_args"], model or CONFIG, set(typed),
-                                    weights_fit=fits, source="run/last.ckpt")
+def asked(**changes) -> dict:
+    """SAVED with dotted keys changed, as a command on top of it would parse it."""
+    config = yaml.safe_load(yaml.safe_dump(SAVED))
+    for key, value in changes.items():
+        *path, last = key.replace("__", ".").split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
 
 
-def test_the_checkpoint_wins_over_config_files():
-    chosen = merged()
-    assert chosen["model.net.init_args.n_layer"] == 2 and chosen["model.net.init_args.n_embd"] == 32
-    assert chosen["model.learning_rate"] == 1e-3 and chosen["model.temperature"] == 0.8
-    assert chosen["data.vocab"] == "abc" and chosen["data.tokenizer"] == "char"
+def refuse(config: dict, fitting: bool = True) -> None:
+    settings.refusals(SAVED, config, fitting=fitting, fixed=FIXED, source="run/last.ckpt")
 
 
-def test_typed_flags_win_over_the_checkpoint():
-    chosen = merged(typed={"model.temperature", "model.learning_rate"})
-    assert "model.temperature" not in chosen and "model.learning_rate" not in chosen  # the parsed value stays
+def test_the_base_holds_the_run_and_not_the_machine_nor_the_command():
+    base = settings.without(SAVED)
+    assert "ckpt_path" not in base and "init_from" not in base
+    assert base["trainer"] == {"max_steps": 10}  # precision, accelerator, devices, fast_dev_run: this machine's
+    assert base["model"] == SAVED["model"] and SAVED["trainer"]["precision"] == "bf16-mixed"  # the original is kept
+    argv = settings.with_base(["fit", "--ckpt_path", "last", "--model.learning_rate", "1e-4"], "fit", base)
+    assert argv[0] == "fit" and argv[1].startswith("--config=") and argv[2:] == ["--ckpt_path", "last",
+                                                                                 "--model.learning_rate", "1e-4"]
+    assert yaml.safe_load(argv[1].removeprefix("--config=")) == base  # first: whatever is typed after it wins
 
 
-def test_typed_network_sizes_only_where_the_weights_fit():
-    model = {**CONFIG, "net": {**CONFIG["net"], "init_args": {**CONFIG["net"]["init_args"], "dropout": 0.2}}}
-    assert merged(typed={"model.net.dropout"}, model=model)["model.net.init_args.dropout"] == 0.2
-    with pytest.raises(UserError, match=r"run/last\.ckpt cannot take n_layer=4 \(saved: 2\)"):
-        merged(typed={"model.net.n_layer"})
-    assert merged(typed={"model.net.n_layer"}, fits=lambda args: True)["model.net.init_args.n_layer"] == 4
+def test_settings_that_apply_are_not_refused():
+    refuse(asked(model__learning_rate=1e-4, data__batch_size=8, early_stopping__patience=100,
+                 model__net__init_args__dropout=0.2))
+    refuse(asked(checkpoint__every_n_train_steps=0))  # None and 0 both mean off
 
 
-def test_the_vocabulary_is_always_the_checkpoint_s():
-    assert merged(typed={"data.vocab"})["data.vocab"] == "abc"
-
-
-def test_another_architecture_is_refused():
+def test_network_sizes_are_the_weights():
+    with pytest.raises(UserError, match=r"run/last\.ckpt cannot take n_layer=4 \(saved: 2\): its saved weights "
+                                        r"have other shapes"):
+        refuse(asked(model__net__init_args__n_layer=4), fitting=False)
     with pytest.raises(UserError, match="holds a GPT network, but --config or --model.net ask for RNN"):
-        settings.from_checkpoint(SAVED, "RNN", SAVED["net"]["init_args"], CONFIG, set(), weights_fit=lambda a: True,
-                                 source="x.ckpt")
+        refuse(asked(model__net__class_path="gptnano.models.RNN"), fitting=False)
 
 
-def test_what_the_command_line_alone_says(tmp_path, monkeypatch):
+@pytest.mark.parametrize("key,value,fitting,error", [
+    ("checkpoint.monitor", "val/bpc", True, r"--checkpoint\.monitor val/bpc cannot change on resume \(the run's is "
+                                            r"val/loss\): best\.ckpt and its score are kept by this metric"),
+    ("model.optimizer", "muon", True, r"--model\.optimizer muon cannot change on resume"),
+    ("data.val_fraction", 0.2, True, r"--data\.val_fraction 0\.2 cannot change on resume"),
+    ("data.tokenizer", "byte", False, r"--data\.tokenizer byte cannot change on a checkpoint"),
+    ("data.vocab", "xyz", False, r"--data\.vocab xyz cannot change"),
+])
+def test_what_may_not_change_is_one_table(key, value, fitting, error):
+    with pytest.raises(UserError, match=error):
+        refuse(asked(**{key.replace(".", "__"): value}), fitting=fitting)
+
+
+def test_an_evaluation_may_score_another_split_a_resume_may_not():
+    refuse(asked(data__val_fraction=0.05), fitting=False)
+    with pytest.raises(UserError):
+        refuse(asked(data__val_fraction=0.05), fitting=True)
+
+
+@pytest.mark.parametrize("sub,data,error", [
+    ("test", {"test_fraction": 0.2}, r"the run held out no test split"),
+    ("validate", {"val_fraction": 0.3}, r"reaches into the text this run trained on"),
+    ("test", {"test_fraction": 0.1, "val_fraction": 0.1}, None),  # held out by a run with test_fraction 0.1
+    ("validate", {"val_fraction": 0.05}, None),  # a part of the run's validation split
+])
+def test_evaluating_on_trained_text_is_refused(sub, data, error):
+    from gptnano.data.datamodule import check_splits
+
+    saved = {"val_fraction": 0.1, "test_fraction": 0.1 if error is None and sub == "test" else 0.0}
+    if error is None:
+        check_splits(saved, {"val_fraction": 0.1, "test_fraction": 0.0, **data}, sub)
+    else:
+        with pytest.raises(UserError, match=error):
+            check_splits(saved, {"val_fraction": 0.1, "test_fraction": 0.0, **data}, sub)
+
+
+def test_what_the_command_line_alone_says(tmp_path):
     argv = ["predict", "--config", "a.yaml", "-c", "b.yaml", "--ckpt_path", "last", "--run_name=lr2",
-            "--model.net.init_args.n_layer", "3", "--data.prompt", "x"]
+            "--model.net.init_args.n_layer", "3", "--trainer.default_root_dir", "runs"]
     cmd = settings.read_command_line(argv, ["fit", "predict"])
-    assert cmd.subcommand == "predict" and cmd.ckpt_path == "last" and cmd.run_name == "lr2"
-    assert cmd.configs == ["a.yaml", "b.yaml"]
-    assert {"model.net.n_layer", "data.prompt", "run_name", "ckpt_path"} <= cmd.typed
-    monkeypatch.chdir(tmp_path)
-    assert settings.checkpoint_named(cmd) is None  # no checkpoints/lr2/last.ckpt yet
-    (tmp_path / "checkpoints" / "lr2").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "lr2" / "last.ckpt").write_bytes(b"")
-    assert settings.checkpoint_named(cmd) == "checkpoints/lr2/last.ckpt"
-    file = settings.read_command_line(["validate", "--ckpt_path", "some/file.ckpt"], ["validate"])
-    assert settings.checkpoint_named(file) == "some/file.ckpt"
+    assert cmd.subcommand == "predict" and cmd.ckpt_path == "last" and cmd.run_name == "lr2" and cmd.root == "runs"
+    assert cmd.configs == ["a.yaml", "b.yaml"] and {"model.net.n_layer", "run_name", "ckpt_path"} <= cmd.typed
+    folder = settings.run_folder(cmd.run_name, cmd.dirpath, cmd.root)
+    assert folder == tmp_path.__class__("runs/checkpoints/lr2")
+    with pytest.raises(UserError, match=r"--ckpt_path last: no .*lr2/last\.ckpt to predict from"):
+        settings.named_file("last", tmp_path / "lr2", "predict")
+    (tmp_path / "lr2").mkdir()
+    (tmp_path / "lr2" / "last.ckpt").write_bytes(b"")
+    assert settings.named_file("last", tmp_path / "lr2", "predict") == str(tmp_path / "lr2" / "last.ckpt")
+    with pytest.raises(UserError, match=r"--ckpt_path best needs --run_name NAME \(or --config FILE\)"):
+        settings.named_file("best", None, "validate")
 
 
 def test_short_architecture_names_and_moved_class_paths(tmp_path, capsys):
@@ -80,55 +129,17 @@ def test_short_architecture_names_and_moved_class_paths(tmp_path, capsys):
     assert settings.moved_class_paths(["fit", f"--config={untouched}"]) == ["fit", f"--config={untouched}"]
 
 
-# ----- issue 19: what a resume takes from the checkpoint, applies, or refuses ------------------
-CKPT = {
-    "hyper_parameters": {**SAVED, "optimizer": "adamw"},
-    "gptnano": {"run_name": "lr2", "seed": 7, "precision": "32-true"},
-    "ShakespeareDataModule": {"batch_size": 4, "val_fraction": 0.1, "val_tokens": None},
-    "callbacks": {
-        "EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}": {"patience": 1, "wait_count": 1},
-        "Checkpoint{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
-        "'train_time_interval': None}": {"best_model_score": 1.5},
-    },
-}
-
-
-def test_what_a_checkpoint_knows_of_its_run():
-    found = settings.saved_settings(CKPT)
-    assert found == {"run_name": "lr2", "seed_everything": 7, "data.batch_size": 4, "data.val_fraction": 0.1,
-                     "data.val_tokens": None, "model.optimizer": "adamw", "early_stopping.monitor": "val/loss",
-                     "early_stopping.mode": "min", "early_stopping.patience": 1, "checkpoint.monitor": "val/loss",
-                     "checkpoint.mode": "min", "checkpoint.every_n_train_steps": 0}
-    assert settings.saved_settings({"hyper_parameters": {}}) == {}  # an older checkpoint knows less
-
-
-def test_a_resume_takes_the_saved_settings_applies_typed_ones_and_refuses_a_few():
-    found = settings.saved_settings(CKPT)
-    asked = {**found, "data.batch_size": 8, "early_stopping.patience": 100, "checkpoint.every_n_train_steps": None}
-    chosen = settings.on_resume(found, asked, {"data.batch_size", "early_stopping.patience"}, fitting=True, source="x")
-    assert "data.batch_size" not in chosen and "early_stopping.patience" not in chosen  # typed: applied as parsed
-    assert chosen["run_name"] == "lr2" and chosen["seed_everything"] == 7 and chosen["data.val_fraction"] == 0.1
-    assert "checkpoint.every_n_train_steps" not in chosen  # compared only: setting it would change Lightning's key
-    with pytest.raises(UserError, match=r"--checkpoint\.monitor val/bpc cannot change on resume \(the run's is val/loss\)"):
-        settings.on_resume(found, {**asked, "checkpoint.monitor": "val/bpc"}, {"checkpoint.monitor"}, fitting=True,
-                           source="x")
-    same = settings.on_resume(found, asked, {"checkpoint.every_n_train_steps", "model.optimizer"}, fitting=True, source="x")
-    assert "model.optimizer" not in same  # typed, but the run's own value: nothing to refuse
-    # validate / test may score another split: only fit refuses it
-    settings.on_resume(found, {**asked, "data.val_fraction": 0.2}, {"data.val_fraction"}, fitting=False, source="x")
-    with pytest.raises(UserError, match=r"--data\.tokenizer byte cannot change"):
-        settings.on_resume({"data.tokenizer": "char"}, {"data.tokenizer": "byte"}, {"data.tokenizer"}, fitting=False,
-                           source="x")
-
-
 @pytest.mark.parametrize("trainer,error", [
-    ({"max_steps": 0}, r"max_steps must be a positive number of optimizer steps, got 0"),
+    ({"max_steps": 0}, r"max_steps must be a positive number of optimizer steps, or -1 with"),
+    ({"max_steps": -1}, r"or -1 with --trainer\.max_epochs or --trainer\.max_time to bound the run, got -1"),
     ({"max_steps": 10, "val_check_interval": 0}, r"val_check_interval must be a positive number of steps"),
     ({"max_steps": 10, "val_check_interval": 1.5}, r"val_check_interval must be"),
     ({"max_steps": 10, "accumulate_grad_batches": 0}, r"accumulate_grad_batches must be a whole number >= 1, got 0"),
     ({"max_steps": 10, "log_every_n_steps": 0}, r"log_every_n_steps must be a whole number >= 1"),
     ({"max_steps": 10, "gradient_clip_val": -1.0}, r"gradient_clip_val must be >= 0"),
+    ({"max_steps": 10, "limit_train_batches": -0.5}, r"limit_train_batches must be >= 0"),
     ({"max_steps": 10, "max_time": "00:00:00:00"}, r"max_time must be a positive duration"),
+    ({"max_steps": 10, "barebones": True}, r"--trainer\.barebones is not supported by gptnano: it turns off self\.log"),
 ])
 def test_trainer_settings_that_cannot_work(trainer, error):
     with pytest.raises(UserError, match=error):
@@ -136,17 +147,27 @@ def test_trainer_settings_that_cannot_work(trainer, error):
 
 
 def test_trainer_settings_that_work():
-    settings.check_trainer({"max_steps": 10, "val_check_interval": 5, "accumulate_grad_batches": 2,
-                            "gradient_clip_val": 0.0, "max_time": "00:00:05:00", "log_every_n_steps": 1})
-    settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5, "max_time": {"minutes": 5}})
+    assert settings.check_trainer({"max_steps": 10, "val_check_interval": 5, "accumulate_grad_batches": 2,
+                                   "gradient_clip_val": 0.0, "max_time": "00:00:05:00", "log_every_n_steps": 1}) == {}
+    assert settings.check_trainer({"max_steps": -1, "max_epochs": 2}) == {}
+    assert settings.check_trainer({"max_steps": -1, "max_time": {"minutes": 5}}) == {}
+    # a fraction of an epoch counts epochs: validation then follows every epoch, unless that was typed
+    assert settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5}) == {"check_val_every_n_epoch": 1}
+    typed = {"trainer.check_val_every_n_epoch"}
+    assert settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5, "check_val_every_n_epoch": None},
+                                  typed) == {}
+    assert settings.check_trainer({"max_steps": 10, "val_check_interval": "00:00:01:00"}) == {}  # Lightning's duration
 
 
-def test_last_and_best_without_a_run_to_look_in(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cmd = settings.read_command_line(["predict", "--ckpt_path", "last"], ["predict"])
-    assert settings.missing_checkpoint(cmd).startswith("--ckpt_path last needs --run_name NAME (or --config FILE)")
-    cmd = settings.read_command_line(["predict", "--ckpt_path", "best", "--run_name", "x"], ["predict"])
-    assert settings.missing_checkpoint(cmd) == ("--ckpt_path best: no checkpoints/x/best.ckpt to predict from "
-                                                "(train first, or pass a checkpoint file)")
-    with_config = settings.read_command_line(["predict", "--ckpt_path", "last", "--config", "c.yaml"], ["predict"])
-    assert settings.missing_checkpoint(with_config) is None  # the config names the run: the CLI finds the folder
+def test_the_reliability_table_is_the_code_s():
+    """docs/reliability.md's resume table names every row of REFUSED as refused on a resume, and a
+    row refused by every command is refused in its evaluation column too."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    table = doc[doc.index("| setting | a resume"):doc.index("A resume that changes a batch size")]
+    for key, (who, _) in settings.REFUSED.items():
+        row = next((line for line in table.splitlines() if f"`{key}`" in line), None)
+        assert row is not None, f"docs/reliability.md has no row for {key}"
+        resume, evaluation = [cell.strip() for cell in row.split("|")[2:4]]
+        assert resume.startswith("refused") and evaluation.startswith("refused" if who == "every" else "applies"), row

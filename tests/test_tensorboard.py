@@ -106,7 +106,12 @@ def test_plot_reads_logs_written_before_the_grouped_tags(tmp_path):
 def test_a_resumed_run_goes_on_from_its_best_loss(tmp_path):
     """hp_metric after a restart is the best loss of the whole run, not of the resumed part."""
     board = Board(save_dir=str(tmp_path), name="run")
-    trainer = SimpleNamespace(loggers=[board], checkpoint_callback=SimpleNamespace(best_model_score=torch.tensor(1.5)))
+    from gptnano.train.checkpointing import Checkpoint
+
+    ours = Checkpoint(monitor="val/loss")
+    ours.best_model_score = torch.tensor(1.5)
+    theirs = SimpleNamespace(best_model_score=torch.tensor(0.1))  # a user's ModelCheckpoint of another metric
+    trainer = SimpleNamespace(loggers=[board], checkpoint_callbacks=[theirs, ours])
     RunSettings().on_train_start(trainer, None)
     written = {}
     board._session_written = True

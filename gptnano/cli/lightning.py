@@ -1,20 +1,17 @@
 """Lightning's four `gptnano` commands (fit, validate, test, predict; gptnano/cli/main.py
 sends them here): LightningCLI with the defaults a user of this tool expects.
 
-What it adds to LightningCLI: checkpoints in a fixed folder per run
-(``checkpoints/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
-process; the network's sizes, the vocabulary and the run's settings read from the
-checkpoint that ``--ckpt_path`` names *before* the classes are built (so a run
-resumes, validates and predicts from its checkpoint alone, whatever flags it was
-started with); the device and the precision chosen for the machine when none is
-given (the device by timing the run's own model, gptnano/devices.py); steps that
-count optimizer updates under gradient accumulation; progress as plain lines when
-the output is a file; and one-line errors instead of tracebacks for mistakes a user
-can fix.
+What it adds to LightningCLI: a folder per run (``<default_root_dir>/checkpoints/<run_name>/``,
+logs in ``lightning_logs/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
+process; the config a checkpoint keeps as the parser's base for every command that starts
+from it, the command line applying over it (gptnano/cli/settings.py); the device and the
+precision chosen for the machine when none is given (gptnano/devices.py); gptnano's callbacks
+and TensorBoard logger beside the user's own; steps that count optimizer updates under
+gradient accumulation; progress as plain lines when the output is a file; and one-line errors
+instead of tracebacks for mistakes a user can fix.
 """
 
 import copy
-import inspect
 import os
 import sys
 import threading
@@ -22,35 +19,31 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import devices, hardware, lines
-from gptnano.checkpoint import architecture, build_net, load_grown, read_checkpoint, run_name
+from gptnano.checkpoint import architecture, load_grown, read_checkpoint, run_config, run_name
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
-from gptnano.data.datamodule import ShakespeareDataModule
-from gptnano.errors import ConfigError, UserError
+from gptnano.data.cache import run_text
+from gptnano.data.datamodule import DEFAULT_CACHE, SHAKESPEARE_SHA256, ShakespeareDataModule, check_splits
+from gptnano.errors import UserError
 from gptnano.files import check_writable_folder, os_error_in, write_error
-from gptnano.train.callbacks import EarlyStopping, PredictionWriter, TextSample, Throughput
-from gptnano.train.checkpointing import CTRL_C, AtomicCheckpointIO, Checkpoint
+from gptnano.train.callbacks import PredictionWriter, ResumableEarlyStopping, TextSample, Throughput
+from gptnano.train.checkpointing import STOP, AtomicCheckpointIO, Checkpoint, stop_exit_status
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
 from gptnano.train.progress import LogLines, is_terminal
+from gptnano.train.record import RunConfig
 from gptnano.train.report import RunReport
 from gptnano.train.steps import OPTIMIZER_SETTINGS, training_step
 
-_MODEL_ARGS = set(inspect.signature(LitLM.__init__).parameters) - {"self"}
 _OUTPUTS: list[str] = []  # the folders this command writes to, for a write error that names no file
-
-
-def subcommand_parser(parser, name: str):
-    """The parser of one subcommand (jsonargparse keeps them in a private map; tests/test_dependencies.py
-    fails loudly if that changes)."""
-    return parser._subcommands_action._name_parser_map[name]
 
 
 class Parser(LightningArgumentParser):
@@ -66,37 +59,24 @@ def _rank_zero() -> bool:
 
 def _step_of(saved: dict | None) -> int:
     """The optimizer step a checkpoint's weights had: a file's global_step, an export's recorded one."""
-    if not saved:
-        return 0
-    step = saved.get("global_step", (saved.get("exported_from") or {}).get("global_step"))
+    step = (saved or {}).get("global_step", ((saved or {}).get("exported_from") or {}).get("global_step"))
     return int(step) if isinstance(step, int) else 0
-
-
-def _home(source: str) -> Path:
-    """The folder a trained model lives in: an exported folder itself, a checkpoint file's run folder."""
-    path = Path(source).resolve()
-    return path if path.is_dir() else path.parent
 
 
 class GPTNanoCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
-        self._checkpoints = {}  # path -> checkpoint: read once, though parsing and building both need it
-        self._init_source = None  # (path, checkpoint) of fit --init_from, whose weights the new network takes
-        self._resumed = None  # the checkpoint `fit --ckpt_path` resumes
+        self._saved = None  # the checkpoint --ckpt_path or --init_from names, read once
+        self._ckpt_path = None  # the file --ckpt_path names, out of the config until the classes are built
+        self._typed: set[str] = set()
         super().__init__(
             LitLM,
             ShakespeareDataModule,
             seed_everything_default=1337,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunConfig,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # RunConfig places it
             auto_configure_optimizers=False,  # LitLM.configure_optimizers owns Muon/AdamW + schedule
-            trainer_defaults={
-                "gradient_clip_val": 1.0,
-                "max_steps": 2000,
-                "val_check_interval": 250,
-                "check_val_every_n_epoch": None,
-                "callbacks": [RunReport(), LearningRateMonitor("step"), Throughput(), TextSample(), PredictionWriter(),
-                              RunSettings(), NonFiniteGuard()],
-            },
+            trainer_defaults={"gradient_clip_val": 1.0, "max_steps": 2000, "val_check_interval": 250,
+                              "check_val_every_n_epoch": None},
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
                            "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, (_, v) in TOOLS.items()) + "."},
@@ -107,7 +87,8 @@ class GPTNanoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Name of the run: checkpoints go to checkpoints/<run_name>/ and logs to "
-                                 "lightning_logs/<run_name>/ (default: the architecture's name, e.g. gpt).")
+                                 "lightning_logs/<run_name>/, under --trainer.default_root_dir (default: the "
+                                 "architecture's name, e.g. gpt).")
         parser.add_argument("--init_from", type=str | None, default=None,
                             help="fit only: start a new run from a trained model, a checkpoint file or a folder "
                                  "written by `gptnano export`: its network, sizes and weights, with a fresh "
@@ -116,170 +97,124 @@ class GPTNanoCLI(LightningCLI):
                                  "get new rows in the embedding and output head. The run is named <source run>-ft "
                                  "unless --run_name says otherwise; resume it with --run_name and --ckpt_path last.")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/loss",
-            "checkpoint.filename": "best",
-            "checkpoint.save_top_k": 1,
-            "checkpoint.save_last": True,
-        })
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"checkpoint.monitor": "val/loss", "checkpoint.filename": "best",
+                             "checkpoint.save_top_k": 1, "checkpoint.save_last": True})
+        parser.add_lightning_class_args(ResumableEarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 10})
         parser.link_arguments("data.vocab_size", "model.net.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.tokenizer_kind", "model.tokenizer", apply_on="instantiate")
 
-    # ----- a checkpoint supplies the run's settings, typed flags win (gptnano/cli/settings.py) ----
+    # ----- a checkpoint's config is the base, the command line applies over it ----------------
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, dict):
-            self._typed = set()
             return super().parse_arguments(parser, args)
-        argv = settings.moved_class_paths(settings.architecture_names(sys.argv[1:] if args is None else args))
+        argv = settings.moved_class_paths(settings.architecture_names(sys.argv[1:] if args is None else list(args)))
         cmd = settings.read_command_line(argv, self.subcommands())
         self._typed = cmd.typed
-        if why := settings.missing_checkpoint(cmd):
-            raise UserError(why)  # before the parser asks for a --model.net the checkpoint would have given
-        ckpt = settings.checkpoint_named(cmd)
-        if cmd.subcommand and ckpt:
-            # As defaults, so that `predict --ckpt_path X` needs no --config or --model.net;
-            # before_instantiate_classes then makes the checkpoint win over config files too.
-            defaults = settings.parser_defaults(self._read_checkpoint(ckpt)["hyper_parameters"], _MODEL_ARGS)
-            subcommand_parser(parser, cmd.subcommand).set_defaults(defaults)
-        elif source := cmd.init_from:
-            self._check_fit(cmd.subcommand)
-            # (No subcommand: the CLI built in Python with run=False, whose classes are a fit's.)
-            target = subcommand_parser(parser, cmd.subcommand) if cmd.subcommand else parser
-            target.set_defaults(self._source_defaults(source))
+        if cmd.init_from and cmd.subcommand not in ("fit", None):
+            raise UserError(f"--init_from is for fit; {cmd.subcommand} takes a checkpoint or an exported folder as "
+                            "--ckpt_path")
+        if cmd.init_from and cmd.ckpt_path:
+            raise UserError("--init_from starts a new run from a trained model, --ckpt_path resumes a run: give one of "
+                            "them (a run begun with --init_from resumes with --run_name NAME --ckpt_path last)")
+        if cmd.ckpt_path:
+            path = cmd.ckpt_path
+            if path in ("last", "best"):
+                found = cmd.configs or "model.net" in cmd.typed
+                folder = settings.run_folder(cmd.run_name, cmd.dirpath, cmd.root) if cmd.run_name or cmd.dirpath \
+                    else self._folder_from(parser, argv) if found else None
+                path = settings.named_file(cmd.ckpt_path, folder, cmd.subcommand)
+            self._saved, self._ckpt_path = read_checkpoint(path), path
+            argv = settings.with_base(argv, cmd.subcommand, settings.without(run_config(self._saved)))
+        elif cmd.init_from:
+            self._saved = read_checkpoint(cmd.init_from)
+            cls, init_args = architecture(self._saved["hyper_parameters"]["net"], cmd.init_from)
+            fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings and k != "vocab_size"}
+            net = {"class_path": self._saved["hyper_parameters"]["net"]["class_path"], "init_args": fixed}
+            argv = settings.with_base(argv, cmd.subcommand, {"model": {"net": net}})
         self.config = parser.parse_args(argv)
+        # Lightning 2.6 re-applies a checkpoint's hyper-parameters over the parsed config right after
+        # parsing (LightningCLI._parse_ckpt_path), so a typed --model.learning_rate would come back as the
+        # checkpoint's: ckpt_path stays out of the config until the classes are built.
+        if "ckpt_path" in self._cfg():
+            self._cfg().ckpt_path = None
 
-    def _parse_ckpt_path(self) -> None:
-        """Replaced by ``parse_arguments`` above: Lightning's version lets the
-        checkpoint override what the user typed (``--model.max_new_tokens``)."""
-
-    # ----- run folders and --ckpt_path last/best ----------------------------
-    def before_instantiate_classes(self) -> None:
+    def _cfg(self):
         sub = self.config.get("subcommand")
-        cfg = self.config[sub] if sub else self.config
-        if sub == "fit":
-            settings.check_trainer(cfg.trainer.as_dict())
-            settings.check_callbacks(cfg.checkpoint.as_dict(), cfg.early_stopping.as_dict())
-        if cfg.get("init_from"):
-            self._start_from(sub, cfg)
-        ckpt = cfg.get("ckpt_path")
-        if ckpt and sub == "fit" and Path(ckpt).is_dir():
-            raise UserError(f"--ckpt_path {ckpt} is an exported model, which holds no training state to resume: "
-                            f"start a new run from it with --init_from {ckpt}")
-        saved = self._read_checkpoint(ckpt) if ckpt and ckpt not in ("last", "best") else None
-        if saved is not None:
-            self._take_run_settings(cfg, saved, ckpt, sub)  # the run's name among them: it places the run
+        return self.config[sub] if sub else self.config
+
+    def _folder_from(self, parser, argv: list[str]) -> Path | None:
+        """The run folder the config files and flags name, parsed once without a checkpoint."""
+        probe = parser.parse_args([a for a in argv if not a.startswith("--print_config")])
+        cfg = probe[probe.subcommand] if probe.get("subcommand") else probe
         name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
-        cfg.run_name = name
-        if "run_name" in self._typed and "checkpoint.dirpath" not in self._typed:
-            cfg.checkpoint.dirpath = None  # a typed run name moves the run, whatever a saved config.yaml pinned
-        folder = Path(cfg.checkpoint.dirpath or Path("checkpoints") / name)
+        return settings.run_folder(name, cfg.checkpoint.dirpath, cfg.trainer.default_root_dir)
+
+    # ----- the run: its settings checked, its folder, its logs ----------------------------------
+    def before_instantiate_classes(self) -> None:
+        sub, cfg = self.config.get("subcommand"), self._cfg()
+        for key, value in settings.check_trainer(cfg.trainer.as_dict(), self._typed).items():
+            cfg.trainer[key] = value
+        settings.check_callbacks(cfg.as_dict())
+        given = cfg.trainer.callbacks
+        if isinstance(given, list):  # `--trainer.callbacks+=X` on a resume of a run that has X: one X
+            cfg.trainer.callbacks = [c for i, c in enumerate(given) if c not in given[:i]]
+        if self._ckpt_path:
+            self._from_checkpoint(cfg, sub)
+        elif self._saved is not None:
+            self._start_from(cfg)
+        name = cfg.run_name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
+        root = cfg.trainer.default_root_dir
+        dirpath = cfg.checkpoint.dirpath if "checkpoint.dirpath" in self._typed or not (
+            self._saved or "run_name" in self._typed) else None
+        folder = settings.run_folder(name, dirpath, root)
         cfg.checkpoint.dirpath = str(folder)
-        if ckpt in ("last", "best"):
-            path = folder / f"{ckpt}.ckpt"
-            if not path.is_file():
-                action = "resume" if sub == "fit" else sub
-                raise UserError(f"--ckpt_path {ckpt}: no {path} to {action} from (train first, or pass a checkpoint file)")
-            cfg.ckpt_path = ckpt = str(path)
-            saved = self._read_checkpoint(ckpt)
-            self._take_run_settings(cfg, saved, ckpt, sub)
-            cfg.run_name = name  # the run found by its name stays that run
-        if saved is not None:
-            self._take_from_checkpoint(cfg, saved, ckpt)
-        self._place_logs(cfg, sub, name, saved)
+        self._place_logs(cfg, sub, name, root)
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
-        resuming_here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
-        if self._init_source and folder.resolve() == _home(self._init_source[0]):
-            raise UserError(f"--init_from {self._init_source[0]}: the new run needs a folder of its own, not "
-                            f"the source's {folder}: give another --run_name")
-        if sub == "fit" and settings.holds_a_run(folder) and not resuming_here:
-            # A fresh run, or one resumed from another folder's checkpoint, would overwrite this run.
-            how = " (without --init_from)" if self._init_source else ""
-            raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
-                            f"or start a new one with --run_name NAME (or delete {folder})")
-        self._resumed = saved if sub == "fit" else None  # its device and arithmetic are kept (instantiate_trainer)
+        if sub == "fit":
+            self._check_run_folder(cfg, folder)
+        if "ckpt_path" in cfg:
+            cfg.ckpt_path = self._ckpt_path
 
-    def _place_logs(self, cfg, sub: str | None, name: str, saved: dict | None) -> None:
-        """TensorBoard logs in one folder per run: ``<logs>/<run>/version_N`` for training,
-        ``<logs>/<run>/eval/version_N`` for validate, test and predict, at the step of the
-        checkpoint they read, apart from the training curves (``gptnano plot`` reads those only).
-        ``<logs>`` is ``lightning_logs``, or the Board's ``save_dir`` where one was given."""
-        board = getattr(cfg.trainer.logger, "class_path", None) == "gptnano.train.logger.Board"
-        if cfg.trainer.logger not in (None, True) and not board:
-            return  # a logger of the user's own: theirs to place
-        root = (cfg.trainer.logger.init_args.get("save_dir") if board else None) or "lightning_logs"
-        if sub in ("validate", "test", "predict"):
-            init = {"save_dir": str(Path(root) / name), "name": "eval", "step": _step_of(saved)}
-        else:
-            init = {"save_dir": root, "name": name}  # a saved config.yaml's old run name follows the run
-        if not board:
-            cfg.trainer.logger = Namespace(class_path="gptnano.train.logger.Board", init_args=Namespace(**init))
-            return
-        for key, value in init.items():
-            cfg.trainer.logger.init_args[key] = value
+    def _from_checkpoint(self, cfg, sub: str | None) -> None:
+        """Refuse what a command starting from this checkpoint may not change, and find its text."""
+        path, saved = self._ckpt_path, self._saved
+        if sub == "fit" and Path(path).is_dir():
+            raise UserError(f"--ckpt_path {path} is an exported model, which holds no training state to resume: "
+                            f"start a new run from it with --init_from {path}")
+        base = run_config(saved)
+        cls, net_args = architecture(saved["hyper_parameters"]["net"], path)
+        fixed = {k for k in net_args if k not in cls.run_settings and k != "vocab_size"}
+        if cfg.model.net.class_path.rsplit(".", 1)[-1] == cls.__name__:
+            for key in fixed - {k.removeprefix("model.net.") for k in self._typed}:
+                cfg.model.net.init_args[key] = net_args[key]  # the weights fix it: over a --config file, not a flag
+        settings.refusals(base, cfg.as_dict(), fitting=sub == "fit", fixed=fixed, source=path)
+        was = base["data"].get("batch_size")
+        if sub == "fit" and was and was != cfg.data.batch_size and _rank_zero():
+            print(f"gptnano: batch size {was} -> {cfg.data.batch_size} from step {_step_of(saved)}: the batches differ "
+                  "from an unbroken run's from here on, and an epoch in progress ends at the new length",
+                  file=sys.stderr)
+        text = (saved.get("gptnano") or {}).get("text")
+        if sub != "predict" and text:  # (an older checkpoint recorded no text: it reads the one given)
+            asked = cfg.data.path if cfg.data.path != base["data"].get("path") or "data.path" in self._typed else None
+            cfg.data.path, line = run_text(text, asked, cfg.data.tokenizer, DEFAULT_CACHE, SHAKESPEARE_SHA256)
+            if line and _rank_zero():
+                print(line, file=sys.stderr)
+        if sub in ("validate", "test") and text and text["path"] == cfg.data.path:
+            check_splits(base["data"], cfg.data.as_dict(), sub)
 
-    def _take_run_settings(self, cfg, saved: dict, path: str, sub: str | None) -> None:
-        """The run's settings a checkpoint keeps beyond the model's (its name, seed, data settings,
-        early stopping's patience): the checkpoint's unless typed; a typed one that a resume cannot
-        take is refused (gptnano/cli/settings.py, ``on_resume``)."""
-        found = settings.saved_settings(saved)
-        asked = {key: cfg.get(key) for key in found}
-        asked.update({key: cfg.get(key) for key in settings.ALWAYS_THE_CHECKPOINT_S})
-        found.update({f"data.{k}": v for k, v in settings.data_from(saved["hyper_parameters"]).items()})
-        chosen = settings.on_resume(found, asked, self._typed, fitting=sub == "fit", source=path)
-        if "checkpoint.dirpath" in self._typed:
-            chosen.pop("run_name", None)
-        if sub != "fit":
-            chosen.pop("early_stopping.patience", None)
-        seed = chosen.get("seed_everything")
-        if seed is not None and seed != cfg.get("seed_everything"):
-            from lightning.pytorch import seed_everything
-
-            seed_everything(seed, workers=True)  # the run's seed: a resume draws on as the run would have
-        for key, value in chosen.items():
-            if key in ("data.vocab", "data.tokenizer"):
-                continue  # _take_from_checkpoint sets the tokenizer
-            cfg[key] = value
-
-    # ----- fit --init_from: a new run that starts from a trained model's weights --------------
-    def _source_defaults(self, path: str) -> dict:
-        """Parser defaults from a trained model, so that ``fit --init_from X`` needs no --config:
-        its architecture with the sizes its weights fix (the rest is a new run's), and its tokenizer."""
-        hparams = self._read_checkpoint(path)["hyper_parameters"]
-        cls, init_args = architecture(hparams["net"], path)
-        fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings}
-        return {"model.net": {"class_path": hparams["net"]["class_path"], "init_args": fixed},
-                "data.tokenizer": hparams.get("tokenizer", "char")}
-
-    @staticmethod
-    def _check_fit(sub: str | None) -> None:
-        if sub not in ("fit", None):
-            raise UserError(f"--init_from is for fit; {sub} takes a checkpoint or an exported folder as --ckpt_path")
-
-    def _start_from(self, sub: str | None, cfg) -> None:
-        """Set up ``fit --init_from PATH``: the network and its sizes from PATH (a size typed
-        otherwise on the command line is one line), its tokenizer with the text's new characters
-        appended, the run's name; the weights are copied in once the network is built
-        (``instantiate_classes``). Everything else is a new run's, from the config and flags."""
-        source = cfg.init_from
-        self._check_fit(sub)
-        if cfg.get("ckpt_path"):
-            if "init_from" in self._typed:
-                raise UserError("--init_from starts a new run from a trained model, --ckpt_path resumes a run: give "
-                                "one of them (a run begun with --init_from resumes with --run_name NAME --ckpt_path last)")
-            cfg.init_from = None  # from the saved config.yaml of a run begun with --init_from, now resumed
-            return
-        ckpt = self._read_checkpoint(source)
-        hparams = ckpt["hyper_parameters"]
+    def _start_from(self, cfg) -> None:
+        """``fit --init_from PATH``: the network and its sizes from PATH (a size typed otherwise is one
+        line), its tokenizer with the text's new characters appended, the run's name; the weights are
+        copied in once the network is built (``instantiate_classes``)."""
+        source, hparams = cfg.init_from, self._saved["hyper_parameters"]
         cls, init_args = architecture(hparams["net"], source)
         net = cfg.model.net
-        asked = net.class_path.rsplit(".", 1)[-1]
-        if asked != cls.__name__:
+        if net.class_path.rsplit(".", 1)[-1] != cls.__name__:
             raise UserError(f"--init_from {source} holds a {cls.__name__} network, but --config or --model.net ask "
-                            f"for {asked}: give the {cls.__name__}'s config, or none")
+                            f"for {net.class_path.rsplit('.', 1)[-1]}: give the {cls.__name__}'s config, or none")
         fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings and k != "vocab_size"}
         typed = {k: net.init_args.get(k) for k in fixed
                  if f"model.net.{k}" in self._typed and net.init_args.get(k) != fixed[k]}
@@ -295,8 +230,7 @@ class GPTNanoCLI(LightningCLI):
                             "with the text's new characters appended: leave out --data.tokenizer and --data.vocab")
         cfg.data.tokenizer = kind
         cfg.data.vocab = self._grown_vocabulary(cfg, hparams["vocab"]) if kind == "char" else None
-        cfg.run_name = cfg.run_name or f"{run_name(source, ckpt)}-ft"
-        self._init_source = (source, ckpt)
+        cfg.run_name = cfg.run_name or f"{run_name(source, self._saved)}-ft"
 
     def _grown_vocabulary(self, cfg, old: str) -> str:
         """The trained model's vocabulary in its own order, then the characters of the text it has
@@ -308,56 +242,79 @@ class GPTNanoCLI(LightningCLI):
                   "in the embedding and output head, after its own", file=sys.stderr)
         return old + new
 
+    def _check_run_folder(self, cfg, folder: Path) -> None:
+        """A fit never overwrites another run, nor rewinds its own last.ckpt."""
+        ckpt = self._ckpt_path
+        here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
+        if cfg.get("init_from") and folder.resolve() in (Path(cfg.init_from).resolve(),
+                                                          Path(cfg.init_from).resolve().parent):
+            raise UserError(f"--init_from {cfg.init_from}: the new run needs a folder of its own, not the "
+                            f"source's {folder}: give another --run_name")
+        if settings.holds_a_run(folder) and not here and not cfg.trainer.fast_dev_run:
+            how = " (without --init_from)" if cfg.get("init_from") else ""
+            raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
+                            f"or start a new one with --run_name NAME (or delete {folder})")
+        last = folder / "last.ckpt"
+        if here and Path(ckpt).name != last.name and last.is_file():
+            at, behind = _step_of(self._saved), _step_of(torch.load(last, weights_only=True, mmap=True))
+            if at < behind:
+                raise UserError(f"--ckpt_path {ckpt} is at step {at}, but {last} is at step {behind}: resuming it here "
+                                f"would rewind the run and lose steps {at + 1}-{behind}; resume with --ckpt_path "
+                                "last, or train on from it as a new run with --run_name NAME")
+
+    def _place_logs(self, cfg, sub: str | None, name: str, root: str | None) -> None:
+        """gptnano's TensorBoard logger (Board) in the run's folder: ``<logs>/<run>/version_N`` for
+        training, ``<logs>/<run>/eval/version_N`` for validate, test and predict, at the step of the
+        checkpoint they read; ``<logs>`` is ``<root>/lightning_logs``, or the Board's ``save_dir`` where one
+        was typed. A logger the user gives alone replaces it, as in Lightning; a list keeps it beside
+        theirs; ``--trainer.logger false`` trains without any."""
+        logger, board_class = cfg.trainer.logger, "gptnano.train.logger.Board"
+        boards = [x for x in (logger if isinstance(logger, list) else [logger])
+                  if getattr(x, "class_path", None) == board_class]
+        typed = boards and boards[0].init_args.get("save_dir") and {"trainer.logger", "trainer.logger.save_dir"} & \
+            self._typed
+        logs = Path(boards[0].init_args.save_dir) if typed else Path(root or ".") / "lightning_logs"
+        evaluating = sub in ("validate", "test", "predict")
+        init = {"save_dir": str(logs / name), "name": "eval", "step": _step_of(self._saved)} if evaluating \
+            else {"save_dir": str(logs), "name": name}
+        if logger in (None, True):
+            cfg.trainer.logger = Namespace(class_path=board_class, init_args=Namespace())
+            boards = [cfg.trainer.logger]
+        elif isinstance(logger, list) and not boards:
+            boards = [Namespace(class_path=board_class, init_args=Namespace())]
+            logger.append(boards[0])
+        for found in boards:
+            for key, value in init.items():
+                found.init_args[key] = value
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        if self._init_source:
-            # The network was just built fresh (seeded) for the new vocabulary: the trained weights
-            # replace its own, except the rows of new characters, which stay as a fresh model has them.
-            source, ckpt = self._init_source
-            load_grown(self.model.net, ckpt["state_dict"], source)
+        if self._saved is not None and not self._ckpt_path:
+            # fit --init_from: the network was just built fresh (seeded) for the new vocabulary; the trained
+            # weights replace its own, except the rows of new characters, which stay as a fresh model has them.
+            source = self._cfg().init_from
+            load_grown(self.model.net, self._saved["state_dict"], source)
             if _rank_zero():
-                step = ckpt.get("global_step", ckpt.get("exported_from", {}).get("global_step"))
-                print(f"gptnano: starting from {source}" + (f" (step {step})" if step is not None else "") +
-                      ": a new run from step 0, optimizer and schedule fresh", file=sys.stderr)
+                step = _step_of(self._saved)
+                print(f"gptnano: starting from {source} (step {step}): a new run from step 0, optimizer and "
+                      "schedule fresh", file=sys.stderr)
 
-    def _read_checkpoint(self, path: str) -> dict:
-        """``read_checkpoint``, once per file and command."""
-        key = str(Path(path).resolve())
-        if key not in self._checkpoints:
-            self._checkpoints[key] = read_checkpoint(path)
-        return self._checkpoints[key]
-
-    def _take_from_checkpoint(self, cfg, ckpt: dict, path: str) -> None:
-        """The run's own settings from its checkpoint, over config files, under typed flags."""
-        hparams = ckpt["hyper_parameters"]
-        _, net_args = architecture(hparams["net"], path)
-
-        def weights_fit(init_args: dict) -> bool:
-            try:
-                build_net({"class_path": hparams["net"]["class_path"], "init_args": init_args}, ckpt["state_dict"], path)
-            except ConfigError:  # an impossible size: its own line says why
-                raise
-            except UserError:
-                return False
-            return True
-
-        chosen = settings.from_checkpoint(hparams, cfg.model.net.class_path.rsplit(".", 1)[-1], net_args,
-                                          cfg.model.as_dict(), self._typed, weights_fit=weights_fit, source=path)
-        for key, value in chosen.items():
-            cfg[key] = value
+    # ----- the machine: device and arithmetic, chosen when not given -------------------------
+    def _trainer_cfg(self) -> dict:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        return config.get("trainer") or {}
 
     def _choose_device(self) -> dict:
         """The device when no --trainer.accelerator was given (gptnano/devices.py): a resumed run's
         own where this machine has it, else the CPU or the accelerator here, whichever trains this
-        model faster by a measurement of a few real steps (remembered per machine and model
-        shape); one line says which and why. The processes a DDP run starts from this one get
-        the verdict through the environment, so every rank decides alike."""
-        trainer = self._get(self.config_init, "trainer", default={})
+        model faster by a measurement of a few real steps; one line says which and why. DDP processes
+        started from this one get the verdict through the environment, so every rank decides alike."""
+        trainer = self._trainer_cfg()
         if trainer.get("accelerator", "auto") != "auto" or "trainer.accelerator" in self._typed:
             return {}  # the user's (an explicit "auto" too: Lightning's own rule)
         if handed := os.environ.get(devices.DEVICE_ENV):
             return {"accelerator": handed}
-        resumed_on = ((self._resumed or {}).get("gptnano") or {}).get("device")
+        resumed_on = self._resumed().get("device")
         one_device = trainer.get("devices", "auto") in ("auto", 1, "1") and trainer.get("num_nodes", 1) == 1
         net, batch_size = self.model.net, self.datamodule.batch_size
         work = devices.work_of("fit", net, batch=[batch_size, net.block_size], precision=trainer.get("precision"),
@@ -371,13 +328,15 @@ class GPTNanoCLI(LightningCLI):
             print(devices.line(choice, "--trainer.accelerator"), file=sys.stderr)
         return {"accelerator": choice.device}
 
+    def _resumed(self) -> dict:
+        """The facts of the run a fit resumes (its device, precision, Muon's dtype), else nothing."""
+        return (self._saved or {}).get("gptnano") or {} if self._ckpt_path and self.subcommand == "fit" else {}
+
     def _probe_step(self, device: str):
         """One real training step of a copy of the run's network on ``device``, in the precision it
-        would train in there (``gptnano.train.steps.training_step``), on a random batch of the
-        run's shape: what the device choice times."""
+        would train in there, on a random batch of the run's shape: what the device choice times."""
         net, hp = copy.deepcopy(self.model.net), self.model.hparams
-        precision = self._get(self.config_init, "trainer", default={}).get("precision")
-        precision = precision or hardware.resolve_precision(device)[0]
+        precision = self._trainer_cfg().get("precision") or hardware.resolve_precision(device)[0]
         ns_dtype = hardware.fast_dtype(device) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
         ids = torch.randint(self.datamodule.vocab_size, (self.datamodule.batch_size, net.block_size + 1),
                             generator=torch.Generator().manual_seed(0))
@@ -387,9 +346,9 @@ class GPTNanoCLI(LightningCLI):
     def _choose_arithmetic(self, accelerator) -> dict:
         """The precision when none was given (gptnano.hardware.choose_precision), one line saying
         which and why; a resumed run also keeps the dtype its Muon orthogonalised in."""
-        trainer = self._get(self.config_init, "trainer", default={})
+        trainer = self._trainer_cfg()
         device = hardware.device_type(accelerator or trainer.get("accelerator", "auto"))
-        kept = hardware.resumed_arithmetic(device, self._resumed)
+        kept = hardware.resumed_arithmetic(device, {"gptnano": self._resumed()})
         if kept.get("muon_dtype") and "model.muon_dtype" not in self._typed:
             self.model.hparams.muon_dtype = kept["muon_dtype"]  # read by configure_optimizers
         if device == "cpu":  # DDP processes started from this one decide alike, without measuring
@@ -401,84 +360,77 @@ class GPTNanoCLI(LightningCLI):
             print(lines.line(f"precision {precision} ({why}); --trainer.precision overrides"), file=sys.stderr)
         return {"precision": precision}
 
-    # ----- before the first step: can the run's outputs be written? ----------
-    def _check_outputs(self) -> None:
-        """A folder the run cannot write (read-only, no permission, a file in the way) is refused in
-        one line before any data is prepared or any step taken, not after minutes of training.
-        Nothing is created here: a user mistake found later leaves no folder behind."""
-        if self.trainer.global_rank != 0:
-            return
-        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
-        if self.subcommand == "fit" and callback is not None and callback.dirpath:
-            _OUTPUTS.append(os.path.relpath(callback.dirpath))
-            check_writable_folder(callback.dirpath, "checkpoints", create=False)
-        if logger is not None and logger.save_dir:
-            _OUTPUTS.append(str(Path(logger.save_dir) / str(logger.name)))
-            check_writable_folder(_OUTPUTS[-1], "logs", create=False)
-
-    def before_fit(self) -> None:
-        self._check_outputs()
-
-    def before_validate(self) -> None:
-        self._check_outputs()
-
-    def before_test(self) -> None:
-        self._check_outputs()
-
-    def before_predict(self) -> None:
-        self._check_outputs()
-
+    # ----- the Trainer ---------------------------------------------------------------------------
     def instantiate_trainer(self, **kwargs):
-        """The Trainer, with checkpoints written atomically and read through the safe reader,
-        a model summary without Lightning's column of zero FLOPs, and TF32 on CUDA."""
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        """The Trainer with gptnano's callbacks beside the user's, checkpoints written atomically and
+        read through the safe reader, and TF32 on CUDA. A setting Lightning refuses is one line."""
+        trainer = self._trainer_cfg()
+        plugins = trainer.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer wins
             plugins.append(AtomicCheckpointIO())
         kwargs.update(self._choose_device())
         kwargs.update(self._choose_arithmetic(kwargs.get("accelerator")))
-        kwargs.update(self._intervals_in_optimizer_steps())
-        kwargs.update(self._progress_and_summary())
-        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
-        quiet.drop_flops_column(trainer.callbacks)
-        # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later: a 10-bit
-        # mantissa, as nanoGPT trains). Chosen here on purpose, which also answers the hint Lightning
-        # prints otherwise; CPU products stay exact fp32 (this flag is CUDA's only).
+        kwargs.update(self._intervals_in_optimizer_steps(trainer))
+        kwargs["callbacks"] = self._callbacks(trainer)
+        if trainer.get("enable_checkpointing") is False:  # Lightning would refuse gptnano's Checkpoint: it saves nothing
+            kwargs["enable_checkpointing"] = True
+            self._cfg_init("checkpoint").turn_off()
+        try:
+            built = super().instantiate_trainer(plugins=plugins, **kwargs)
+        except MisconfigurationException as e:
+            raise UserError(str(e).strip().splitlines()[0]) from None
+        quiet.drop_flops_column(built.callbacks)
+        # fp32 matrix products on CUDA run as TF32 on tensor cores (Ampere and later, as nanoGPT trains);
+        # CPU products stay exact fp32 (this flag is CUDA's only).
         torch.backends.cuda.matmul.allow_tf32 = True
-        return trainer
+        return built
 
-    def _intervals_in_optimizer_steps(self) -> dict:
-        """Trainer arguments that Lightning counts in batches, as gptnano counts everything: in
-        optimizer steps. Under ``accumulate_grad_batches`` k, Lightning's integer
-        ``val_check_interval`` n validates every n *batches* (steps 1, 3, 4, 6 for n=3, k=2):
-        the Trainer gets n * k, so validation follows every n-th update. (``log_every_n_steps``,
-        ``max_steps`` and gptnano's own ``last_every_n_steps`` already count updates; early stopping
-        counts validations.) The saved config.yaml keeps the user's n."""
-        trainer = self._get(self.config_init, "trainer", default={})
+    def _cfg_init(self, key: str):
+        return (self.config_init[self.subcommand] if self.subcommand else self.config_init)[key]
+
+    def _intervals_in_optimizer_steps(self, trainer: dict) -> dict:
+        """Under ``accumulate_grad_batches`` k, Lightning's integer ``val_check_interval`` n counts
+        *batches*; gptnano counts optimizer steps, so the Trainer gets n * k. (``log_every_n_steps``,
+        ``max_steps`` and ``last_every_n_steps`` already count updates.) The saved config keeps n."""
         k, n = trainer.get("accumulate_grad_batches") or 1, trainer.get("val_check_interval")
         if isinstance(k, int) and k > 1 and isinstance(n, int) and not isinstance(n, bool):
             return {"val_check_interval": n * k}
         return {}
 
-    def _progress_and_summary(self) -> dict:
-        """The progress bar and the model summary, the same wherever gptnano runs.
-
-        Where stdout (the progress bar's stream) is not a terminal, a progress bar would fill the
-        file with carriage-return redraws: the Trainer gets gptnano's LogLines in its place
-        (gptnano/train/progress.py). On a terminal it gets Lightning's tqdm bar, and a plain
-        ModelSummary: Lightning would swap both for Rich ones whenever the ``rich`` package
-        happens to be installed (many tools pull it in), changing gptnano's output and its
-        hidden messages (gptnano/cli/quiet.py) with it. Not when the bar or the summary is off,
-        or a callback of that kind was given (a user's RichProgressBar wins)."""
-        trainer = self._get(self.config_init, "trainer", default={})
+    def _callbacks(self, trainer: dict) -> list:
+        """The user's callbacks, then gptnano's (a learning-rate card only where there is a logger), then the
+        progress bar and model summary, the same wherever gptnano runs: Lightning's tqdm bar on a terminal
+        and plain log lines elsewhere (gptnano/train/progress.py), never Rich ones just because ``rich`` is
+        installed; not when turned off, or where the user gave one of that kind."""
         given = trainer.get("callbacks") or []
         given = list(given) if isinstance(given, list) else [given]
-        added = []
+        ours = [RunReport(), Throughput(), TextSample(), PredictionWriter(), RunSettings(), NonFiniteGuard()]
+        if trainer.get("logger") is not False:
+            ours.append(LearningRateMonitor("step"))
         if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            added.append(TQDMProgressBar() if is_terminal(sys.stdout) else LogLines())
+            ours.append(TQDMProgressBar() if is_terminal(sys.stdout) else LogLines())
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
-            added.append(ModelSummary())
-        return {"callbacks": [*given, *added]} if added else {}
+            ours.append(ModelSummary())
+        return [*given, *ours]
+
+    # ----- before the first step: can the run's outputs be written? ----------
+    def _check_outputs(self) -> None:
+        """A folder the run cannot write is refused in one line before any data is prepared or any step
+        taken. Nothing is created here: a mistake found later leaves no folder behind."""
+        if self.trainer.global_rank != 0:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            if self.subcommand == "fit" and isinstance(callback, Checkpoint) and callback.dirpath:
+                _OUTPUTS.append(os.path.relpath(callback.dirpath))
+                check_writable_folder(callback.dirpath, "checkpoints", create=False)
+        for logger in self.trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                _OUTPUTS.append(str(Path(logger.save_dir) / str(logger.name or "")))
+                check_writable_folder(_OUTPUTS[-1], "logs", create=False)
+
+    before_fit = before_validate = before_test = before_predict = _check_outputs
+
 
 def run(argv: list[str], verbose: bool = False) -> None:
     """Run one of Lightning's four commands (gptnano/cli/main.py sends them here).
@@ -500,10 +452,12 @@ def run(argv: list[str], verbose: bool = False) -> None:
     try:
         GPTNanoCLI(args=argv)
     except SIGTERMException:
-        sys.exit(130 if CTRL_C.is_set() else 143)  # as a shell reports SIGINT and SIGTERM; on_exception said where
+        _exit_stopped()
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
+        if STOP.is_set():
+            _exit_stopped()  # what failed after a stop signal was a write to the terminal that is gone
         refused = os_error_in(e)
         if refused is None:
             raise
@@ -513,3 +467,18 @@ def run(argv: list[str], verbose: bool = False) -> None:
                           "whole or not at all)") from None
     finally:
         threading.excepthook = previous_hook
+
+
+def _exit_stopped() -> None:
+    """Exit as a shell reports the signal that stopped the fit (Checkpoint.on_exception saved and said
+    where). Output that can no longer reach a closed terminal is dropped, so that Python's own flush at
+    exit cannot turn the status into 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            except (OSError, ValueError):
+                pass
+    sys.exit(stop_exit_status())

@@ -19,6 +19,13 @@ WARNINGS = {  # regular expression matching the start of the message -> why it i
     r"Couldn't infer the batch indices": "LitLM.predict_step returns the prompt numbers itself",
     r"Precision \S+-mixed is not supported by the model summary":
         "mixed precision keeps the weights in fp32, so the 32-bit size the summary falls back to is right",
+    r"Your `IterableDataset` has `__len__` defined":
+        "gptnano's windows are read in the main process (no workers), so the length is exact",
+    r"The number of training batches \(\d+\) is smaller than the logging interval":
+        "gptnano logs every log_every_n_steps optimizer steps over the whole run, not within one epoch",
+    r"You requested to overfit but enabled \w+ dataloader shuffling":
+        "gptnano's windows are never shuffled by a sampler: under overfit_batches the training stream "
+        "starts at batch 0 of every epoch, so batch i is the same each time",
     r"Checkpoint directory .* exists and is not empty":
         "a fit writes into a folder with checkpoints only when it resumes that run (the CLI refuses a fresh "
         "run there), so the folder holds the run's own checkpoints on purpose",
@@ -29,6 +36,8 @@ MESSAGES = {  # start of a Lightning info line -> why it is hidden
     "`Trainer.fit` stopped:": "gptnano's own end-of-run line (gptnano/train/report.py) says why, and where the "
                               "checkpoints are",
     "Time limit reached.": "the end-of-run line says so (max_time)",
+    "Loading `train_dataloader` to estimate": "the schedule's length with max_steps -1 (LitLM.decay_steps): "
+                                              "nothing to act on",
 }
 # Lightning prints its start-up lines through these loggers (rank_zero_info).
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")

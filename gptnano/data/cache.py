@@ -286,3 +286,40 @@ class Corpus:
                 raise UserError(f"could not prepare {self.path} in {self.cache_dir}: {e.strerror or e}") from None
         self._remember()
         return found
+
+
+def run_text(recorded: dict | None, asked: str | None, kind: str, default: Path, default_sha256: str) -> tuple[str | None, str]:
+    """The text a command on a checkpoint reads, and the line to say about it ("" for none).
+
+    Args:
+        recorded: The checkpoint's record of its text, ``{"path", "sha256"}`` (None: a checkpoint
+            written before texts were recorded, which reads ``asked``).
+        asked: A path given on this command (typed, or from a config file given), or None.
+        kind: The tokenizer's kind ("char" or "byte"), which the scan reads the file as.
+        default, default_sha256: The default corpus's cache file and checksum: a run on it that
+            moved to another machine reads (or downloads) it there.
+
+    Returns:
+        (the path to read, a line to print or ""). The run's own text when nothing is asked, whatever
+        GPTNANO_DATA says; an asked path always, with a line when it is not the text the run trained on.
+
+    Raises:
+        UserError: the run's text is not there any more, or changed since (sha256), and no path was asked.
+    """
+    if not recorded:
+        return asked, ""
+    path, sha = recorded["path"], recorded["sha256"]
+    if asked and Path(asked).resolve() != Path(path):
+        other = Corpus(Path(asked), kind).scan(verbose=False).sha256 != sha
+        return asked, f"gptnano: reading {asked}, not the text the run was trained on ({path}, sha256 {sha[:12]}...)" \
+            if other else ""
+    if Path(path).is_file():
+        now = Corpus(Path(path), kind).scan(verbose=False).sha256
+        if now != sha and not asked:
+            raise UserError(f"the run's text {path} has changed since it was trained on (sha256 {sha[:12]}... then, "
+                            f"{now[:12]}... now): give --data.path {path} to go on with it as it is")
+        return path, ""
+    if sha == default_sha256:
+        return str(default), ""  # downloaded again where it is missing
+    raise UserError(f"the run's text {path} is not there (a run moved to another machine?): give --data.path FILE "
+                    f"(the run's text has sha256 {sha[:12]}...)")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from gptnano.data.cache import Corpus, Prepared
 from gptnano.data.text import download, read_text
 from gptnano.data.tokenizer import TOKENIZERS, CharTokenizer, as_prompt, default_prompt, make_tokenizer
-from gptnano.data.windows import EvalWindows, TrainWindows
+from gptnano.data.windows import EvalWindows, TrainWindows, epoch_length
 from gptnano.errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -31,6 +31,37 @@ DEFAULT_CACHE = Path("data") / "tinyshakespeare" / "input.txt"
 # (a full pass over a 300 MB text's split took ~3 minutes on the reference CPU, at every validation).
 FULL_PASS_TOKENS = 2_000_000
 DEFAULT_VAL_TOKENS = 1_000_000
+
+
+def check_splits(saved: dict, asked: dict, subcommand: str) -> None:
+    """Refuse evaluating on text the run trained on: a validation split reaching into the run's
+    training split, or a test split the run did not hold out. ``saved`` and ``asked`` are the
+    ``data`` settings (fractions); the splits are contiguous (train | val | test), so the fractions decide.
+
+    Raises:
+        UserError: naming the fraction and the split it would reach into.
+    """
+    v, t = saved.get("val_fraction", 0.1), saved.get("test_fraction", 0.0)
+    v2, t2 = asked.get("val_fraction", 0.1), asked.get("test_fraction", 0.0)
+    if subcommand == "test" and (t2 > t + 1e-12 or t == 0):
+        held = f"held out the last {t:g} of the text" if t else "held out no test split"
+        raise UserError(f"--data.test_fraction {t2:g}: the run {held}, so this test split would score text it "
+                        "trained or validated on; test with --data.test_fraction at most the run's")
+    if subcommand == "validate" and v2 + t2 > v + t + 1e-12:
+        raise UserError(f"--data.val_fraction {v2:g} (with test_fraction {t2:g}) reaches into the text this run "
+                        f"trained on (its validation split is the {v + t:g} after training): score at most that")
+
+
+class WindowLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable (its ``state_dict`` / ``load_state_dict``
+    interface): the windows are a pure function of the run's global batch index, which the
+    checkpoint's step restores, so there is no state of its own to keep."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore: the stream goes on from the restored step (``TrainWindows``)."""
 
 
 def _rank_zero() -> bool:
@@ -152,7 +183,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         return self._corpus
 
     def _download_if_needed(self) -> None:
-        if not self.path and not DEFAULT_CACHE.exists():
+        if not DEFAULT_CACHE.exists() and (not self.path or Path(self.path).resolve() == DEFAULT_CACHE.resolve()):
             download(self.url, DEFAULT_CACHE, SHAKESPEARE_SHA256)
 
     # ----- preparing: Lightning calls prepare_data on one process per node, setup on all
@@ -202,8 +233,26 @@ class ShakespeareDataModule(L.LightningDataModule):
         self._check_lengths(len(ids))  # again: this model may not be the one prepare_data saw
         a, b = self.split_bounds(len(ids))
         self.splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}  # views of the file: nothing read yet
+        if stage == "fit":
+            self._check_epochs()
         if _rank_zero() and stage in ("fit", "validate"):
             self._describe_validation()
+
+    def _check_epochs(self) -> None:
+        """Say what an epoch is, and refuse (before the first step) an integer val_check_interval
+        longer than one when validation counts epochs: Lightning would stop on it with a traceback."""
+        t, n = self.trainer, self.epoch_length()
+        interval = getattr(t, "val_check_interval", None) if t is not None else None
+        if t is not None and t.check_val_every_n_epoch is not None and isinstance(interval, int) and interval > n:
+            raise UserError(f"--trainer.val_check_interval {interval} is longer than an epoch ({n:,} batches) while "
+                            f"validation counts epochs (check_val_every_n_epoch {t.check_val_every_n_epoch}): give "
+                            "at most that, a fraction of an epoch, or --trainer.check_val_every_n_epoch null")
+        if _rank_zero():
+            _, world = self._rank()
+            tokens = n * self.batch_size * self.block_size * world
+            print(f"gptnano: an epoch is {n:,} batches of {self.batch_size} x {self.block_size} tokens"
+                  + (f" per process ({world} processes)" if world > 1 else "")
+                  + f": {tokens:,} of the training split's {len(self.splits['train']):,} tokens", file=sys.stderr)
 
     def _describe_validation(self) -> None:
         val = self._val_windows()
@@ -223,16 +272,6 @@ class ShakespeareDataModule(L.LightningDataModule):
             return self.val_tokens
         return DEFAULT_VAL_TOKENS if total > FULL_PASS_TOKENS else None
 
-    # ----- what a checkpoint keeps of the data settings (gptnano's CLI reads it back) --------
-    def state_dict(self) -> dict:
-        """The settings that make the run's batches and validation scores, saved in every
-        checkpoint: a resume takes them from there unless typed (gptnano/cli/settings.py)."""
-        return {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size, "seed": self.seed,
-                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "val_tokens": self.val_tokens}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Nothing to do: the CLI built this module with the checkpoint's settings already."""
-
     # ----- batches ------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
         t = self.trainer
@@ -242,13 +281,26 @@ class ShakespeareDataModule(L.LightningDataModule):
         # Page-locked batches make Lightning's non_blocking copy to a CUDA device really
         # asynchronous; elsewhere pinning only costs a copy.
         pin = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        return DataLoader(dataset, batch_size=None, pin_memory=pin)
+        return WindowLoader(dataset, batch_size=None, pin_memory=pin)
+
+    def epoch_length(self) -> int:
+        """Batches per process in one epoch of the training split (``windows.epoch_length``)."""
+        _, world = self._rank()
+        return epoch_length(len(self.splits["train"]), self.block_size, self.batch_size, world)
+
+    def _global_batch(self) -> int:
+        """The run's global batch index, where the next epoch (or a resumed one) starts: the optimizer
+        steps taken times the batches each one took. Under overfit_batches it is 0 at every epoch's
+        start: the same batches again (Lightning's promise for that flag)."""
+        t = self.trainer
+        if t is None or t.overfit_batches > 0:
+            return 0
+        return t.global_step * t.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
         rank, _ = self._rank()
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        start = (lambda: self.trainer.global_step * accumulate) if self.trainer is not None else (lambda: 0)
-        return self._loader(TrainWindows(self.splits["train"], self.block_size, self.batch_size, self.seed, rank, start))
+        return self._loader(TrainWindows(self.splits["train"], self.block_size, self.batch_size, self.seed, rank,
+                                         self._global_batch, self.epoch_length()))
 
     def _val_windows(self) -> EvalWindows:
         rank, world = self._rank()

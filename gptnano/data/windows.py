@@ -1,9 +1,13 @@
 """The windows a model trains and is scored on, read from prepared token ids.
 
-Training windows are a pure function of (seed, step, rank): no sampler state, so a run
-resumed from a checkpoint draws exactly the batches it would have drawn, and DDP ranks
-draw different ones. Evaluation is one deterministic pass over a split (or a fixed,
-evenly spread part of it). torch only, no Lightning.
+Training batches are a pure function of (seed, global batch index, rank): no sampler state,
+so a run resumed from a checkpoint draws exactly the batches it would have drawn, and DDP
+ranks draw different ones. The stream has a length, one *epoch*: enough batches to cover
+the training split about once, so that everything Lightning counts in epochs (max_epochs,
+a fractional val_check_interval, limit_train_batches) has something to count; the length
+only says where epochs end, never which batch a step draws. Evaluation is one
+deterministic pass over a split (or a fixed, evenly spread part of it), in batches that
+are counted too. torch only, no Lightning.
 """
 
 import numpy as np
@@ -21,17 +25,35 @@ def rows(data, starts: torch.Tensor, length: int) -> torch.Tensor:
     return torch.from_numpy(data.rows(starts.numpy(), length).astype(np.int64))
 
 
-class TrainWindows(IterableDataset):
-    """An endless stream of training batches ``(x, y)`` of shape ``[batch_size, block_size]``.
+def epoch_length(n_tokens: int, block_size: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per process in one epoch: enough for all processes together to read about every
+    one of the split's ``n_tokens`` training tokens once, ``n_tokens // (block_size * batch_size *
+    world_size)``, and at least one."""
+    return max(1, (n_tokens - 1) // (block_size * batch_size * world_size))
 
-    Batch number ``s`` is drawn from a generator seeded by ``(seed, s, rank)``,
-    and iteration starts at ``start()`` (the trainer's step), so resuming a run
-    continues the very same stream of batches.
+
+class TrainWindows(IterableDataset):
+    """The stream of training batches ``(x, y)``, each ``[batch_size, block_size]`` token ids.
+
+    Batch number ``s`` (counted over the whole run, never restarted at an epoch's start) is
+    drawn from a generator seeded by ``(seed, s, rank)``. Iteration starts at ``start()``, the
+    run's global batch index when Lightning asks for an iterator (at every epoch's start, and
+    again on a resume), so an epoch goes on where the last one ended and a resumed run continues
+    the very same stream. ``len()`` is the epoch's length (``epoch_length``); the iterator itself
+    does not end: Lightning stops it after that many batches, or fewer (limit_train_batches).
+
+    ``start`` returning 0 every time makes batch i of every epoch the same: what
+    ``overfit_batches`` asks for (the data module passes that ``start`` then).
     """
 
-    def __init__(self, data, block_size: int, batch_size: int, seed: int, rank: int, start):
+    def __init__(self, data, block_size: int, batch_size: int, seed: int, rank: int, start,
+                 length: int | None = None):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.seed, self.rank, self.start = seed, rank, start
+        self.length = length if length is not None else epoch_length(len(data), block_size, batch_size)
+
+    def __len__(self) -> int:
+        return self.length
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # A tuple of ints hashes the same in every process (no hash randomisation).
@@ -71,6 +93,10 @@ class EvalWindows(IterableDataset):
         self.n_scored = min(max_windows or self.n_windows, self.n_windows)
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        """Batches this rank yields in one pass (every rank yields as many: see ``__iter__``)."""
+        return -(-len(range(0, self.n_scored, self.world_size)) // self.batch_size)
 
     def _windows(self, j: torch.Tensor) -> torch.Tensor:
         """Window number of the j-th scored window."""

@@ -18,9 +18,20 @@ from gptnano.train.module import uses_fsdp
 
 
 def update_ended(trainer, batch_idx: int) -> bool:
-    """Whether the batch that just ended completed an optimizer update (it always does
-    unless gradients are accumulated over several batches)."""
-    return (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0
+    """Whether the batch that just ended completed an optimizer update: every
+    ``accumulate_grad_batches``-th batch, and the last batch of an epoch (Lightning steps the
+    optimizer there whatever is left of the accumulation)."""
+    k = max(1, trainer.accumulate_grad_batches)
+    return (batch_idx + 1) % k == 0 or (k > 1 and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def first_experiment_with(trainer, method: str):
+    """The experiment (a TensorBoard SummaryWriter, say) of the first logger that has ``method``."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, method):
+            return experiment
+    return None
 
 
 class Throughput(L.Callback):
@@ -81,8 +92,8 @@ class TextSample(L.Callback):
             return
         if uses_fsdp(trainer):
             return  # rank 0 alone holds a shard of the weights, not a network it could sample from
-        experiment = getattr(trainer.logger, "experiment", None)
-        if not hasattr(experiment, "add_text"):
+        experiment = first_experiment_with(trainer, "add_text")
+        if experiment is None:
             return
         tokenizer = pl_module.tokenizer
         prompt = tokenizer.encode(default_prompt(tokenizer))[None, :]  # the prompt predict and generate default to
@@ -108,7 +119,9 @@ class PredictionWriter(BasePredictionWriter):
         self.path: Path | None = None
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        # The log folder of the first logger that has one (the run's eval/version_N), else none: stdout
+        # only, never a file in the working folder.
+        folder = next((Path(x.log_dir) for x in trainer.loggers if getattr(x, "log_dir", None)), None)
         mine = list(predictions)  # (prompt number, text) pairs from LitLM.predict_step
         if trainer.world_size > 1:
             gathered = [None] * trainer.world_size
@@ -117,22 +130,30 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         texts = [text for _, text in sorted(dict(mine).items())]  # the sampler may pad with repeats
-        self.path = atomic_write(folder / self.filename, "".join(t + "\n" for t in texts))
+        if folder is not None:
+            self.path = atomic_write(folder / self.filename, "".join(t + "\n" for t in texts))
         for t in texts:
             sys.stdout.write(t + "\n")
         sys.stdout.flush()
-        print(f"gptnano: predictions written to {self.path}", file=sys.stderr)
+        if folder is not None:
+            print(f"gptnano: predictions written to {self.path}", file=sys.stderr)
 
 
-class EarlyStopping(LightningEarlyStopping):
-    """Lightning's EarlyStopping, resumed as gptnano resumes everything: the checkpoint supplies
-    the settings, typed flags win. Lightning's restores the saved ``patience`` over the one it was
-    built with; this one keeps the one it was built with, which gptnano's CLI takes from the
-    checkpoint unless ``--early_stopping.patience`` was typed (``min_delta`` is not saved at all:
-    the value given is used). A resumed run has not stopped yet, whatever the saved run did.
+OWN_STATE = "gptnano."  # before the state keys of gptnano's own callbacks of a kind a user may add too
 
-    Same class name as Lightning's: the key its state is saved under stays the same, so older
-    checkpoints resume with their early-stopping state."""
+
+class ResumableEarlyStopping(LightningEarlyStopping):
+    """Lightning's EarlyStopping as gptnano's CLI configures it (``--early_stopping.*``), able to run
+    beside a user's own (``--trainer.callbacks+=EarlyStopping``): its saved state has a key of its
+    own, where two of Lightning's with one monitor and mode would share one. A resume takes its
+    settings from the run's config like everything else: the ``patience`` it was built with stays
+    (Lightning's would restore the saved one), and a resumed run has not stopped yet, whatever the
+    saved run did."""
+
+    @property
+    def state_key(self) -> str:
+        # gptnano.EarlyStopping{'monitor': ..., 'mode': ...}: the key earlier checkpoints' state moves to
+        return OWN_STATE + "EarlyStopping" + super().state_key.removeprefix(type(self).__qualname__)
 
     def load_state_dict(self, state_dict: dict) -> None:
         patience = self.patience

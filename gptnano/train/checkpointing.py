@@ -1,8 +1,8 @@
 """Checkpoints: where and when they are written (``Checkpoint``), and how (``AtomicCheckpointIO``:
 atomically, and read back only through gptnano's one safe reader)."""
 
+import shutil
 import signal
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -14,10 +14,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gptnano import lines
 from gptnano.checkpoint import read_checkpoint
 from gptnano.errors import UserError
 from gptnano.files import atomic_write, shown_path
-from gptnano.train.callbacks import update_ended
+from gptnano.train.callbacks import OWN_STATE, update_ended
 
 
 def rebased(state: dict, dirpath: str) -> dict:
@@ -47,9 +48,11 @@ def rebased(state: dict, dirpath: str) -> dict:
 class Checkpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (``best.ckpt`` and ``last.ckpt`` at every validation),
     plus: ``last.ckpt`` is also refreshed by wall-clock time (``train_time_interval``)
-    or every ``last_every_n_steps`` steps between validations, and Ctrl-C or SIGTERM stop
-    training at the end of the current step and save ``last.ckpt`` first, so an
-    interrupted run resumes with ``--ckpt_path last``. Files are written atomically
+    or every ``last_every_n_steps`` steps between validations, and Ctrl-C, SIGTERM or SIGHUP
+    (a closed terminal, a dropped ssh session; on Windows CTRL_BREAK or closing the console)
+    stop training at the end of the current step and save ``last.ckpt`` first, so an
+    interrupted run resumes with ``--ckpt_path last``. With ``save_top_k`` above 1 (or -1) the
+    kept files are named by their step and ``best.ckpt`` is a copy of the best of them. Files are written atomically
     (``AtomicCheckpointIO``): a crash leaves the previous or the new file, never half of one.
     A run folder moved or copied elsewhere resumes as the same run (``rebased``).
 
@@ -57,11 +60,13 @@ class Checkpoint(ModelCheckpoint):
     replace saving at validation (so ``best.ckpt`` would no longer follow the validation
     loss); here they only refresh ``last.ckpt``, and validations save as usual.
 
-    Ctrl-C sets a flag in this process (no signal to itself, which Windows would turn into
-    an immediate kill); at the end of the optimizer step the flag asks Lightning's loop to
+    Ctrl-C and SIGHUP set a flag in this process (no signal to itself, which Windows would turn
+    into an immediate kill); at the end of the optimizer step the flag asks Lightning's loop to
     stop as its own SIGTERM handling does, agreed first by every process of a DDP run so
-    that all of them stop after the same step. The exit status is then 130; SIGTERM from
-    outside goes through Lightning's handler as before (POSIX) and exits with 143.
+    that all of them stop after the same step. The exit status is then 130 (Ctrl-C) or 129
+    (SIGHUP); SIGTERM goes through Lightning's handler (POSIX) and exits with 143. A SIGHUP
+    that arrives ignored (``nohup``) stays ignored, and the save never waits on printing to a
+    terminal that is gone.
 
     Args:
         train_time_interval: Refresh last.ckpt at least this often during training (wall clock,
@@ -77,8 +82,22 @@ class Checkpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps
         self.last_interval = train_time_interval
         self._last_refresh = time.monotonic()
-        self._previous_sigint = None
+        self._previous_handlers: dict = {}
         self._resumed_here = False
+        if self.save_top_k not in (0, 1) and self.filename == BEST:
+            self.filename = "{step}"  # step=250.ckpt, ...; best.ckpt is a copy of the best (on_validation_end)
+
+    def turn_off(self) -> None:
+        """Save nothing (``--trainer.enable_checkpointing false``): Lightning refuses a ModelCheckpoint
+        beside that flag, so the CLI keeps this one, inert, and tells the Trainer checkpointing is on."""
+        self.save_top_k, self.save_last, self.last_interval, self.last_every_n_steps = 0, False, None, 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        best = Path(self.best_model_path) if self.best_model_path else None
+        if best is not None and best.name != f"{BEST}.ckpt" and best.is_file() and trainer.is_global_zero:
+            with best.open("rb") as source:  # best.ckpt: the best kept file, whole or not at all
+                atomic_write(best.with_name(f"{BEST}.ckpt"), lambda f: shutil.copyfileobj(source, f))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Called just before load_state_dict: is the file being resumed one of this run folder's?
@@ -92,47 +111,53 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        CTRL_C.clear()
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.getsignal(signal.SIGINT)
+        STOP.clear()
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set in the main thread
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is None or (name != "SIGINT" and signal.getsignal(number) == signal.SIG_IGN):
+                continue  # not on this OS; or ignored on purpose (nohup): it stays ignored
+            self._previous_handlers[number] = signal.getsignal(number)
 
-            def stop_after_step(signum, frame):
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
-                CTRL_C.set()  # read at the end of the step (on_train_batch_end)
+            def stop_after_step(signum, frame, name=name):
+                if name == "SIGINT":
+                    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+                STOP.set(name)  # read at the end of the step (on_train_batch_end)
 
-            signal.signal(signal.SIGINT, stop_after_step)
+            signal.signal(number, stop_after_step)
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_signals(self) -> None:
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers.clear()
 
     def _stop_agreed(self, trainer) -> bool:
-        """Whether Ctrl-C was pressed on any process. Under DDP every process asks at every
+        """Whether a stop was asked for on any process. Under DDP every process asks at every
         optimizer step (one small reduction; Lightning's loop already agrees on SIGTERM once a
         step), so the processes stop after the same step instead of some waiting forever."""
         if trainer.world_size > 1:
-            return trainer.strategy.reduce_boolean_decision(CTRL_C.is_set(), all=False)
-        return CTRL_C.is_set()
+            return trainer.strategy.reduce_boolean_decision(STOP.is_set(), all=False)
+        return STOP.is_set()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
+        if not trainer.fast_dev_run:  # Lightning's would write last.ckpt even then; its docs say fast_dev_run saves none
+            super().on_train_end(trainer, pl_module)
         # Training that ends between two saves (max_steps past the last validation or
         # last_every_n_steps point) must still leave last.ckpt at its final step.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._restore_sigint()
+        self._restore_signals()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not update_ended(trainer, batch_idx):
             return  # in the middle of an accumulated step: nothing is saved and nothing stops here
         if self._stop_agreed(trainer):
-            CTRL_C.set()  # on every process, so each exits as stopped by Ctrl-C
+            STOP.set("SIGINT")  # on every process (one that saw no signal itself exits as after Ctrl-C)
             request_stop(trainer)  # Lightning's loop ends after this step, then on_exception saves
             return
-        validation_follows = (batch_idx + 1) % trainer.val_check_batch == 0  # it saves last.ckpt (and best) itself
-        if (self.save_last and not validation_follows and self._refresh_due(trainer)
+        if (self.save_last and not validation_follows(trainer, batch_idx) and self._refresh_due(trainer)
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -158,17 +183,65 @@ class Checkpoint(ModelCheckpoint):
         self._last_refresh = time.monotonic()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
+        # A stop asked for by a signal (Lightning's SIGTERM, or ours: then printing to a closed terminal
+        # may be what raised, after the step had finished) saves the step reached.
+        stopped = isinstance(exception, SIGTERMException) or STOP.is_set()
+        if stopped and self.save_last and trainer.state.fn == "fit" and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             if trainer.is_global_zero:
-                print(f"gptnano: stopped at step {trainer.global_step}, saved {shown_path(self.last_model_path)} (Ctrl-C or "
-                      "SIGTERM); resume with --ckpt_path last", file=sys.stderr)
-        self._restore_sigint()
+                how = {"SIGINT": "Ctrl-C"}.get(STOP.signal, STOP.signal or "SIGTERM")
+                lines.say(f"stopped at step {trainer.global_step} by {how}, saved {shown_path(self.last_model_path)}; "
+                          "resume with --ckpt_path last")
+        self._restore_signals()
 
 
-# Set by Ctrl-C during fit (the in-process stop flag), cleared when training starts; the CLI reads
-# it to exit with 130 (interrupted) rather than 143 (terminated).
-CTRL_C = threading.Event()
+def own_checkpoint(trainer) -> "Checkpoint | None":
+    """gptnano's checkpoint callback among the trainer's (not ``trainer.checkpoint_callback``, the first
+    of any: a user's own ModelCheckpoint may come before it)."""
+    return next((c for c in trainer.checkpoint_callbacks if isinstance(c, Checkpoint)), None)
+
+
+# Signals that stop a fit after its step in this process (SIGTERM: Lightning's own handler), and
+# the exit status of each, as a shell reports a process the signal ended.
+STOP_SIGNALS = ("SIGINT", "SIGHUP", "SIGBREAK")
+EXIT_STATUS = {"SIGINT": 130, "SIGHUP": 129, "SIGBREAK": 149, "SIGTERM": 143}
+BEST = "best"
+
+
+class StopRequest:
+    """Which signal asked this process to stop after its current step (None: none yet)."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def set(self, name: str = "SIGINT") -> None:
+        self.signal = self.signal or name
+
+    def clear(self) -> None:
+        self.signal = None
+
+    def is_set(self) -> bool:
+        return self.signal is not None
+
+
+STOP = StopRequest()  # set by a stop signal during fit, cleared when training starts; the CLI reads it
+
+
+def stop_exit_status() -> int:
+    """The exit status of a fit stopped by a signal: 130 Ctrl-C, 129 SIGHUP, 143 SIGTERM."""
+    return EXIT_STATUS[STOP.signal or "SIGTERM"]
+
+
+def validation_follows(trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates after this batch (then it saves last.ckpt and best itself), as
+    its training loop decides for batch-counted intervals (a time-based one is never predicted)."""
+    every, loop = trainer.check_val_every_n_epoch, trainer.fit_loop.epoch_loop
+    if every is not None and (trainer.current_epoch + 1) % every:
+        return False
+    n = trainer.val_check_batch
+    if n is None or n == float("inf"):
+        return loop.batch_progress.is_last_batch
+    return ((loop.total_batch_idx if every is None else batch_idx) + 1) % n == 0
 
 
 def request_stop(trainer) -> None:
@@ -196,6 +269,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         checkpoint = read_checkpoint(path)
+        if "config" not in (checkpoint.get("gptnano") or {}):
+            # Written before gptnano's EarlyStopping had a state key of its own (a user's could not run
+            # beside it): its saved state moves to today's key.
+            states = checkpoint.get("callbacks") or {}
+            for key in [k for k in states if str(k).startswith("EarlyStopping{")]:
+                states.setdefault(OWN_STATE + key, states.pop(key))
         # An exported folder holds no Lightning version (Lightning would try to upgrade it): it is
         # read now, by this version. (Fit never gets one: the CLI sends a folder to --init_from.)
         checkpoint.setdefault("pytorch-lightning_version", lightning.__version__)

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from gptnano.errors import WriteError
 from gptnano.files import os_error_in, write_error
+from gptnano.train.checkpointing import own_checkpoint
 
 BEST_OF = "val/loss"  # hp_metric is the lowest value of this tag
 
@@ -147,41 +148,29 @@ class Board(TensorBoardLogger):
 
 
 class RunSettings(L.Callback):
-    """Hands each Board the run settings that are not the model's hyper-parameters (batch
-    size, steps, precision, world size, seed), so that hparams.yaml and the HPARAMS tab show
-    them beside the model's; and writes the run's name (its Board's) and seed into every
-    checkpoint (``checkpoint["gptnano"]``), so that a checkpoint tells which run it belongs to
-    wherever the file is, and a resume keeps the seed."""
-
-    def __init__(self):
-        self.seed: int | None = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        meta = checkpoint.setdefault("gptnano", {})
-        meta["seed"] = self.seed
-        names = [logger.name for logger in trainer.loggers if isinstance(logger, Board)]
-        if names:
-            meta["run_name"] = names[0]
+    """Hands every logger the run settings that are not the model's hyper-parameters (batch size,
+    steps, epochs, precision, world size, seed), so that hparams.yaml, the HPARAMS tab and a user's
+    own logger (CSVLogger, WandbLogger) show them beside the model's; and starts a resumed run's
+    ``hp_metric`` from the best loss before the restart."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        self.seed = torch.initial_seed()  # the run's seed (seed_everything), before any re-seeding
+        data = trainer.datamodule
         settings = {
-            "data.batch_size": getattr(trainer.datamodule, "batch_size", None),
+            "data.batch_size": getattr(data, "batch_size", None),
             "trainer.max_steps": trainer.max_steps,
+            "trainer.max_epochs": trainer.max_epochs,
             "trainer.precision": str(trainer.precision),
             "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
             "world_size": trainer.world_size,
-            "seed": self.seed,
+            "seed": torch.initial_seed(),  # the run's seed (seed_everything), before any re-seeding
         }
         for logger in trainer.loggers:
-            if isinstance(logger, Board):  # another logger may write its HPARAMS session at once
-                logger.log_hyperparams(settings)
+            logger.log_hyperparams(settings)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # A resumed run's hp_metric goes on from the best loss before the restart (restored by now).
-        score = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        score = getattr(own_checkpoint(trainer), "best_model_score", None)
         for logger in trainer.loggers:
             if isinstance(logger, Board) and score is not None:
                 logger.best = min(logger.best, float(score))

@@ -20,7 +20,7 @@ from gptnano.errors import UserError
 from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import check_settings, generate
-from gptnano.train.optim import MuonAdamW, build_optimizer, group_settings
+from gptnano.train.optim import build_optimizer, group_settings
 from gptnano.train.steps import next_token_loss
 
 
@@ -160,10 +160,17 @@ class LitLM(L.LightningModule):
             group["lr"] = base * multiplier(schedule.last_epoch)  # as LambdaLR computes it
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
+    def decay_steps(self) -> float:
+        """Steps the cosine decays over when lr_decay_steps is not given: ``trainer.max_steps``, or with
+        ``max_steps -1`` Lightning's estimate of the run's steps from max_epochs (infinite when only
+        max_time bounds the run: the rate then stays at its peak after the warmup)."""
+        trainer = self.trainer
+        return trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+
     def _lr_multiplier(self):
         """The schedule's multiplier of the peak learning rates, as a function of the step."""
         hp = self.hparams
-        decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 0)
+        decay_steps = hp.lr_decay_steps or self.decay_steps()
         min_ratio = hp.min_lr / hp.learning_rate
         return lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, min_ratio)
 
@@ -207,15 +214,6 @@ class LitLM(L.LightningModule):
     def _is_logging_step(self) -> bool:
         trainer = self._trainer  # None outside a Trainer (self.trainer would raise)
         return trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # What the run trained in: a resume keeps it (gptnano's CLI reads this), and a reader can see it.
-        # (Callbacks wrote their part of "gptnano" first: the run's name and seed, gptnano/train/logger.py.)
-        optimizers = self.trainer.optimizers
-        muon = optimizers[0].ns_dtype if optimizers and isinstance(optimizers[0], MuonAdamW) else None
-        checkpoint.setdefault("gptnano", {}).update({
-            "precision": str(self.trainer.precision), "device": self.device.type,
-            "muon_dtype": str(muon).removeprefix("torch.") if muon else None})
 
     def configure_optimizers(self):
         hp = self.hparams

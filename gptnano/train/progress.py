@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from gptnano import lines
 from gptnano.numbers import quantity
 from gptnano.train.callbacks import update_ended
+from gptnano.train.checkpointing import own_checkpoint
 
 
 def is_terminal(stream) -> bool:
@@ -104,7 +105,7 @@ class LogLines(ProgressBar):
         fields = [f"{name} {float(metrics[name]):.{digits}f}" for name, digits in (("val/loss", 4), ("val/bpc", 3))
                   if name in metrics]
         # The checkpoint callback updates its best after this hook (Lightning calls checkpointing last).
-        scores = [float(s) for s in (getattr(trainer.checkpoint_callback, "best_model_score", None),
+        scores = [float(s) for s in (getattr(own_checkpoint(trainer), "best_model_score", None),
                                      metrics.get("val/loss")) if s is not None]
         if scores:
             fields.append(f"best {min(scores):.4f}")

@@ -15,7 +15,7 @@ The other ends have their own line: Ctrl-C or SIGTERM ``gptnano: stopped at step
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from gptnano import lines
@@ -42,29 +42,35 @@ def early_stopping_reason(callback) -> str | None:
 
 
 def why_fit_ended(trainer) -> str:
-    """Why the fit loop ended, in words: early stopping (with its metric and patience), max_time,
-    max_steps, or a stop asked for from outside (Ctrl-C)."""
-    if reason := early_stopping_reason(trainer.early_stopping_callback):
-        return reason
+    """Why the fit loop ended, in words: an early stopping (gptnano's or a user's: any that stopped it,
+    with its metric and patience), max_time, max_epochs, max_steps, or a stop asked for from outside."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and (reason := early_stopping_reason(callback)):
+            return reason
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
         return f"max_time reached after {lines.duration(timer.time_elapsed('train'))} of training"
     if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
         return "max_steps reached"
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+        return f"max_epochs reached ({_plural(trainer.max_epochs, 'epoch')})"
     return "stopped on request before max_steps"
 
 
 def where_checkpoints_are(trainer) -> list[str]:
-    """The fields of the end-of-fit line about checkpoints: the best score kept, and the folder."""
-    callback = trainer.checkpoint_callback
-    if callback is None or not callback.dirpath:
-        return ["no checkpoints (checkpointing is off)"]
+    """The fields of the end-of-fit line about checkpoints: for every checkpoint callback (gptnano's and a
+    user's own), the best score it keeps and its folder."""
     fields = []
-    if callback.best_model_score is not None and callback.best_model_path:
-        fields.append(f"best {callback.monitor} {float(callback.best_model_score):.4f} "
-                      f"({Path(callback.best_model_path).name})")
-    fields.append(f"checkpoints in {shown_path(callback.dirpath)}")
-    return fields
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or not callback.dirpath or \
+                not (callback.save_top_k or callback.save_last):
+            continue
+        if callback.best_model_score is not None and callback.best_model_path:
+            name = "best.ckpt" if getattr(callback, "filename", None) != "best" and \
+                (Path(callback.dirpath) / "best.ckpt").is_file() else Path(callback.best_model_path).name
+            fields.append(f"best {callback.monitor} {float(callback.best_model_score):.4f} ({name})")
+        fields.append(f"checkpoints in {shown_path(callback.dirpath)}")
+    return fields or ["no checkpoints (checkpointing is off)"]
 
 
 class RunReport(L.Callback):
