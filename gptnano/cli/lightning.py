@@ -280,7 +280,11 @@ class GPTNanoCLI(LightningCLI):
         if asked != cls.__name__:
             raise UserError(f"--init_from {source} holds a {cls.__name__} network, but --config or --model.net ask "
                             f"for {asked}: give the {cls.__name__}'s config, or none")
-        fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings and k != "vocab_size"}
+        # An argument the checkpoint does not name came into gptnano after it, with a default that
+        # computes what the network did then (a new GPT option: off): the weights fix it too.
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if k != "self" and p.default is not inspect.Parameter.empty}
+        fixed = {k: v for k, v in {**defaults, **init_args}.items() if k not in cls.run_settings and k != "vocab_size"}
         typed = {k: net.init_args.get(k) for k in fixed
                  if f"model.net.{k}" in self._typed and net.init_args.get(k) != fixed[k]}
         if typed:
