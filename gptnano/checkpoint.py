@@ -209,6 +209,15 @@ def architecture(spec, source: str | Path = "the checkpoint") -> tuple[type[Lang
     return cls, dict(init_args)
 
 
+def fixed_args(cls: type[LanguageModel], init_args: dict) -> dict:
+    """The network arguments a trained network's weights fix: every constructor argument but its
+    ``run_settings`` and the vocabulary size. One the checkpoint does not name came into gptnano after
+    it, with a default that computes what the network did then (a new option, off): that default."""
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if k != "self" and p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in {**defaults, **init_args}.items() if k not in cls.run_settings and k != "vocab_size"}
+
+
 def build_net(spec, state_dict: dict | None = None, source: str | Path = "the checkpoint") -> LanguageModel:
     """The network a checked ``net`` entry describes, with the weights of ``state_dict``
     (keys as the LightningModule saves them, ``net.`` + the network's own)."""

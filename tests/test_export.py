@@ -20,6 +20,7 @@ from gptnano.data.tokenizer import CharTokenizer, make_tokenizer
 from gptnano.errors import UserError
 from gptnano.models import MODELS
 from gptnano.models.gpt import GPT
+from gptnano.sampling import generate, generate_naive
 from gptnano.train.steps import next_token_loss
 from tests.helpers import make_text, scrambled
 
@@ -154,6 +155,11 @@ def test_export_refuses_what_it_cannot_write(tmp_path, gptnano, monkeypatch):
     rnn, gpt = trained(tmp_path / "rnn.ckpt", "rnn"), trained(tmp_path / "gpt.ckpt")
     ran = gptnano(["export", "--ckpt_path", str(rnn), "--out", str(tmp_path / "x"), "--format", "hf"], tmp_path)
     assert error_line(ran).endswith("--format hf is not available for RNN: use safetensors or onnx")
+    rope = trained(tmp_path / "rope.ckpt", rope=True, logit_softcap=5.0)
+    ran = gptnano(["export", "--ckpt_path", str(rope), "--out", str(tmp_path / "x"), "--format", "hf"], tmp_path)
+    assert error_line(ran).endswith("--format hf writes a GPT-2, which has no rotary positions (rope) and no logit "
+                                    "soft-cap (logit_softcap): export --format safetensors or onnx")
+    assert not (tmp_path / "x").exists()
     exported(gpt, tmp_path / "st")
     for out, says in [(tmp_path / "st", "already holds other files (config.json of another format)"),
                       (tmp_path / "gpt.ckpt", "is a file: give a folder")]:
@@ -169,6 +175,18 @@ def test_export_refuses_what_it_cannot_write(tmp_path, gptnano, monkeypatch):
 
 
 # ----- transformers ---------------------------------------------------------------------------
+def test_hf_knows_every_gpt_argument():
+    """Each argument of the GPT either maps onto GPT-2's config.json, changes nothing GPT-2 computes
+    (use_sdpa; rope_base acts only with rope), or is an option GPT-2 lacks, refused by name: a new
+    option cannot slip through the export as a GPT-2 that computes something else."""
+    import inspect
+
+    from gptnano.export.hf import GPT2_LACKS
+
+    expressed = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "use_sdpa", "rope_base"}
+    assert set(inspect.signature(GPT).parameters) == expressed | set(GPT2_LACKS)
+
+
 def test_hf_gives_gptnanos_logits_and_greedy_text(tmp_path, gptnano):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,6 +225,46 @@ def test_hf_tokenizer_round_trips_accents_and_emoji(kind, tmp_path):
         assert hf.decode([0xE2, 0x82, 65]) == ours.decode([0xE2, 0x82, 65]) == "\ufffdA"
 
 
+# ----- the GPT's newer options, wherever a checkpoint goes --------------------------------------------
+OPTIONS = dict(rope=True, qk_norm=True, embed_shortcut=True, logit_softcap=5.0)
+
+
+def test_a_gpt_with_every_option_generates_predicts_and_starts_a_run(tmp_path, gptnano, monkeypatch):
+    """The options are plain constructor arguments in the checkpoint: generate and predict rebuild
+    the network from them and write what the cached sampler draws from it, an export folder
+    gives the same logits, and `fit --init_from` keeps them with the weights (a typed other value
+    is refused, also for a checkpoint written before the option existed, which had it off)."""
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    ckpt = trained(tmp_path / "opts" / "last.ckpt", **OPTIONS)
+    net, tokenizer, _ = load_net(ckpt)
+    assert all(getattr(net, k) == v for k, v in OPTIONS.items()) and net.wpe is None
+    again = load_net(exported(ckpt, tmp_path / "folder")).net
+    idx = tokenizer.encode(TEXT[:32]).view(2, 16)
+    with torch.no_grad():
+        assert torch.equal(net(idx), again(idx))
+    greedy = generate(net, tokenizer.encode("ROMEO:")[None], 30, temperature=0)  # past the context of 16
+    assert torch.equal(greedy, generate_naive(net, tokenizer.encode("ROMEO:")[None], 30, temperature=0))
+    ran = gptnano(["generate", "--ckpt_path", str(ckpt), "--prompt", "ROMEO:", "--temperature", "0",
+                   "--max_new_tokens", "30"], tmp_path)
+    assert ran.returncode == 0 and ran.stdout == tokenizer.decode(greedy[0].tolist()) + "\n", ran.stderr[-2000:]
+    predicted = gptnano(["predict", "--ckpt_path", str(ckpt), "--data.prompt", "ROMEO:", "--model.temperature", "0",
+                         "--model.max_new_tokens", "30"], tmp_path)
+    assert predicted.returncode == 0 and predicted.stdout == ran.stdout, predicted.stderr[-2000:]
+    cli = _cli(["--init_from", str(ckpt), "--data.path", "text.txt", *FIT], tmp_path, monkeypatch)
+    assert all(getattr(cli.model.net, k) == v for k, v in OPTIONS.items())
+    for name, weight in net.state_dict().items():
+        assert torch.equal(cli.model.net.state_dict()[name], weight), name
+    refused = gptnano(["fit", "--init_from", str(ckpt), "--data.path", "text.txt", "--model.net.rope", "false"],
+                      tmp_path)
+    assert "cannot take rope=False (its weights: True)" in error_line(refused)
+    old = trained(tmp_path / "old.ckpt")  # its init_args name none of the options, as before they existed
+    assert not set(OPTIONS) & set(torch.load(old, weights_only=True)["hyper_parameters"]["net"]["init_args"])
+    # Without the check, rope would start from these weights less their learned positions, silently.
+    refused = gptnano(["fit", "--init_from", str(old), "--data.path", "text.txt", "--model.net.rope", "true"],
+                      tmp_path)
+    assert "cannot take rope=True (its weights: False)" in error_line(refused)
+
+
 # ----- ONNX -------------------------------------------------------------------------------------
 @pytest.mark.e2e  # torch's ONNX exporter: seconds per model
 @pytest.mark.parametrize("arch", list(SIZES))
@@ -228,6 +286,23 @@ def test_onnx_gives_gptnanos_logits_at_other_lengths(arch, tmp_path):
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["gptnano.vocab"] == load_net(ckpt).tokenizer.vocab
     assert meta["gptnano.max_context"] == ("" if arch == "rnn" else "16")
+
+
+@pytest.mark.e2e  # torch's ONNX exporter: seconds per model
+def test_onnx_gives_the_logits_of_a_gpt_with_every_option(tmp_path):
+    """Rotary positions, QK-norm, the shortcut and the soft-cap all export: onnxruntime gives
+    gptnano's logits at lengths other than the one traced."""
+    import onnxruntime
+
+    ckpt = trained(tmp_path / "gpt.ckpt", n_layer=1, **OPTIONS)
+    session = onnxruntime.InferenceSession(str(exported(ckpt, tmp_path / "onnx", "onnx") / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    net = load_net(ckpt).net
+    for batch, length in [(1, 16), (3, 5), (2, 1)]:
+        idx = torch.randint(0, net.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
+        (logits,) = session.run(None, {"idx": idx.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), net(idx), rtol=0, atol=2e-5)
 
 
 # ----- fit --init_from ----------------------------------------------------------------------------

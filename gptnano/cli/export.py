@@ -9,7 +9,8 @@ Formats (docs/export.md says how to load each):
                gptnano command that takes --ckpt_path takes this folder too, and
                `gptnano fit --init_from` starts a new run from it. All four architectures.
   hf           a GPT-2 for Hugging Face transformers (AutoModelForCausalLM and
-               AutoTokenizer, no remote code). The GPT only.
+               AutoTokenizer, no remote code). The GPT only, with its newer
+               options (rope, qk_norm, ...) off: GPT-2 has none of them.
   onnx         model.onnx (logits of every position, batch and length dynamic) and the
                tokenizer files, for onnxruntime. All four architectures.
 """

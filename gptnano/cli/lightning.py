@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import devices, hardware, lines
-from gptnano.checkpoint import architecture, load_grown, read_checkpoint, run_config, run_name
+from gptnano.checkpoint import architecture, fixed_args, load_grown, read_checkpoint, run_config, run_name
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
 from gptnano.data.cache import run_text
@@ -130,8 +130,8 @@ class GPTNanoCLI(LightningCLI):
         elif cmd.init_from:
             self._saved = read_checkpoint(cmd.init_from)
             cls, init_args = architecture(self._saved["hyper_parameters"]["net"], cmd.init_from)
-            fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings and k != "vocab_size"}
-            net = {"class_path": self._saved["hyper_parameters"]["net"]["class_path"], "init_args": fixed}
+            net = {"class_path": self._saved["hyper_parameters"]["net"]["class_path"],
+                   "init_args": fixed_args(cls, init_args)}
             argv = settings.with_base(argv, cmd.subcommand, {"model": {"net": net}})
         self.config = parser.parse_args(argv)
         # Lightning 2.6 re-applies a checkpoint's hyper-parameters over the parsed config right after
@@ -186,11 +186,12 @@ class GPTNanoCLI(LightningCLI):
                             f"start a new run from it with --init_from {path}")
         base = run_config(saved)
         cls, net_args = architecture(saved["hyper_parameters"]["net"], path)
-        fixed = {k for k in net_args if k not in cls.run_settings and k != "vocab_size"}
+        fixed = fixed_args(cls, net_args)
+        base["model"]["net"]["init_args"] = {**fixed, **base["model"]["net"].get("init_args", {})}
         if cfg.model.net.class_path.rsplit(".", 1)[-1] == cls.__name__:
-            for key in fixed - {k.removeprefix("model.net.") for k in self._typed}:
-                cfg.model.net.init_args[key] = net_args[key]  # the weights fix it: over a --config file, not a flag
-        settings.refusals(base, cfg.as_dict(), fitting=sub == "fit", fixed=fixed, source=path)
+            for key in set(fixed) - {k.removeprefix("model.net.") for k in self._typed}:
+                cfg.model.net.init_args[key] = fixed[key]  # the weights fix it: over a --config file, not a flag
+        settings.refusals(base, cfg.as_dict(), fitting=sub == "fit", fixed=set(fixed), source=path)
         was = base["data"].get("batch_size")
         if sub == "fit" and was and was != cfg.data.batch_size and _rank_zero():
             print(f"gptnano: batch size {was} -> {cfg.data.batch_size} from step {_step_of(saved)}: the batches differ "
@@ -215,7 +216,7 @@ class GPTNanoCLI(LightningCLI):
         if net.class_path.rsplit(".", 1)[-1] != cls.__name__:
             raise UserError(f"--init_from {source} holds a {cls.__name__} network, but --config or --model.net ask "
                             f"for {net.class_path.rsplit('.', 1)[-1]}: give the {cls.__name__}'s config, or none")
-        fixed = {k: v for k, v in init_args.items() if k not in cls.run_settings and k != "vocab_size"}
+        fixed = fixed_args(cls, init_args)
         typed = {k: net.init_args.get(k) for k in fixed
                  if f"model.net.{k}" in self._typed and net.init_args.get(k) != fixed[k]}
         if typed:

@@ -24,6 +24,11 @@ from gptnano.models.base import LanguageModel
 from gptnano.models.gpt import GPT
 
 NEEDS = "pip install -e '.[export]' (or pip install tokenizers)"
+# The GPT's options that GPT-2 has no counterpart for (its other arguments map onto config.json,
+# or, like use_sdpa and rope_base without rope, do not change what it computes): a GPT with one
+# on is refused, naming it.
+GPT2_LACKS = {"rope": "rotary positions", "qk_norm": "QK-norm", "embed_shortcut": "embedding shortcut",
+              "logit_softcap": "logit soft-cap"}
 
 
 def byte_alphabet() -> list[str]:
@@ -110,14 +115,18 @@ def write_hf(net: LanguageModel, init_args: dict, tokenizer, out: Path) -> list[
     the files written.
 
     Raises:
-        UserError: ``net`` is not a GPT (GPT-2 has no RNN, Backpack or CNN), or the
-            tokenizers package is missing.
+        UserError: ``net`` is not a GPT (GPT-2 has no RNN, Backpack or CNN), a GPT with an
+            option GPT-2 lacks (``GPT2_LACKS``), or the tokenizers package is missing.
         WriteError: a file could not be written.
     """
     from safetensors.torch import save
 
     if not isinstance(net, GPT):
         raise UserError(f"--format hf is not available for {type(net).__name__}: use safetensors or onnx")
+    lacks = [f"{what} ({name})" for name, what in GPT2_LACKS.items() if getattr(net, name)]
+    if lacks:
+        raise UserError(f"--format hf writes a GPT-2, which has no {' and no '.join(lacks)}: "
+                        "export --format safetensors or onnx")
     files = tokenizer_files(tokenizer, net.block_size)  # before writing anything: it may need a package
     written = [atomic_write(out / "model.safetensors", save(gpt2_weights(net), metadata={"format": "pt"}))]
     written.append(atomic_write(out / "config.json", json.dumps(gpt2_config(net, init_args), indent=2) + "\n"))
