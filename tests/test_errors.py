@@ -130,6 +130,8 @@ CASES = [
                                                 "--data.path", str(w.text)], r"receptive field"),
     Case("unknown-architecture", lambda w: ["fit", "--model.net", "Transformer9", "--data.path", str(w.text)], r"unknown architecture 'Transformer9'"),
     Case("bad-learning-rate", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.learning_rate", "-1"], r"learning_rate > 0"),
+    Case("bad-cooldown-fraction", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.text), "--model.lr_schedule", "wsd",
+                                             "--model.cooldown_fraction", "1.5"], r"0 <= cooldown_fraction <= 1"),
     Case("prompt-file-not-utf8", lambda w: ["predict", "--ckpt_path", str(w.ckpt), "--data.prompt_file", _write(w.tmp, "p.txt", b"RO\xffMEO")],
      r"p\.txt is not valid UTF-8 \(byte offset 2: b'\\xff'\)"),
     Case("data-path-is-a-folder", lambda w: ["fit", *TINY_GPT, "--data.path", str(w.tmp)], r"data file .* is a folder, not a file"),

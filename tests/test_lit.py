@@ -8,7 +8,7 @@ from gptnano.errors import UserError
 from gptnano.models import GPT
 from gptnano.models.gpt import CausalSelfAttention
 from gptnano.train.guard import NonFiniteGuard
-from gptnano.train.module import LitLM, warmup_cosine
+from gptnano.train.module import LitLM, muon_momentum_at, warmup_cosine, warmup_stable_decay
 from gptnano.train.optim import MuonAdamW, muon_matrices
 
 
@@ -19,6 +19,26 @@ def test_warmup_then_cosine_to_min():
     assert f(60) == pytest.approx(0.1 + 0.5 * 0.9)  # half way down the cosine
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 200))
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_linearly():
+    """The trapezoid: the cosine's warmup, the peak held, a straight line down to min_ratio over the
+    last cooldown_fraction of the run, then flat."""
+    f = lambda s, cooldown=0.2: warmup_stable_decay(s, 10, 110, 0.1, cooldown)  # noqa: E731
+    assert [f(s) for s in range(10)] == [warmup_cosine(s, 10, 110, 0.1) for s in range(10)]
+    assert all(f(s) == 1.0 for s in range(10, 88))  # cooldown from round(110 * 0.8) = 88
+    assert f(99) == pytest.approx(1 - 11 / 22 * 0.9)  # half way down the line
+    assert f(109) == pytest.approx(1 - 21 / 22 * 0.9) and f(110) == f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+    assert f(50, cooldown=1.0) == pytest.approx(1 - 40 / 100 * 0.9)  # the whole run: never into the warmup
+    assert f(109, cooldown=0.0) == 1.0 and f(110, cooldown=0.0) == pytest.approx(0.1)
+
+
+def test_muon_momentum_warms_up_linearly_from_0_85():
+    assert muon_momentum_at(0, 300, 0.95) == 0.85
+    assert muon_momentum_at(150, 300, 0.95) == pytest.approx(0.90)
+    assert muon_momentum_at(300, 300, 0.95) == muon_momentum_at(10**6, 300, 0.95) == 0.95
+    assert muon_momentum_at(0, 0, 0.95) == 0.95  # no warmup: the momentum itself, from step 0
 
 
 class _Trainer:
@@ -57,6 +77,57 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
         opt.step()  # no gradients: changes nothing, but steps in the order torch expects
         schedule.step()
     assert muon["lr"] == pytest.approx(0.05 * 0.1) and decay["lr"] == pytest.approx(1e-3 * 0.1)
+
+
+def test_wsd_and_momentum_warmup_drive_the_optimizer_step_by_step():
+    """With lr_schedule "wsd" and a momentum warmup, every step's learning rates and Muon momentum
+    are the schedules' at that step, as Lightning steps the schedule (lr_scheduler_step)."""
+    lit = _lit(optimizer="muon", lr_schedule="wsd", cooldown_fraction=0.5, warmup_steps=0, learning_rate=1e-3,
+               min_lr=1e-4, muon_lr=0.05, muon_momentum=0.9, muon_momentum_warmup_steps=20)
+    out = lit.configure_optimizers()
+    opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    decay, muon = opt.param_groups[0], opt.param_groups[2]
+    for step in range(100):
+        assert muon["momentum"] == pytest.approx(muon_momentum_at(step, 20, 0.9))
+        assert muon["lr"] == pytest.approx(0.05 * warmup_stable_decay(step, 0, 100, 0.1, 0.5))
+        assert decay["lr"] == pytest.approx(1e-3 * warmup_stable_decay(step, 0, 100, 0.1, 0.5))
+        opt.step()
+        lit.lr_scheduler_step(schedule, None)
+    assert muon["lr"] == pytest.approx(0.005) and muon["momentum"] == 0.9
+
+
+def test_the_new_settings_at_their_defaults_leave_the_step_as_it_was():
+    """lr_schedule "cosine" and no momentum warmup: the cosine multiplier itself and muon_momentum,
+    the very floats, at every step (training stays bit-identical to before these settings)."""
+    lit = _lit(optimizer="muon", warmup_steps=5, muon_momentum=0.93)
+    out = lit.configure_optimizers()
+    opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    for step in range(110):
+        assert opt.param_groups[2]["momentum"] == 0.93
+        assert opt.param_groups[2]["lr"] == 0.02 * warmup_cosine(step, 5, 100, 0.1)
+        opt.step()
+        lit.lr_scheduler_step(schedule, None)
+
+
+def test_schedule_settings_typed_on_resume_act_from_the_current_step():
+    """A resume re-applies the settings (apply_optimizer_settings): a schedule and a momentum warmup
+    typed there give this step the values they would have had from the start."""
+    lit = _lit(optimizer="muon", warmup_steps=0, learning_rate=1e-3, min_lr=1e-4, muon_lr=0.05)
+    out = lit.configure_optimizers()
+    opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    for _ in range(30):  # 30 steps of the run as it was (cosine, momentum 0.95 throughout)
+        opt.step()
+        lit.lr_scheduler_step(schedule, None)
+    assert opt.param_groups[2]["momentum"] == 0.95
+    lit.hparams.update(lr_schedule="wsd", cooldown_fraction=0.5, muon_momentum_warmup_steps=40)  # typed on the resume
+    lit.apply_optimizer_settings(opt, schedule)
+    assert opt.param_groups[2]["momentum"] == pytest.approx(muon_momentum_at(30, 40, 0.95))
+    assert opt.param_groups[2]["lr"] == pytest.approx(0.05)  # wsd holds the peak until step 50
+    for _ in range(25):
+        opt.step()
+        lit.lr_scheduler_step(schedule, None)
+    assert opt.param_groups[2]["momentum"] == 0.95
+    assert opt.param_groups[2]["lr"] == pytest.approx(0.05 * warmup_stable_decay(55, 0, 100, 0.1, 0.5))
 
 
 def test_muon_refuses_fsdp_shards():

@@ -21,6 +21,10 @@ TINY = {
     "gpt": TINY_GPT,
     "rnn": [a if a != "GPT" else "RNN" for a in TINY_GPT if a not in ("--model.net.n_head", "2")],
     "gpt-muon": [*TINY_GPT, "--model.optimizer", "muon"],  # Muon's momentum buffers must resume too
+    # The trapezoid and Muon's momentum warmup are functions of the step: the resume at step 9 lands
+    # inside both (the cooldown starts at step 8, the momentum reaches 0.95 at step 12).
+    "gpt-muon-wsd": [*TINY_GPT, "--model.optimizer", "muon", "--model.lr_schedule", "wsd",
+                     "--model.cooldown_fraction", "0.5", "--model.muon_momentum_warmup_steps", "12"],
 }
 # Both precision paths on any machine: as on a CPU with fast bf16, and as on one without.
 FAST_BF16 = {"gpt-muon": "1", "gpt-muon-nobf16": "0"}

@@ -75,6 +75,19 @@ def test_muon_settings_typed_on_resume_follow_the_new_schedule(gptnano, text_fil
     assert _ckpt(tmp_path / "checkpoints" / "gpt")["lr_schedulers"][0]["base_lrs"] == pytest.approx([2e-3, 2e-3, 0.05])
 
 
+def test_a_schedule_and_momentum_warmup_typed_on_resume_act_as_if_from_the_start(gptnano, text_file, tmp_path):
+    """A run trained 4 steps with the cosine and a constant momentum, resumed with the trapezoid and a
+    10-step momentum warmup: step 6 trains with what those give at step 6 (the peak rate, which
+    the trapezoid holds until step 10 of 20, and momentum 0.85 + 0.6 x 0.1), not the saved values."""
+    run = ["fit", *TINY_GPT, "--model.optimizer", "muon", "--data.path", str(text_file), "--trainer.val_check_interval",
+           "100", "--model.warmup_steps", "0", "--model.lr_decay_steps", "20"]
+    _ok(gptnano([*run, "--trainer.max_steps", "4"], tmp_path))
+    _ok(gptnano([*run, "--ckpt_path", "last", "--model.lr_schedule", "wsd", "--model.cooldown_fraction", "0.5",
+                 "--model.muon_momentum_warmup_steps", "10", "--trainer.max_steps", "6"], tmp_path))
+    groups = {g["name"]: g for g in _ckpt(tmp_path / "checkpoints" / "gpt")["optimizer_states"][0]["param_groups"]}
+    assert groups["muon"]["lr"] == pytest.approx(0.02) and groups["muon"]["momentum"] == pytest.approx(0.91)
+
+
 def test_early_stopping_ends_with_its_reason_and_a_typed_patience_wins_on_resume(gptnano, text_file, tmp_path):
     """Items 1 and 3: patience 1 with a min_delta no validation can beat stops at step 10 of 30 and
     says so in one line (before: exit 0 and no word); resumed with patience 100 it trains on (before:

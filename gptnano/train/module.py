@@ -1,10 +1,11 @@
 """The one LightningModule: it trains any ``LanguageModel``.
 
 Nothing here knows which architecture it drives. It owns the loss, the optimizer
-(gptnano/train/optim.py: Muon + AdamW, or AdamW alone) with its warmup + cosine learning
-rate, the metrics (loss, bits per char, perplexity) and sampling; Lightning's Trainer owns
-everything else, with gptnano's callbacks (gptnano/train/: throughput, text samples,
-checkpoints, the non-finite guard).
+(gptnano/train/optim.py: Muon + AdamW, or AdamW alone) with its schedules (the learning
+rate's warmup, then cosine or warmup-stable-decay; Muon's momentum warmup), the metrics
+(loss, bits per char, perplexity) and sampling; Lightning's Trainer owns everything else,
+with gptnano's callbacks (gptnano/train/: throughput, text samples, checkpoints, the
+non-finite guard).
 """
 
 import math
@@ -39,6 +40,36 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: flo
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
+def warmup_stable_decay(step: int, warmup_steps: int, decay_steps: int, min_ratio: float,
+                        cooldown_fraction: float) -> float:
+    """LR multiplier: linear warmup to 1, flat at 1, then linear decay to ``min_ratio`` over the last
+    ``cooldown_fraction`` of the ``decay_steps`` (never into the warmup), then flat: the trapezoid
+    of Zhai et al. 2022 and Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond
+    Fixed Training Durations"), which matches a cosine with a cooldown of ~20 % of the run."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_ratio
+    cooldown_start = max(warmup_steps, round(decay_steps * (1.0 - cooldown_fraction)))
+    if step < cooldown_start:
+        return 1.0
+    progress = (step - cooldown_start) / max(1, decay_steps - cooldown_start)
+    return 1.0 - progress * (1.0 - min_ratio)
+
+
+MUON_MOMENTUM_START = 0.85  # where a momentum warmup starts (modded-nanogpt's)
+
+
+def muon_momentum_at(step: int, warmup_steps: int, momentum: float) -> float:
+    """Muon's momentum for optimizer step ``step``: linear from 0.85 to ``momentum`` over the first
+    ``warmup_steps`` steps, then ``momentum`` (modded-nanogpt, Jordan et al. 2024: 0.85 -> 0.95 over
+    300 steps): the first steps average gradients over ~1 / (1 - 0.85) = 7 steps rather than 20."""
+    if step >= warmup_steps:
+        return momentum
+    fraction = step / warmup_steps
+    return (1.0 - fraction) * MUON_MOMENTUM_START + fraction * momentum
+
+
 class LitLM(L.LightningModule):
     """Trains, evaluates and samples any gptnano architecture.
 
@@ -49,9 +80,17 @@ class LitLM(L.LightningModule):
         tokenizer: The tokenizer's kind ("char" or "byte"), linked from the data module and
             stored in every checkpoint beside vocab. Do not set by hand.
         learning_rate: Peak learning rate, reached after the warmup.
-        min_lr: Learning rate at the end of the cosine decay.
+        min_lr: Learning rate at the end of the decay.
         warmup_steps: Optimizer steps of linear warmup.
-        lr_decay_steps: Step at which the cosine decay reaches min_lr (default: trainer.max_steps).
+        lr_decay_steps: Step at which the decay reaches min_lr (default: trainer.max_steps).
+        lr_schedule: The shape after the warmup. "cosine": cosine decay from the peak to min_lr
+            (nanoGPT's). "wsd" (warmup-stable-decay, a trapezoid): the peak held, then a linear
+            decay to min_lr over the last cooldown_fraction of the run (Zhai et al. 2022, "Scaling
+            Vision Transformers"; Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+            Beyond Fixed Training Durations", which finds it matches the cosine with a ~20 %
+            cooldown; modded-nanogpt's stable-then-linear cooldown).
+        cooldown_fraction: With lr_schedule "wsd": the fraction of the run (of lr_decay_steps)
+            spent decaying (Hägele et al. 2024: 0.2); 0 holds the peak to the end.
         weight_decay: AdamW weight decay, applied to weight matrices and embeddings only.
         beta1: AdamW beta1.
         beta2: AdamW beta2.
@@ -60,6 +99,9 @@ class LitLM(L.LightningModule):
             the rest (embeddings, biases, norms, conv kernels) with AdamW. See gptnano/train/optim.py.
         muon_lr: Muon's peak learning rate (the schedule scales it like learning_rate).
         muon_momentum: Muon's momentum.
+        muon_momentum_warmup_steps: Optimizer steps over which Muon's momentum goes linearly
+            from 0.85 to muon_momentum (modded-nanogpt, Jordan et al. 2024: 0.85 -> 0.95 over
+            its first 300 steps); 0: muon_momentum from the start.
         muon_weight_decay: Muon's decoupled weight decay.
         muon_dtype: dtype of Muon's Newton-Schulz products: "auto" takes bf16 where bf16
             products are fast on the training device (measured on a CPU; native on
@@ -85,12 +127,15 @@ class LitLM(L.LightningModule):
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
+        lr_schedule: Literal["cosine", "wsd"] = "cosine",
+        cooldown_fraction: float = 0.2,
         weight_decay: float = 0.1,
         beta1: float = 0.9,
         beta2: float = 0.99,
         optimizer: Literal["adamw", "muon"] = "adamw",
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
+        muon_momentum_warmup_steps: int = 0,
         muon_weight_decay: float = 0.0,
         muon_dtype: Literal["auto", "bfloat16", "float32"] = "auto",
         max_new_tokens: int = 500,
@@ -110,6 +155,8 @@ class LitLM(L.LightningModule):
                             "learning_rate down to min_lr (give both)")
         if lr_decay_steps is not None and lr_decay_steps <= 0:
             raise UserError("need lr_decay_steps > 0 (leave it out to decay over trainer.max_steps)")
+        if not 0 <= cooldown_fraction <= 1 or muon_momentum_warmup_steps < 0:
+            raise UserError("need 0 <= cooldown_fraction <= 1 and muon_momentum_warmup_steps >= 0")
         if weight_decay < 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise UserError("need weight_decay >= 0, 0 <= beta1 < 1 and 0 <= beta2 < 1")
         check_settings(max_new_tokens, temperature, top_k, top_p)
@@ -140,10 +187,11 @@ class LitLM(L.LightningModule):
 
     def apply_optimizer_settings(self, optimizer: torch.optim.Optimizer, schedule) -> None:
         """Set every parameter group's settings and the schedule from the hyper-parameters, the
-        learning rate being the schedule's at the current step (``schedule.last_epoch``). For a
-        run resumed with the settings it was saved with, this changes nothing (the same floats);
-        with a new ``learning_rate`` / ``min_lr`` / warmup / decay, the rate is the new schedule's
-        at this step, as if the run had had it from the start."""
+        learning rate (and Muon's momentum) being the schedule's at the current step
+        (``schedule.last_epoch``). For a run resumed with the settings it was saved with, this
+        changes nothing (the same floats); with a new ``learning_rate`` / ``min_lr`` / warmup /
+        decay / schedule, or a momentum warmup, each is the new schedule's at this step, as if the
+        run had had it from the start."""
         hp = self.hparams
         peaks = group_settings(learning_rate=hp.learning_rate, weight_decay=hp.weight_decay, beta1=hp.beta1,
                                beta2=hp.beta2, muon_lr=hp.muon_lr, muon_momentum=hp.muon_momentum,
@@ -159,6 +207,20 @@ class LitLM(L.LightningModule):
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
             group["lr"] = base * multiplier(schedule.last_epoch)  # as LambdaLR computes it
         schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+        self._set_muon_momentum(optimizer, schedule.last_epoch)
+
+    def _set_muon_momentum(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Muon's momentum for optimizer step ``step``: a pure function of the step, as the learning rate is."""
+        hp = self.hparams
+        momentum = muon_momentum_at(step, hp.muon_momentum_warmup_steps, hp.muon_momentum)
+        for group in optimizer.param_groups:
+            if group.get("muon"):
+                group["momentum"] = momentum
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        super().lr_scheduler_step(scheduler, metric)  # the learning rate of the next step
+        if self.hparams.muon_momentum_warmup_steps:  # and its momentum
+            self._set_muon_momentum(scheduler.optimizer, scheduler.last_epoch)
 
     def decay_steps(self) -> float:
         """Steps the cosine decays over when lr_decay_steps is not given: ``trainer.max_steps``, or with
@@ -172,6 +234,8 @@ class LitLM(L.LightningModule):
         hp = self.hparams
         decay_steps = hp.lr_decay_steps or self.decay_steps()
         min_ratio = hp.min_lr / hp.learning_rate
+        if hp.lr_schedule == "wsd":
+            return lambda step: warmup_stable_decay(step, hp.warmup_steps, decay_steps, min_ratio, hp.cooldown_fraction)
         return lambda step: warmup_cosine(step, hp.warmup_steps, decay_steps, min_ratio)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -231,6 +295,7 @@ class LitLM(L.LightningModule):
         # A plain function (not an object): LambdaLR then saves none of its values in the checkpoint,
         # and a resume computes the schedule from the hyper-parameters (apply_optimizer_settings).
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_multiplier())
+        self._set_muon_momentum(optimizer, schedule.last_epoch)  # step 0's (muon_momentum without a warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
