@@ -32,6 +32,8 @@ def test_warmup_stable_decay_holds_the_peak_then_decays_linearly():
     assert all(f(s) >= f(s + 1) for s in range(10, 200))
     assert f(50, cooldown=1.0) == pytest.approx(1 - 40 / 100 * 0.9)  # the whole run: never into the warmup
     assert f(109, cooldown=0.0) == 1.0 and f(110, cooldown=0.0) == pytest.approx(0.1)
+    # max_steps -1 bounded by max_time alone: no end in sight, the plateau (and the cosine at its peak)
+    assert warmup_stable_decay(10**6, 10, float("inf"), 0.1, 0.2) == warmup_cosine(10**6, 10, float("inf"), 0.1) == 1.0
 
 
 def test_muon_momentum_warms_up_linearly_from_0_85():

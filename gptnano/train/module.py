@@ -50,6 +50,8 @@ def warmup_stable_decay(step: int, warmup_steps: int, decay_steps: int, min_rati
         return (step + 1) / (warmup_steps + 1)
     if step >= decay_steps:
         return min_ratio
+    if math.isinf(decay_steps):
+        return 1.0  # no end in sight (max_time alone bounds the run): the plateau
     cooldown_start = max(warmup_steps, round(decay_steps * (1.0 - cooldown_fraction)))
     if step < cooldown_start:
         return 1.0
@@ -223,7 +225,7 @@ class LitLM(L.LightningModule):
             self._set_muon_momentum(scheduler.optimizer, scheduler.last_epoch)
 
     def decay_steps(self) -> float:
-        """Steps the cosine decays over when lr_decay_steps is not given: ``trainer.max_steps``, or with
+        """Steps the schedule decays over when lr_decay_steps is not given: ``trainer.max_steps``, or with
         ``max_steps -1`` Lightning's estimate of the run's steps from max_epochs (infinite when only
         max_time bounds the run: the rate then stays at its peak after the warmup)."""
         trainer = self.trainer
