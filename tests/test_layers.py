@@ -24,7 +24,7 @@ LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
     0: ["gptnano", "gptnano.errors", "gptnano.files", "gptnano.lines", "gptnano.logs", "gptnano.numbers"],
     1: ["gptnano.models"],
     2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export",
-        "gptnano.devices"],
+        "gptnano.devices", "gptnano.views"],
     3: ["gptnano.train"],
     4: ["gptnano.cli", "gptnano.compare", "gptnano.__main__"],
 }
