@@ -93,7 +93,7 @@ def look_inside(net: LanguageModel, tokenizer, text: str, *, max_chars: int | No
         return {
             "format": FORMAT, "version": VERSION, "doc": DOC, "source": source,
             "model": {"architecture": type(net).__name__, "parameters": net.num_params(),
-                      "vocab_size": net.vocab_size, "block_size": net.block_size},
+                      "vocab_size": net.vocab_size, "block_size": net.block_size, "tokenizer": tokenizer.kind},
             "text": text, "vocab": tokens, "ids": ids.tolist(),
             "surprisal": [None, *plain(surprisal)], "mean_loss": plain(surprisal.mean()),
             "top_ids": top.indices.tolist(), "top_probs": plain(top.values),

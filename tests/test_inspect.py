@@ -285,7 +285,7 @@ def embedded(html: str) -> dict:
 DOCUMENTED = {  # every key of the JSON, by where it sits; docs/inspect.md names each one
     "": ["format", "version", "doc", "source", "model", "text", "vocab", "ids", "surprisal", "mean_loss",
          "top_ids", "top_probs", "attention", "rnn", "backpack", "cnn"],
-    "model": ["architecture", "parameters", "vocab_size", "block_size"],
+    "model": ["architecture", "parameters", "vocab_size", "block_size", "tokenizer"],
     "attention": ["n_layer", "n_head", "maps"],
     "rnn": ["n_hidden", "states", "saturation", "features", "finder"],
     "backpack": ["n_senses", "sense_top_ids", "sense_top_logits", "predicted", "actual"],

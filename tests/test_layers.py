@@ -1,6 +1,6 @@
 """The package's layers and its one-way import rule, checked on the source of every module.
 
-    models  <-  data, sampling, checkpoint, hardware, devices  <-  train  <-  cli, compare
+    models  <-  data, sampling, checkpoint, hardware, devices, views  <-  train  <-  cli, compare
 
 (``errors``, ``files``, ``lines``, ``logs`` and ``numbers`` sit below them all.) A module imports,
 at import time, only from its own layer or lower ones; there are no import circles, not even
