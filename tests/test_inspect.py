@@ -17,6 +17,7 @@ from gptnano.data.windows import EvalWindows
 from gptnano.errors import UserError
 from gptnano.models import MODELS
 from gptnano.models.gpt import GPT
+from gptnano.models.rnn import RNN
 from gptnano.train.steps import next_token_loss
 from tests.helpers import make_text, scrambled
 
@@ -269,6 +270,17 @@ def test_the_default_passage():
     small = scrambled(GPT(vocab_size=10, block_size=12, n_layer=1, n_head=2, n_embd=16))
     made = views.default_passage(small, digits)  # no character of PASSAGE: the model's own greedy text
     assert len(made) == 12 and made == views.default_passage(small, digits) and made[0] == "0"
+
+
+def test_a_byte_model_is_read_in_bytes():
+    tokenizer = make_tokenizer("", "byte")
+    net = scrambled(RNN(vocab_size=256, block_size=8, n_layer=1, n_embd=16))
+    data = views.look_inside(net, tokenizer, "Né\n", max_chars=8)
+    assert data["ids"] == list("Né\n".encode()) and data["model"]["tokenizer"] == "byte"
+    assert [data["vocab"][i] for i in data["ids"]] == ["N", "\\xc3", "\\xa9", "\n"]
+    assert data["rnn"]["features"]["after_newline"] == [0, 0, 0, 1]
+    with pytest.raises(UserError, match="the passage has 9 tokens; this RNN reads at most 8"):
+        views.look_inside(net, tokenizer, "éééé!", max_chars=8)
 
 
 # ----- the page -------------------------------------------------------------------------------
