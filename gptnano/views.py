@@ -156,7 +156,7 @@ def reads_any_length(net: LanguageModel) -> bool:
 
 def plain(t: torch.Tensor):
     """A tensor as nested lists of Python floats (a float for a 0-d tensor), each the shortest
-    decimal that reads back as the same fp32 number: exact, and a third of the JSON of float64's."""
+    decimal that reads back as the same fp32 number: exact, and about half the JSON of float64's."""
     a = t.detach().float().cpu().numpy()
     return a.astype(str).astype(np.float64).tolist()  # numpy writes float32 in its shortest form
 
@@ -204,6 +204,7 @@ def predictions(net: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
     return net(ids[None])[0]
 
 
+@torch.no_grad()
 def attention_maps(net: LanguageModel, ids: torch.Tensor) -> list[torch.Tensor]:
     """What every causal self-attention layer of ``net`` attends to, reading ``ids[T]``: one
     ``[n_head, T, T]`` tensor per layer, row i over the positions j it looks at (a softmax: row i
@@ -215,6 +216,7 @@ def attention_maps(net: LanguageModel, ids: torch.Tensor) -> list[torch.Tensor]:
     return [layer.probabilities(x)[0] for layer, x in zip(layers, inputs)]
 
 
+@torch.no_grad()
 def hidden_states(net: LanguageModel, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every Elman layer's hidden states h_t reading ``ids[T]``: one ``[T, n_hidden]`` tensor per
     layer (tanh units, in [-1, 1]), as the layer itself returned them in a forward pass."""
@@ -224,6 +226,7 @@ def hidden_states(net: LanguageModel, ids: torch.Tensor) -> list[torch.Tensor]:
     return [hs[0] for hs in states]
 
 
+@torch.no_grad()
 def sense_table(net: Backpack) -> torch.Tensor:
     """What each sense of each token says on its own, ``[V, n_senses, V]``: row ``[v, l]`` is
     ``sense_logits(v)[l]``, the logits sense l of token v adds wherever it is weighted by 1."""
@@ -236,6 +239,7 @@ def sense_weights(net: Backpack, ids: torch.Tensor) -> torch.Tensor:
     return net.sense_weights(ids[None])[0] * net.sense_scale[:, None, None]
 
 
+@torch.no_grad()
 def sense_contributions(net: Backpack, ids: torch.Tensor, targets: torch.Tensor | None = None,
                         table: torch.Tensor | None = None) -> torch.Tensor:
     """How much sense l of position j adds to the logits at position i: ``alpha[l, i, j] * (C(x_j)[l] @ E^T)``.
