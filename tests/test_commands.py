@@ -51,6 +51,7 @@ def test_tools_and_top_level_help_start_without_lightning(ckpt, tmp_path):
     assert not lightning_imported(["senses", "--help"], tmp_path)
     assert not lightning_imported(["compare", "--help"], tmp_path)
     assert not lightning_imported(["generate", "--ckpt_path", str(ckpt), "--max_new_tokens", "5"], tmp_path)
+    assert not lightning_imported(["inspect", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "page.html")], tmp_path)
     assert not lightning_imported(["plot", str(ckpt.parents[2] / "lightning_logs" / "gpt"), "--out",
                                    str(tmp_path / "p.png")], tmp_path)
     export(["--ckpt_path", str(ckpt), "--out", str(tmp_path / "exported")])  # (no Lightning: tests/test_layers.py)
@@ -69,7 +70,7 @@ def test_unknown_or_missing_command_is_one_line(tmp_path):
     bad = run_cli(["fitt"], tmp_path, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "gptnano: error: unknown command 'fitt': choose one of fit, validate, test, predict, generate, senses, plot, "
-        "compare, export"]
+        "compare, export, inspect"]
     none = run_cli([], tmp_path, check=False)
     assert none.returncode == 2 and none.stderr.strip().endswith("gptnano: error: choose a command")
 

@@ -17,4 +17,5 @@ TOOLS = {  # name -> (module whose main(argv) runs it, what it does)
     "plot": ("gptnano.cli.plot", "plot validation loss vs time and step for several runs, with a table"),
     "compare": ("gptnano.compare.command", "train configs for one budget over several seeds: mean ± std, ranking, plot"),
     "export": ("gptnano.cli.export", "write a trained model for use elsewhere: safetensors, transformers (GPT), ONNX"),
+    "inspect": ("gptnano.cli.inspect", "write one HTML page showing what a model does inside a passage (no network)"),
 }
