@@ -124,14 +124,24 @@ def test_warns_once_per_kind_naming_the_worst_block(capsys):
     health = TrainingHealth()
     sick = {"block0/tanh_sat": 0.30, "block1/tanh_sat": 0.55, "block2/tanh_sat": 0.02,
             "block0/update_ratio_log10": -0.5}
-    health.warn(sick, step=50)
-    health.warn(sick, step=100)  # the same problems again: nothing more
+    health.warn(sick, step=0)
+    health.warn(sick, step=50)  # the same problems again: nothing more
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all(line.startswith("gptnano: training health, step 50: ") for line in err)
+    assert len(err) == 2 and all(line.startswith("gptnano: training health, step 0: ") for line in err)
     tanh = next(line for line in err if "tanh_sat" in line)
-    assert "block1 tanh_sat 0.55 (healthy <= 0.1; also block0) | " in tanh and "gradient" in tanh
+    assert "block1 tanh_sat 0.55 (healthy at the start <= 0.1; also block0) | " in tanh and "gradient" in tanh
     assert "block0 update_ratio_log10 -0.5 (healthy <= -1) | " in next(line for line in err if "update" in line)
     assert all(len(line) < lines.MAX_WIDTH for line in err)  # whole, not cut
+
+
+def test_saturation_learned_in_training_is_held_to_a_wider_range(capsys):
+    """An Elman network learns to saturate: after step 0 only three quarters of its states
+    pinned at +-1 are too many."""
+    health = TrainingHealth()
+    health.warn({"block0/tanh_sat": 0.55}, step=500)
+    assert capsys.readouterr().err == ""
+    health.warn({"block0/tanh_sat": 0.80}, step=550)
+    assert "block0 tanh_sat 0.8 (healthy <= 0.75) | " in capsys.readouterr().err
 
 
 # ----- in a real Trainer ----------------------------------------------------------------
@@ -184,7 +194,7 @@ def test_a_tanh_rnn_started_with_weights_x5_is_warned_about(capsys):
     warned = [line for line in capsys.readouterr().err.splitlines() if "training health" in line]
     assert len(warned) >= 1 and any("tanh_sat" in line for line in warned), warned
     tanh = next(line for line in warned if "tanh_sat" in line)
-    assert tanh.startswith("gptnano: training health, step 0: block") and "(healthy <= 0.1" in tanh
+    assert tanh.startswith("gptnano: training health, step 0: block") and "(healthy at the start <= 0.1" in tanh
 
     train(healthy, 3, [TrainingHealth()])
     assert "training health" not in capsys.readouterr().err
