@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import Logger
 
 from gptnano import lines
 from gptnano.models import CNN, GPT, RNN, Backpack
-from gptnano.train.health import TrainingHealth, entropy, group_of
+from gptnano.train.health import TrainingHealth, entropy, group_of, leading
 from gptnano.train.module import LitLM
 
 VOCAB, T, B = 11, 16, 4
@@ -113,6 +113,11 @@ def test_entropy_in_nats():
     assert entropy(uniform).item() == pytest.approx(math.log(4))
 
 
+def test_long_contexts_recompute_attention_for_a_few_sequences_only():
+    assert leading(torch.zeros(24, 64, 8), heads=4).size(0) == 24  # configs/gpt.yaml: the whole batch
+    assert leading(torch.zeros(64, 1024, 8), heads=12).size(0) == 1  # GPT-2's context: one (12, 1024, 1024)
+
+
 def test_groups_by_block():
     assert group_of("blocks.3.mixer.c_attn.weight") == "block3"
     assert group_of("_orig_mod.blocks.12.mlp.c_fc.weight") == "block12"
@@ -167,7 +172,7 @@ def train(net, steps: int, callbacks=(), logger=False, **settings) -> tuple[list
     return losses.seen, lit.net.state_dict()
 
 
-@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`", "ignore:The number of training batches")
 @pytest.mark.parametrize("arch", list(EXPECTED))
 def test_training_is_bit_identical_with_or_without_it(arch):
     """Dropout on, so every random draw shows: measuring at every step (hooks, the attention
@@ -183,7 +188,7 @@ def test_training_is_bit_identical_with_or_without_it(arch):
     assert sorted(logger.metrics) == [0, 1, 2, 3]  # it did measure, at every step
 
 
-@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`", "ignore:The number of training batches")
 def test_a_tanh_rnn_started_with_weights_x5_is_warned_about(capsys):
     net = RNN(vocab_size=VOCAB, block_size=T, n_layer=2, n_embd=32)
     healthy = copy.deepcopy(net)

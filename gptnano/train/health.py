@@ -28,11 +28,22 @@ from gptnano.train.callbacks import update_ended
 
 TANH_EDGE = 0.97  # |tanh| past this: the local gradient 1 - h^2 is below 0.06
 GELU_FLAT = -3.0  # GELU inputs below this: output within 0.004 of zero, slope below 0.012
+# Attention probabilities are recomputed for as many of the batch's sequences as fit in this
+# many elements (at least one): the fused attention never builds the (B, heads, T, T) matrix,
+# and at long contexts a whole batch's would not fit beside the training step.
+PROBE_ELEMENTS = 2**24
 
 
 # ----- what is measured -------------------------------------------------------------
 def share(mask: torch.Tensor) -> torch.Tensor:
     return mask.float().mean()
+
+
+def leading(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The first sequences of ``x[B, T, ...]`` whose attention matrices, ``heads`` of ``T x T``
+    each, hold at most PROBE_ELEMENTS numbers (at least one sequence)."""
+    T = x.size(1)
+    return x[: max(1, PROBE_ELEMENTS // (heads * T * T))]
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -64,6 +75,7 @@ def probes(net: nn.Module, record: Record) -> list[tuple[nn.Module, Callable]]:
         tanh_sat            share of an Elman layer's states h past +-0.97 (TANH_EDGE)
         gelu_zero           share of GELU outputs stuck near zero on the flat side (input < -3)
         attn_entropy        attention entropy per query, nats, averaged over heads and positions
+                            (of the batch's first sequences when T is long: ``leading``)
         alpha_entropy       the same for the Backpack's sense weights alpha
     """
     found = []
@@ -107,14 +119,14 @@ def _gelu_input(group: str, record: Record):
 def _attention(group: str, record: Record):
     def hook(module, args, y):
         with torch.no_grad():  # recomputed from the block's input: no dropout, nothing random drawn
-            record(f"{group}/attn_entropy", entropy(module.probabilities(args[0])))
+            record(f"{group}/attn_entropy", entropy(module.probabilities(leading(args[0], module.n_head))))
     return hook
 
 
 def _alpha(backpack: Backpack, record: Record):
     def hook(module, args, h):
         with torch.no_grad():
-            record("senses/alpha_entropy", entropy(backpack.alpha(h)))
+            record("senses/alpha_entropy", entropy(backpack.alpha(leading(h, backpack.n_senses))))
     return hook
 
 
