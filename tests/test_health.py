@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import Logger
 
 from gptnano import lines
 from gptnano.models import CNN, GPT, RNN, Backpack
-from gptnano.train.health import TrainingHealth, entropy, group_of, leading
+from gptnano.train.health import TrainingHealth, entropy, group_of, leading, probes
 from gptnano.train.module import LitLM
 
 VOCAB, T, B = 11, 16, 4
@@ -104,6 +104,36 @@ def test_nothing_is_hooked_outside_the_measured_steps():
         assert not any(m._forward_hooks for m in lit.modules())
     health.on_train_batch_start(_Trainer(100), lit, None, 0)
     assert any(m._forward_hooks for m in lit.modules())
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_probes_leave_bf16_gradients_alone(arch):
+    """Under mixed precision autocast keeps each weight's bf16 copy for the rest of the forward:
+    a probe that recomputes through a weight before the network's own use of it (the Backpack's
+    alpha, from ln_f's output) must not leave a copy without autograd history there."""
+    torch.manual_seed(0)
+    net, idx = tiny(arch), batches(1)[0][0]
+    grads = []
+    for probed in (False, True):
+        net.zero_grad()
+        handles = [m.register_forward_hook(h) for m, h in probes(net, lambda tag, v: None)] if probed else []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(idx).float().logsumexp(-1).mean().backward()
+        for handle in handles:
+            handle.remove()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_no_hooks_under_torch_compile(capsys):
+    """Hooks coming and going would recompile the model at every measured step: the compiled
+    run gets the gradient and update ratios only, and says so once."""
+    lit, health = LitLM(tiny("gpt"), compile=True), TrainingHealth(every_n_steps=1)
+    for step in (0, 1):
+        health.on_train_batch_start(_Trainer(step), lit, None, 0)
+        assert not any(m._forward_hooks for m in lit.modules())
+        health.on_exception(None, lit, None)
+    assert capsys.readouterr().err.count("not probed under --model.compile") == 1
 
 
 def test_entropy_in_nats():
