@@ -139,7 +139,13 @@ class Backpack(LanguageModel):
         x = self._embed(idx, 0)
         for block in self.blocks:
             x = block(x)
-        q, k = self._sense_qk(self.ln_f(x))
+        return self.alpha(self.ln_f(x))
+
+    def alpha(self, h: torch.Tensor) -> torch.Tensor:
+        """alpha from the contextualization network's final normalised states ``h[B, T, C]``:
+        ``(B, n_senses, T, T)``, one softmax per sense over the positions j <= i (nothing random
+        is drawn, so a probe may recompute it)."""
+        q, k = self._sense_qk(h)
         return causal_softmax(q, k, causal_offset=0)
 
     def _logits(self, alpha: torch.Tensor, senses: torch.Tensor) -> torch.Tensor:

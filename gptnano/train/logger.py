@@ -8,6 +8,7 @@ prefix):
     perf/tok_s, perf/mfu          training tokens per second, model FLOPs utilisation
     lr/...                        learning rate of each optimizer parameter group
     hp_metric                     best val/loss so far: with val/loss, the metrics of the HPARAMS tab
+    health/<block>/...            with TrainingHealth on (gptnano/train/health.py): each block's health
 
 and under *Text* a sample generated at each validation, headed by its step and
 sampling settings. A step is the number of optimizer updates the scored weights
