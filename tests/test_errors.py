@@ -59,10 +59,14 @@ def _write(tmp: Path, name: str, data: bytes) -> str:
 
 def _rnn(w) -> str:
     """A checkpoint of an RNN: the trained GPT's, renamed (what the export tool reads before anything else)."""
-    saved = torch.load(w.ckpt, weights_only=True)
-    args = {k: v for k, v in saved["hyper_parameters"]["net"]["init_args"].items() if k not in ("n_head", "use_sdpa")}
-    saved["hyper_parameters"]["net"] = {"class_path": "gptnano.models.RNN", "init_args": args}
+    import inspect
+
     from gptnano.models import RNN
+
+    saved = torch.load(w.ckpt, weights_only=True)
+    takes = inspect.signature(RNN).parameters  # the GPT's own options (n_head, rope, ...) are not the RNN's
+    args = {k: v for k, v in saved["hyper_parameters"]["net"]["init_args"].items() if k in takes}
+    saved["hyper_parameters"]["net"] = {"class_path": "gptnano.models.RNN", "init_args": args}
 
     saved["state_dict"] = {f"net.{k}": v for k, v in RNN(**args).state_dict().items()}
     torch.save(saved, w.tmp / "rnn.ckpt")

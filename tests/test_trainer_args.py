@@ -133,8 +133,10 @@ def test_trainer_argument(name, tmp_path, monkeypatch, evaluated):
         with pytest.raises(UserError, match=rf"--trainer\.{name} is not supported by gptnano: "):
             settings.check_trainer({"max_steps": 10, name: REFUSED[name]})
         return
+    from gptnano.cli import quiet
     from gptnano.cli.lightning import GPTNanoCLI
 
+    quiet.hide_noise()  # what `gptnano` hides, each for its reason (in this test's warnings scope only)
     sub, flags, check = WORKS[name]
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     previous = torch.are_deterministic_algorithms_enabled()
