@@ -43,7 +43,7 @@ from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
 from gptnano.train.progress import LogLines, is_terminal
-from gptnano.train.record import RunConfig
+from gptnano.train.record import RunConfig, dump_config
 from gptnano.train.report import RunReport
 from gptnano.train.steps import OPTIMIZER_SETTINGS, training_step
 
@@ -191,7 +191,7 @@ class GPTNanoCLI(LightningCLI):
         if "ckpt_path" in cfg:
             cfg.ckpt_path = self._ckpt_path
         if self._resolve_only:
-            plain = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            plain = yaml.safe_load(dump_config(self.parser, self.config))
             raise _Resolved(plain[sub] if sub else plain)
 
     def _from_checkpoint(self, cfg, sub: str | None) -> None:
