@@ -1,6 +1,6 @@
 """The package's layers and its one-way import rule, checked on the source of every module.
 
-    models  <-  data, sampling, checkpoint, hardware, devices, views  <-  train  <-  cli, compare
+    models  <-  data, sampling, checkpoint, hardware, devices, views  <-  train  <-  cli, compare, api
 
 (``errors``, ``files``, ``lines``, ``logs`` and ``numbers`` sit below them all.) A module imports,
 at import time, only from its own layer or lower ones; there are no import circles, not even
@@ -26,7 +26,7 @@ LAYERS = {  # layer number -> the modules in it (a name covers its subpackage)
     2: ["gptnano.data", "gptnano.sampling", "gptnano.checkpoint", "gptnano.hardware", "gptnano.export",
         "gptnano.devices", "gptnano.views"],
     3: ["gptnano.train"],
-    4: ["gptnano.cli", "gptnano.compare", "gptnano.__main__"],
+    4: ["gptnano.cli", "gptnano.compare", "gptnano.api", "gptnano.__main__"],
 }
 LIGHTNING = ("lightning", "pytorch_lightning", "torchmetrics")  # third-party names that mean "imports Lightning"
 # Modules that import Lightning by design; everything else must not, even indirectly.

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+from argparse import ArgumentError
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ class _Resolved(Exception):
 
 
 class GPTNanoCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True, resolve_only: bool = False):
+    def __init__(self, args=None, run: bool = True, resolve_only: bool = False, exit_on_error: bool = True):
         self._resolve_only = resolve_only  # stop once the config is resolved (``resolved_config``)
         self._saved = None  # the checkpoint --ckpt_path or --init_from names, read once
         self._ckpt_path = None  # the file --ckpt_path names, out of the config until the classes are built
@@ -92,7 +93,8 @@ class GPTNanoCLI(LightningCLI):
                               "check_val_every_n_epoch": None},
             parser_class=Parser,
             parser_kwargs={"prog": "gptnano", "description": "Train and sample small language models written from "
-                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, (_, v) in TOOLS.items()) + "."},
+                           "scratch. Also: " + "; ".join(f"gptnano {k}: {v}" for k, (_, v) in TOOLS.items()) + ".",
+                           "exit_on_error": exit_on_error},  # False: a refused flag raises ArgumentError
             args=args,
             run=run,
         )
@@ -483,11 +485,15 @@ def resolved_config(argv: list[str]) -> dict:
     raise RuntimeError("GPTNanoCLI(resolve_only=True) built its classes")  # before_instantiate_classes did not stop
 
 
-def run(argv: list[str], verbose: bool = False) -> None:
-    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here).
+def run(argv: list[str], verbose: bool = False, exits: bool = True) -> GPTNanoCLI:
+    """Run one of Lightning's four commands (gptnano/cli/main.py sends them here; gptnano/api.py
+    calls it from Python with ``exits=False``). Returns the CLI, its trainer and config.
 
     A write the OS refused anywhere below (a checkpoint, TensorBoard's event files, hparams.yaml,
-    config.yaml, predictions), however a library wrapped it, ends as one ``WriteError`` line."""
+    config.yaml, predictions), however a library wrapped it, ends as one ``WriteError`` line. With
+    ``exits`` a refused flag prints the usage and exits with status 2 and a fit stopped by a signal
+    exits as the shell reports that signal; without it (a notebook, where an exit would end the
+    kernel's cell with SystemExit), they raise ``UserError`` and ``KeyboardInterrupt``."""
     if not verbose:
         quiet.hide_noise()
     _OUTPUTS.clear()
@@ -499,16 +505,29 @@ def run(argv: list[str], verbose: bool = False) -> None:
         if os_error_in(args.exc_value) is None:
             previous_hook(args)
 
+    def stopped() -> None:
+        if exits:
+            _exit_stopped()
+        raise KeyboardInterrupt(f"training stopped by {STOP.signal or 'SIGTERM'}; last.ckpt was saved") from None
+
     threading.excepthook = refused_writes_once
     try:
-        GPTNanoCLI(args=argv)
+        return GPTNanoCLI(args=argv, exit_on_error=exits)
     except SIGTERMException:
-        _exit_stopped()
+        stopped()
+    except ArgumentError as e:  # only without exits: jsonargparse exits by itself otherwise
+        raise UserError(" ".join(part.strip() for part in str(e).splitlines())) from None
+    except SystemExit as e:
+        if exits or e.code in (0, None):
+            raise
+        # Lightning ends a fit with sys.exit(1) after a KeyboardInterrupt that gptnano's stop handler
+        # did not take (one before the first step, or a second Ctrl-C).
+        raise KeyboardInterrupt("training interrupted") from None
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
         if STOP.is_set():
-            _exit_stopped()  # what failed after a stop signal was a write to the terminal that is gone
+            stopped()  # what failed after a stop signal was a write to the terminal that is gone
         refused = os_error_in(e)
         if refused is None:
             raise
