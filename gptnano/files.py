@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from gptnano.errors import WriteError
+from gptnano.errors import UserError, WriteError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -161,11 +161,14 @@ def check_writable_folder(folder: Path | str, what: str, create: bool = True) ->
 
 
 @contextmanager
-def lock(path: Path | str, waiting: str | None = None):
+def lock(path: Path | str, waiting: str | None = None, busy: Callable[[], str] | None = None):
     """Hold an exclusive lock on ``path`` (a lock file, created if needed) across processes and
     operating systems, for as long as the ``with`` block runs. If another process holds it, print
-    ``waiting`` (when given) once on stderr, then wait. Written by hand nowhere: ``filelock``
-    does this well on every OS (fcntl on POSIX, msvcrt on Windows)."""
+    ``waiting`` (when given) once on stderr, then wait; or, given ``busy``, refuse at once with the
+    UserError ``busy()`` says. The lock is the operating system's: it goes with the process holding
+    it, however that process ends (even by SIGKILL), so a dead holder never blocks the next one.
+    Written by hand nowhere: ``filelock`` does this well on every OS (fcntl on POSIX, msvcrt on
+    Windows)."""
     from filelock import FileLock, Timeout
 
     path = Path(path)
@@ -178,6 +181,8 @@ def lock(path: Path | str, waiting: str | None = None):
         try:
             held.acquire(timeout=0)
         except Timeout:
+            if busy:
+                raise UserError(busy()) from None
             if waiting:
                 print(f"gptnano: {waiting}", file=sys.stderr)
             held.acquire()

@@ -2,8 +2,10 @@
 and the statistics over them, runs that resume instead of training twice, and every mistake
 one line before any training."""
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptnano import logs
-from gptnano.compare import budgets, command, runs, stats
+from gptnano import files, logs
+from gptnano.compare import budgets, command, outputs, runs, stats
 from gptnano.errors import UserError
 from gptnano.models import GPT, RNN
-from tests.helpers import cli_env, make_text
+from tests.helpers import cli_env, make_text, posix_only
 
 TINY = {  # two architectures small enough that a fit of a few dozen steps takes a second
     "gpt": {"class_path": "gptnano.models.GPT",
@@ -298,3 +300,201 @@ def test_every_run_of_a_comparison_gets_the_planned_device():
     assert runs.pinned_accelerator({"accelerator": "cpu"}, "cpu") is None  # the user's
     assert runs.pinned_accelerator({"accelerator": "mps"}, "mps") is None  # typed: it stands as typed
     assert runs.pinned_accelerator({}, "cpu") is None  # nothing to choose between
+
+
+# ----- a failed run is a result (issue 27, item 2) ----------------------------------------
+def results(folder: Path) -> tuple[dict, str]:
+    return json.loads((folder / "results.json").read_text()), (folder / "results.md").read_text()
+
+
+def test_a_diverging_grid_point_is_a_result_and_the_other_runs_go_on(tmp_path):
+    """Before: the first diverging run stopped the whole comparison (exit 2), and a rerun trained
+    it again, to diverge again."""
+    configs = write_configs(tmp_path)
+    args = [configs[0], "--budget", "20steps", "--seeds", "1", "--validations", "2", "--name", "t",
+            "--grid", "model.learning_rate=1e30,3e-3"]
+    folder, log = tmp_path / "compare" / "t", tmp_path / "compare" / "t" / "logs" / "gpt-learning_rate=1e30-s0.log"
+    first = start_compare(args, tmp_path)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 1, err  # results written, with a failure
+    assert re.search(r"failed 1/2 gpt-learning_rate=1e30-s0 \| diverged at step \d+", err), err
+    assert "done 2/2 gpt-learning_rate=3e-3-s0" in err  # the other run went on
+    report, md = results(folder)
+    assert [r["entry"] for r in report["ranking"]] == ["gpt-learning_rate=3e-3"]  # the failed entry is not ranked
+    failure = report["not_ranked"]["gpt-learning_rate=1e30"]["failures"][0]["failure"]
+    assert re.fullmatch(r"diverged at step \d+", failure) and f"| s0: {failure} | 0/1 |" in md
+    assert md.index("| 1 | gpt-learning_rate=3e-3 |") < md.index("## Failed runs")  # listed below the ranking
+    assert json.loads((folder / "runs" / "gpt-learning_rate=1e30-s0.json").read_text())["status"] == "failed"
+
+    again = start_compare(args, tmp_path)  # the same command keeps the failure: nothing is trained again
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 1 and "run 1/2" not in err and "1 done | 1 failed" in err, err
+    assert log.read_text().count("$ gptnano fit") == 1
+
+    retried = start_compare([*args, "--retry_failed"], tmp_path)
+    _, err = retried.communicate(timeout=600)
+    assert retried.returncode == 1 and "run 1/2 gpt-learning_rate=1e30-s0 | retrying" in err, err
+    assert "run 2/2" not in err and log.read_text().count("$ gptnano fit") == 2
+
+
+def test_a_failed_seed_keeps_its_entry_out_of_the_ranking_and_its_finished_seeds_are_shown():
+    def finished(losses):
+        return {"final_val_loss": stats.spread(losses), "seeds": list(range(len(losses)))}
+
+    report = {"name": "x", "seeds": 3, "budget_text": "40steps", "budget": "40 optimizer steps per run",
+              "texts": [{"file": "input.txt", "sha256": "86c4e6aa"}], "precision": "32-true", "machine_line": "cpu",
+              "entries": {}, "not_ranked": {"gpt": {"seeds": 3, "finished": finished([1.5, 1.7]), "failures": [
+                  {"run": "gpt-s2", "seed": 2, "failure": "diverged at step 7"}]}}}
+    md = outputs.markdown(report)
+    assert "No entry finished all its seeds." in md and "Text: input.txt (sha256 86c4e6aa)." in md
+    assert "| gpt | s2: diverged at step 7 | 2/3 (0, 1) | 1.6000 ± 0.1414 |" in md
+    assert runs.failure("training stopped: the loss became non-finite at step 12 (lower it)", "x", 2) == \
+        "diverged at step 12"
+    assert runs.failure("could not write ckpt: disk full", "x", 2) == "could not write ckpt: disk full"
+    assert runs.failure(None, "RuntimeError: boom", 1) == "exit 1: RuntimeError: boom"
+    assert [runs.stopped_by_signal(c) for c in (130, 143, 129, -9, -15, 2, 1, 0)] == [True] * 5 + [False] * 3
+
+
+# ----- one comparison, one runner (item 3) ------------------------------------------------
+@posix_only("SIGHUP")
+def test_a_second_runner_is_refused_naming_the_first_which_a_hangup_stops_to_resume(tmp_path):
+    """Before: the second launch trained the same run beside the first and died on "already holds a
+    run" inside it."""
+    configs = write_configs(tmp_path)
+    args = [configs[0], "--budget", "5000steps", "--seeds", "1", "--validations", "1000", "--name", "t"]
+    folder, log = tmp_path / "compare" / "t", tmp_path / "compare" / "t" / "logs" / "gpt-s0.log"
+    first = start_compare(args, tmp_path)
+    try:
+        deadline = time.monotonic() + 300  # training, once it has checkpointed at its first validation
+        while not (folder / "checkpoints" / "gpt-s0" / "last.ckpt").exists() and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        second = start_compare(args, tmp_path)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2 and re.fullmatch(
+            rf"gptnano: error: compare{re.escape(os.sep)}t is being run by process {first.pid} \(started [^)]+\): "
+            r"wait for it, or stop it", err.strip()), err
+        assert log.read_text().count("$ gptnano fit") == 1  # nothing trained twice
+        first.send_signal(signal.SIGHUP)  # the terminal closed: compare hands the hangup to its fit
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 129 and "stopped by SIGHUP during run 1/1 gpt-s0" in err, err
+    record = json.loads((folder / "runs" / "gpt-s0.json").read_text())
+    assert record["stops"] == [{"signal": "SIGHUP", "exit": 129}]  # the fit stopped on it, saving last.ckpt
+    assert record["status"] == "started"  # interrupted, not failed: a rerun resumes it
+    with files.lock(folder / "runner.lock", busy=lambda: "still held"):  # released with its holder
+        pass
+
+
+# ----- a config cannot cut a budget short (item 4) -----------------------------------------
+def test_settings_that_would_end_a_run_early_are_turned_off_or_refused():
+    assert runs.turned_off({"trainer": {"max_steps": 1000, "val_check_interval": 250, "max_epochs": -1,
+                                        "limit_train_batches": 1.0, "logger": None}}) == {}
+    found = runs.turned_off({"early_stopping": {"stopping_threshold": 1.5, "patience": 10},
+                             "trainer": {"max_time": "00:00:05:00", "max_epochs": 3, "limit_train_batches": 1,
+                                         "default_root_dir": "elsewhere",
+                                         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger"}}})
+    assert found == {"early_stopping.stopping_threshold": 1.5, "trainer.max_time": "00:00:05:00",
+                     "trainer.max_epochs": 3, "trainer.limit_train_batches": 1, "trainer.default_root_dir": "elsewhere",
+                     "trainer.logger": "CSVLogger"}
+    for config, said in [({"trainer": {"fast_dev_run": True}}, "trainer.fast_dev_run=True: it trains a few steps"),
+                         ({"trainer": {"overfit_batches": 2}}, "trainer.overfit_batches=2"),
+                         ({"trainer": {"limit_val_batches": 1}}, "trainer.limit_val_batches=1: each run's final loss"),
+                         ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.EarlyStopping"}]}},
+                          "trainer.callbacks has lightning.pytorch.callbacks.EarlyStopping: it can stop a run"),
+                         ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.Timer",
+                                                      "init_args": {"duration": "00:00:01:00"}}]}}, "its duration")]:
+        with pytest.raises(UserError, match=re.escape(said)):
+            runs.turned_off(config)
+    assert runs.turned_off({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.Timer",
+                                                       "init_args": {"duration": None}}]}}) == {}
+
+
+def test_a_setting_compare_cannot_turn_off_is_one_line_before_any_training(gptnano, tmp_path):
+    configs = write_configs(tmp_path)
+    gpt = json.loads((tmp_path / configs[0]).read_text())
+    gpt["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                                    "init_args": {"monitor": "val/loss"}}]
+    (tmp_path / "stops.yaml").write_text(json.dumps(gpt))
+    assert one_line(gptnano(["compare", "stops.yaml", "--budget", "20steps"], tmp_path)) == (
+        "gptnano: error: stops.yaml: trainer.callbacks has lightning.pytorch.callbacks.EarlyStopping: it can stop a "
+        "run before its budget; leave it out of a comparison")
+    assert "gpt.yaml: trainer.fast_dev_run=True" in one_line(
+        gptnano(["compare", configs[0], "--budget", "20steps", "--trainer.fast_dev_run", "true"], tmp_path))
+    assert not (tmp_path / "compare").exists()
+
+
+def test_a_config_s_early_stopping_cannot_cut_the_budget_short(tmp_path):
+    """Before: the threshold stopped each run at its first validation and compare failed; each rerun
+    advanced one validation."""
+    configs = write_configs(tmp_path)
+    gpt = json.loads((tmp_path / configs[0]).read_text())
+    gpt["early_stopping"] = {"stopping_threshold": 100.0}  # every validation loss is below it
+    gpt["trainer"]["max_epochs"] = 1  # and an epoch of this text is shorter than the budget
+    (tmp_path / "early.yaml").write_text(json.dumps(gpt))
+    proc = start_compare(["early.yaml", "--budget", "400steps", "--seeds", "1", "--validations", "2", "--name", "t"],
+                         tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert ("turned off, so that every run trains for its whole budget: early_stopping.stopping_threshold, "
+            "trainer.max_epochs (early.yaml)") in err
+    report, _ = results(tmp_path / "compare" / "t")
+    assert [p[0] for p in report["runs"][0]["result"]["curve"]] == [200, 400]
+
+
+# ----- results that travel, and trends over a grid (items 5 and 6) ------------------------------
+def test_results_name_no_folder_of_this_machine_and_draw_loss_against_size(tmp_path):
+    """Before: results.md and results.json named the text, and the command, by absolute paths."""
+    work, texts = tmp_path / "work", tmp_path / "texts"
+    work.mkdir()
+    configs = write_configs(work)
+    texts.mkdir()
+    (texts / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    sha = hashlib.sha256((texts / "tiny.txt").read_bytes()).hexdigest()
+    proc = start_compare([str(work / configs[0]), "--budget", "20steps", "--seeds", "1", "--validations", "2",
+                          "--name", "t", "--data.path", str(texts / "tiny.txt"), "--grid", "model.net.n_embd=8,16"],
+                         work)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    folder = work / "compare" / "t"
+    report, md = results(folder)
+    for text in (md, (folder / "results.json").read_text()):
+        assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    assert report["texts"] == [{"file": "tiny.txt", "sha256": sha}] and f"Text: tiny.txt (sha256 {sha})." in md
+    assert report["command"][2:] == ["gpt.yaml", "--budget", "20steps", "--seeds", "1", "--validations", "2", "--name",
+                                     "t", "--data.path", "tiny.txt", "--grid", "model.net.n_embd=8,16"]
+    assert {r["facts"]["text"] for r in report["runs"]} == {"tiny.txt"}
+    # An iso-budget curve: loss against parameters, one budget, smallest first.
+    [curve] = report["iso_budget"]
+    assert curve["config"] == "gpt" and [p["entry"] for p in curve["points"]] == ["gpt-n_embd=8", "gpt-n_embd=16"]
+    assert curve["points"][0]["params"] < curve["points"][1]["params"]
+    assert "## Loss against size at this budget" in md and "### gpt" in md and "training FLOPs |" in md
+    assert (folder / "results_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_curve_follows_the_sizes_of_each_config_at_each_other_grid_value():
+    def entry(config, grid, params, loss):
+        return {"config": config, "grid": grid, "params": params, "flops": 1e12, "final_val_loss": stats.spread([loss])}
+
+    entries = {f"{c}-n_embd={n},lr={lr}": entry(c, {"model.net.n_embd": n, "model.learning_rate": lr},
+                                                 (2 if c == "rnn" else 3) * int(n) ** 2, 2 - int(n) / 100)
+               for c in ("gpt", "rnn") for n in ("16", "32", "8") for lr in ("1e-3", "2e-3")}
+    assert stats.size_keys(entries) == ["model.net.n_embd"]
+    curves = stats.iso_budget(entries)
+    assert [(c["config"], c["fixed"]) for c in curves] == [(c, {"model.learning_rate": lr}) for c in ("gpt", "rnn")
+                                                           for lr in ("1e-3", "2e-3")]
+    assert [p["params"] for p in curves[0]["points"]] == [192, 768, 3072]
+    assert stats.iso_budget({k: e for k, e in entries.items() if "n_embd=16" in k}) == []  # one size: no curve
+    assert not stats.differ_in_flops(entries)
+
+
+def test_a_path_is_shown_relative_to_the_working_folder_or_by_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    inside = str(tmp_path / "configs" / "gpt.yaml")
+    assert outputs.portable(inside) == os.path.join("configs", "gpt.yaml")
+    assert outputs.portable("--data.path=/srv/corpora/shakespeare/input.txt") == "--data.path=input.txt"
+    assert outputs.portable('{"save_dir": "/home/me/x/logs", "name": "a"}') == '{"save_dir": "logs", "name": "a"}'
+    kept = "compare/t/logs/gpt-s0.log: 12.3k tok/s, val/loss 1/4 ../data/input.txt"
+    assert outputs.portable(kept) == kept

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gptnano import files, lines
-from gptnano.errors import WriteError
+from gptnano.errors import UserError, WriteError
 
 
 def test_atomic_write_takes_bytes_text_and_a_writer(tmp_path):
@@ -87,6 +87,33 @@ def test_the_lock_makes_a_second_process_wait_and_says_so(tmp_path, capsys):
     with files.lock(path, "not printed: nobody holds it"):
         pass
     assert "not printed" not in capsys.readouterr().err
+
+
+def _hold_forever(path, started):
+    with files.lock(path):
+        started.set()
+        time.sleep(600)
+
+
+def test_a_busy_lock_can_refuse_at_once_and_dies_with_its_holder(tmp_path):
+    """What keeps a comparison to one runner: a held lock refuses in one line instead of waiting,
+    and a holder killed outright (SIGKILL: no cleanup runs) releases it, since the lock is the OS's."""
+    path = tmp_path / "runner.lock"
+    started = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_forever, args=(path, started))
+    holder.start()
+    try:
+        assert started.wait(30)
+        t = time.perf_counter()
+        with pytest.raises(UserError, match="^held by the other process$"):
+            with files.lock(path, busy=lambda: "held by the other process"):
+                pass
+        assert time.perf_counter() - t < 5  # refused, not waited
+    finally:
+        holder.kill()
+        holder.join(30)
+    with files.lock(path, busy=lambda: "not said: its holder is dead"):
+        pass
 
 
 def test_lines_share_one_format_and_width():

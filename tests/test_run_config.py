@@ -194,3 +194,25 @@ def test_fast_dev_run_writes_nothing_so_a_real_run_of_the_name_follows(gptnano, 
     _ok(gptnano([*FIT, "--data.path", "tiny.txt", "--trainer.max_steps", "2"], tmp_path))
     assert _ckpt(tmp_path / "checkpoints" / "gpt" / "last.ckpt")["global_step"] == 2
     assert os.listdir(tmp_path / "lightning_logs" / "gpt") == ["version_0"]
+
+
+def test_resolved_config_is_what_fit_would_run_and_builds_nothing(run, monkeypatch):
+    """``resolved_config`` (what `gptnano compare` asks of fit): the checkpoint's config as the base,
+    the typed flags over it, the run's name, folder and text resolved, as plain data; a folder that
+    holds a run is not refused, nothing is written, and a mistake is one line."""
+    from gptnano.cli.lightning import resolved_config
+    from gptnano.errors import UserError
+
+    monkeypatch.chdir(run)
+    before = (dict(os.environ), sorted(p.relative_to(run) for p in run.rglob("*")))
+    config = resolved_config(["--ckpt_path", "last", "--run_name", "r", "--trainer.max_steps", "30"])
+    assert config["trainer"]["max_steps"] == 30 and config["model"]["temperature"] == 0.5  # typed; the run's
+    assert config["run_name"] == "r" and Path(config["checkpoint"]["dirpath"]) == Path("checkpoints", "r")
+    assert Path(config["data"]["path"]).name == "other.txt" and config["model"]["net"]["init_args"]["n_embd"] == 16
+    assert yaml.safe_load(yaml.safe_dump(config)) == config  # plain data
+    fresh = resolved_config([*TINY_GPT, "--run_name", "r"])  # `fit` would refuse: checkpoints/r holds a run
+    assert fresh["run_name"] == "r" and fresh["trainer"]["max_steps"] == 2000
+    assert (dict(os.environ), sorted(p.relative_to(run) for p in run.rglob("*"))) == before
+    with pytest.raises(UserError) as e:
+        resolved_config([*TINY_GPT, "--model.net.n_layers", "2"])
+    assert "n_layers" in str(e.value) and "\n" not in str(e.value)

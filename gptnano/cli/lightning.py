@@ -11,13 +11,17 @@ gradient accumulation; progress as plain lines when the output is a file; and on
 instead of tracebacks for mistakes a user can fix.
 """
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import sys
 import threading
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar, TQDMProgressBar
@@ -39,7 +43,7 @@ from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings
 from gptnano.train.module import LitLM
 from gptnano.train.progress import LogLines, is_terminal
-from gptnano.train.record import RunConfig
+from gptnano.train.record import RunConfig, dump_config
 from gptnano.train.report import RunReport
 from gptnano.train.steps import OPTIMIZER_SETTINGS, training_step
 
@@ -63,8 +67,17 @@ def _step_of(saved: dict | None) -> int:
     return int(step) if isinstance(step, int) else 0
 
 
+class _Resolved(Exception):
+    """How ``GPTNanoCLI(resolve_only=True)`` hands its resolved config out before building anything."""
+
+    def __init__(self, config: dict):
+        super().__init__("resolved")
+        self.config = config
+
+
 class GPTNanoCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True):
+    def __init__(self, args=None, run: bool = True, resolve_only: bool = False):
+        self._resolve_only = resolve_only  # stop once the config is resolved (``resolved_config``)
         self._saved = None  # the checkpoint --ckpt_path or --init_from names, read once
         self._ckpt_path = None  # the file --ckpt_path names, out of the config until the classes are built
         self._typed: set[str] = set()
@@ -173,10 +186,13 @@ class GPTNanoCLI(LightningCLI):
         self._place_logs(cfg, sub, name, root)
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
-        if sub == "fit":
+        if sub == "fit" and not self._resolve_only:  # a comparison asks about folders that hold its runs
             self._check_run_folder(cfg, folder)
         if "ckpt_path" in cfg:
             cfg.ckpt_path = self._ckpt_path
+        if self._resolve_only:
+            plain = yaml.safe_load(dump_config(self.parser, self.config))
+            raise _Resolved(plain[sub] if sub else plain)
 
     def _from_checkpoint(self, cfg, sub: str | None) -> None:
         """Refuse what a command starting from this checkpoint may not change, and find its text."""
@@ -431,6 +447,40 @@ class GPTNanoCLI(LightningCLI):
                 check_writable_folder(_OUTPUTS[-1], "logs", create=False)
 
     before_fit = before_validate = before_test = before_predict = _check_outputs
+
+
+def parser_error(text: str) -> str:
+    """jsonargparse's error (several indented lines after ``error:``) as one line."""
+    found = text.split("error:", 1)
+    body = found[1] if len(found) == 2 else (text.strip().splitlines() or ["the configuration did not parse"])[-1]
+    return " ".join(body.split())[:400]
+
+
+def resolved_config(argv: list[str]) -> dict:
+    """The config ``gptnano fit ARGV`` would run, as plain data: a checkpoint's config as the base
+    when ``--ckpt_path`` is given, the command line over it, the run's name, folders and text
+    resolved, every setting fit refuses refused. Nothing is built and nothing trained; unlike fit,
+    a folder that already holds a run is not refused. What fit prints on the way is not shown.
+
+    Raises:
+        UserError: one line, for any mistake fit would stop at before building the classes.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    environ = dict(os.environ)  # seeding (LightningCLI._set_seed) writes PL_GLOBAL_SEED there
+    logged = logging.root.manager.disable  # Lightning logs ("Seed set to ...") to the stream it found at import
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            GPTNanoCLI(args=["fit", *argv], resolve_only=True)
+    except _Resolved as done:
+        return done.config
+    except SystemExit:  # the parser printed its error (or a --help) and exited
+        raise UserError(parser_error(err.getvalue())) from None
+    finally:
+        logging.disable(logged)
+        os.environ.clear()
+        os.environ.update(environ)
+    raise RuntimeError("GPTNanoCLI(resolve_only=True) built its classes")  # before_instantiate_classes did not stop
 
 
 def run(argv: list[str], verbose: bool = False) -> None:

@@ -5,8 +5,12 @@ each run a real `gptnano fit` in its own process, and rank them only as far as t
 
 Everything goes to compare/<name>/: the runs' checkpoints/ and lightning_logs/, one record
 per run in runs/ (its configuration's hash, schedule and result), each fit's output in
-logs/, and results.md, results.json, results.png. Running the same command again skips
-finished runs, resumes an interrupted one from its last.ckpt, then redraws the results.
+logs/, and results.md, results.json, results.png. A run that fails (an error, a diverged
+loss) is a result: the others go on, and it is listed below the ranking. Running the same
+command again skips finished and failed runs, resumes an interrupted one from its last.ckpt,
+then redraws the results. One process at a time runs a comparison.
+Exit status: 0 when every run finished, 1 when results were written with failed runs, 2 when
+the comparison was refused; stopped by a signal, as a shell reports it (130 after Ctrl-C).
 docs/compare.md explains budgets, seeds, the statistics and the outputs.
 """
 
@@ -27,8 +31,8 @@ class Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     ap = Parser(prog="gptnano compare", formatter_class=argparse.RawDescriptionHelpFormatter,
                 usage="gptnano compare CONFIG... --budget B [--seeds N] [--name NAME] [--grid KEY=V1,V2,...] "
-                      "[--validations N] [--parallel K] [--dry_run] [fit flags for every run]",
-                description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+                      "[--validations N] [--parallel K] [--retry_failed] [--dry_run] [fit flags for every run]",
+                description="\n\n".join(__doc__.split("\n\n")[:3]),
                 epilog="Any other flag is a `gptnano fit` flag given to every run (e.g. --data.path FILE, "
                        "--model.net.dropout 0.1); it takes a value. These are set by compare and refused: "
                        + ", ".join(f"--{k}" for k in OWNED) + ".")
@@ -45,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
                     "last at the final step (between half and twice this many, to fit the steps) (default: 10)")
     ap.add_argument("--parallel", type=int, default=1, metavar="K", help="run K at a time, one per GPU (GPUs only: "
                     "on a CPU parallel runs would distort every speed and time budget) (default: 1)")
+    ap.add_argument("--retry_failed", action="store_true", help="train the runs recorded as failed again, from "
+                    "their last checkpoint (a rerun keeps failures as results otherwise)")
     ap.add_argument("--dry_run", action="store_true", help="check everything and print each entry's schedule; "
                     "train nothing")
     return ap
@@ -65,7 +71,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         if name in OWN_WITH_VALUE:
             own += argv[i:i + (1 if "=" in token else 2)]
             i += 1 if "=" in token else 2
-        elif token in ("--dry_run", "-h", "--help") or not is_option(token):
+        elif token in ("--dry_run", "--retry_failed", "-h", "--help") or not is_option(token):
             own.append(token)
             i += 1
         else:
@@ -79,11 +85,18 @@ def main(argv: list[str]) -> None:
     own, fit_flags = split_argv(argv)
     args = parser().parse_args(own)
     comparison = Comparison(args, fit_flags, argv)
+    if not args.dry_run:
+        comparison.check_not_running()
     comparison.prepare()
     if args.dry_run:
         comparison.dry_run()
         return
-    comparison.write_command()
-    comparison.execute()
-    written = comparison.report()
+    with comparison.sole_runner():
+        comparison.write_command()
+        comparison.execute()
+        written = comparison.report()
     lines.say(f"compare {comparison.name}", "wrote " + ", ".join(str(p) for p in written))
+    if failed := comparison.failures:
+        lines.say(f"compare {comparison.name}", f"{len(failed)} of {len(comparison.runs)} runs failed (listed in "
+                  "results.md, not ranked); the same command keeps them, --retry_failed trains them again")
+        raise SystemExit(1)

@@ -1,9 +1,12 @@
-"""One `gptnano compare` command at work: it resolves its entries' configs (asked of fit
-itself, in a child process), plans every run's schedule for the budget, runs each as a real
-`gptnano fit` process (resuming an interrupted one, recording each in runs/), and writes the
-outputs. The command line is gptnano/compare/command.py; what a run is, runs.py.
+"""One `gptnano compare` command at work: it resolves its entries' configs (asked of fit's
+own parser, gptnano/compare/resolve.py), plans every run's schedule for the budget, runs each
+as a real `gptnano fit` process (resuming an interrupted one, recording each in runs/, a
+failed one as a result), and writes the outputs. One process at a time runs a comparison (an
+OS lock on its folder). The command line is gptnano/compare/command.py; what a run is, runs.py.
 """
 
+import contextlib
+import datetime
 import json
 import math
 import os
@@ -18,7 +21,7 @@ from pathlib import Path
 from gptnano import lines
 from gptnano.compare import budgets, outputs, resolve, runs, stats
 from gptnano.errors import UserError
-from gptnano.files import atomic_write
+from gptnano.files import atomic_write, lock
 from gptnano.numbers import markdown_table, median, quantity
 
 ROOT = Path("compare")
@@ -27,6 +30,18 @@ ROOT = Path("compare")
 TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
 HEARTBEAT_S = 60.0  # a progress line at least this often while a run trains
 POLL_S = 0.25
+# Signals that stop a comparison as Ctrl-C does: each running fit is asked to stop after its step, saving
+# last.ckpt (SIGTERM for Ctrl-C, since a fit in the same terminal got the Ctrl-C too, and a second one
+# would stop it at once, unsaved), and compare exits as a shell reports the signal (128 + its number).
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+class Stopped(Exception):
+    """A stop signal reached compare (raised by its handler, like KeyboardInterrupt for Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -55,6 +70,20 @@ def _pdeathsig():
     return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
+def _raise_stopped(number, frame):
+    raise Stopped(number)
+
+
+class Interrupted(Exception):
+    """A fit stopped by a signal that compare did not send (someone stopped or killed it)."""
+
+    def __init__(self, job: "Job", code: int):
+        super().__init__(f"exit {code}")
+        self.job, self.code = job, code
+        # compare exits as the fit did: 130, 143, 129, or 128 + the signal that killed it
+        self.status = 128 - code if code < 0 else code
+
+
 class Comparison:
     """One `gptnano compare` command: its entries, runs, records and outputs."""
 
@@ -76,6 +105,7 @@ class Comparison:
         self.name = runs.safe_name(args.name or f"{stems}-{self.budget.text}")
         self.folder = ROOT / self.name
         self.done_now: list[runs.Run] = []  # finished by this command: their pace makes the ETA
+        self.pending: set[str] = set()  # the runs this command has still to train
         self.die_with_me = _pdeathsig()
 
     # ----- before any training -----------------------------------------------------------
@@ -86,12 +116,11 @@ class Comparison:
         if self.args.parallel > 1:
             self.check_gpus()
         self.env = dict(os.environ)
-        if not self.reuse_resolved():
-            for p, got in zip(self.points, resolve.resolve(self.requests(), self.env)):
-                if "error" in got:
-                    where = p.config + "".join(f" --grid {k}={v}" for k, v in p.grid.items())
-                    raise UserError(f"{where}: {got['error']}")
-                p.facts = got
+        for p, got in zip(self.points, resolve.resolve(self.requests())):
+            if "error" in got:
+                raise UserError(f"{self.where(p)}: {got['error']}")
+            p.facts = got
+        self.check_budget_settings()
         # One arithmetic for every run of the comparison, chosen once (and kept by a rerun): measured
         # in each fit, a noisy bf16 probe could give two architectures different precisions.
         self.precisions = dict(self.recorded.get("precisions") or {})
@@ -125,6 +154,9 @@ class Comparison:
         if not self.budget.machine_dependent:
             for p in self.points:
                 self.plans[p.label] = self.plan_point(p)
+        self.read_records()
+
+    def read_records(self) -> None:
         for run in self.runs:
             run.record = self.read_record(run)
             if run.record and run.record.get("hash") != run.hash:
@@ -134,29 +166,56 @@ class Comparison:
     def requests(self) -> list[list[str]]:
         return [["--config", p.config, *self.fit_flags, *p.flags()] for p in self.points]
 
-    def reuse_resolved(self) -> bool:
-        """Take the entries' facts from resolved.json when nothing they came from has changed
-        (the fit command lines, the config files, the text, gptnano's and the parser's code):
-        a rerun that only resumes or redraws then starts in a second."""
-        try:
-            saved = json.loads((self.folder / "resolved.json").read_text(encoding="utf-8"))
-            if saved["key"] != resolve.key(self.requests(), self.env):
-                return False
-            facts = saved["facts"]
-            if len(facts) != len(self.points) or any(resolve.file_stat(f["text"]) != f["text_stat"] for f in facts):
-                return False
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        for p, f in zip(self.points, facts):
-            p.facts = f
-        return True
+    @staticmethod
+    def where(p: runs.Point) -> str:
+        return p.config + "".join(f" --grid {k}={v}" for k, v in p.grid.items())
 
-    def save_resolved(self) -> None:
-        facts = [{k: v for k, v in p.facts.items() if k in resolve.FACTS} for p in self.points]
-        for f in facts:
-            f["text_stat"] = resolve.file_stat(f["text"])
-        atomic_write(self.folder / "resolved.json", json.dumps(
-            {"key": resolve.key(self.requests(), self.env), "facts": facts}, default=str) + "\n")
+    def check_budget_settings(self) -> None:
+        """Refuse, in one line, a setting of an entry's config or of the fit flags that would end a run
+        before its budget and that compare cannot turn off; say in one line which ones it turns off
+        for every run (runs.TURNED_OFF; ``fit_argv`` passes them)."""
+        found: dict[str, dict] = {}
+        for p in self.points:
+            try:
+                p.facts["turned_off"] = sorted(runs.turned_off(p.facts["config"]))
+            except UserError as e:
+                raise UserError(f"{self.where(p)}: {e}") from None
+            for key in p.facts["turned_off"]:
+                found.setdefault(key, {})[p.config] = None
+        by_where: dict[tuple, list[str]] = {}
+        for key, where in found.items():
+            by_where.setdefault(tuple(where), []).append(key)
+        if by_where:
+            shown = "; ".join(f"{', '.join(keys)} ({', '.join(where)})" for where, keys in by_where.items())
+            lines.say(f"compare {self.name}", f"turned off, so that every run trains for its whole budget: {shown}")
+
+    def busy(self) -> str:
+        """The one line that refuses a second runner: who runs this comparison, since when."""
+        try:
+            held = json.loads((self.folder / "runner.json").read_text(encoding="utf-8"))
+            who = f"process {held['pid']} (started {held['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "another process"
+        return f"{self.folder} is being run by {who}: wait for it, or stop it"
+
+    def check_not_running(self) -> None:
+        """Refuse at once, before the configs are resolved, a comparison another process is running."""
+        if (self.folder / "runner.lock").is_file():
+            with lock(self.folder / "runner.lock", busy=self.busy):
+                pass
+
+    @contextlib.contextmanager
+    def sole_runner(self):
+        """Hold the comparison's lock for the ``with`` block: a second `gptnano compare` of the same
+        folder is refused in one line naming the process that runs it. The lock is the OS's
+        (gptnano.files.lock): it goes with its holder, however it dies. Under it, the runs' records
+        are read again: what a runner that just finished wrote is what this one goes on from."""
+        with lock(self.folder / "runner.lock", busy=self.busy):
+            started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+            atomic_write(self.folder / "runner.json", json.dumps({"pid": os.getpid(), "started": started}) + "\n")
+            self.check_recorded_command()
+            self.read_records()
+            yield
 
     def check_recorded_command(self) -> None:
         """Every run's identity holds the budget and the validations: if they changed, every
@@ -201,11 +260,14 @@ class Comparison:
         f = p.facts
         data = f["config"]["data"]
         device = f"cuda:{slot}" if f["device"] == "cuda" else f["device"]
-        world = max(1, f["tokens_per_step"] // (data["batch_size"] * f["block_size"]))
-        return budgets.probe_run(f["net"], f["config"]["model"], device=device, precision=f["precision"],
-                                 batch_size=data["batch_size"], block_size=f["block_size"],
-                                 eval_batch_size=data["eval_batch_size"],
-                                 eval_batches=max(1, runs.eval_batches(f) // world))
+        accumulate = int(f["config"]["trainer"].get("accumulate_grad_batches") or 1)
+        world = max(1, f["tokens_per_step"] // (data["batch_size"] * f["block_size"] * accumulate))
+        probe = budgets.probe_run(f["net"], f["config"]["model"], device=device, precision=f["precision"],
+                                  batch_size=data["batch_size"], block_size=f["block_size"],
+                                  eval_batch_size=data["eval_batch_size"],
+                                  eval_batches=max(1, runs.eval_batches(f) // world))
+        # An optimizer step under accumulation is that many batches forward and backward (the probe times one).
+        return budgets.Probe(probe.step_s * accumulate, probe.validation_s)
 
     def slowdown(self) -> float:
         """Real over predicted training time of the wall-time runs done so far (1 before any):
@@ -241,6 +303,7 @@ class Comparison:
         logger = {"class_path": "gptnano.train.logger.Board",
                   "init_args": {"save_dir": str(self.folder / "lightning_logs"), "name": run.name}}
         argv = ["--config", p.config, "--trainer.enable_progress_bar", "false", *self.fit_flags, *p.flags(),
+                *(a for key in p.facts.get("turned_off", ()) if key != "trainer.logger" for a in (f"--{key}", "null")),
                 "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
                 "--trainer.max_steps", str(plan.steps), "--trainer.val_check_interval", str(plan.val_every),
                 "--model.warmup_steps", str(plan.warmup), "--model.lr_decay_steps", str(plan.steps),
@@ -263,9 +326,14 @@ class Comparison:
             step = int(read_checkpoint(last).get("global_step", 0))
             run.record.setdefault("resumed_at", []).append(step)
             what = f"resuming from step {step} of {run.record['plan']['steps']}"
+            if run.failed:  # --retry_failed: from its last checkpoint, written before it failed
+                run.record.setdefault("earlier_failures", []).append(run.record.pop("failure", None))
+                what = f"retrying: {what}"
+            run.record["status"] = "started"
         else:
             for folder in (self.checkpoints(run), self.logs(run)):
                 shutil.rmtree(folder, ignore_errors=True)  # a start that left no checkpoint: start again
+            retried = "retrying: " if run.failed else ""  # --retry_failed, of a run that left no checkpoint
             plan = self.plans.get(run.point.label)
             if plan is None:  # wall time: fitted to a probe of this machine just before the run
                 lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", "probing real steps")
@@ -279,7 +347,7 @@ class Comparison:
                           "facts": {k: run.point.facts[k] for k in ("text", "text_sha256", "vocab_size", "params",
                                                                      "flops_per_token", "tokens_per_step")},
                           "machine": machine_info(), "process_s": 0.0}
-            what = (f"{plan.steps} steps, {quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
+            what = (f"{retried}{plan.steps} steps, {quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
                     f"validating every {plan.val_every}")
         self.write_record(run)
         lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", what, self.eta())
@@ -299,38 +367,55 @@ class Comparison:
         return Job(run, proc, now, index, log, beat=now)
 
     def finish(self, job: Job) -> None:
+        """Record how a fit ended: done (its result read), failed (an error line, a non-finite loss, a run
+        that ended before its budget: a result, and the other runs go on), or interrupted by a signal
+        compare did not send (``Interrupted``: compare stops, and a rerun resumes the run)."""
         run, log = job.run, job.log
         log.close()
         run.record["process_s"] = run.record.get("process_s", 0.0) + time.monotonic() - job.started
         code = job.proc.returncode
-        if code != 0:
+        self.pending.discard(run.name)
+        if runs.stopped_by_signal(code):  # not by compare: someone stopped or killed the fit
+            run.record.setdefault("stops", []).append({"signal": None, "exit": code})
             self.write_record(run)
-            if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):  # stopped from outside, not failed
-                raise UserError(f"run {run.name} was stopped by a signal (exit {code}); run the same command "
-                                "again to resume it")
-            raise UserError(f"run {run.name} failed (exit {code}): {self.last_error(run)}; "
-                            f"its output: {log.name}; run the same command again to resume it")
-        result = stats.read_result(self.logs(run), self.checkpoints(run) / "last.ckpt", run.record["plan"]["steps"])
+            raise Interrupted(job, code)
+        where = f"{job.index}/{len(self.runs)} {run.name}"
+        if code != 0:
+            error, last = self.fit_output(run)
+            return self.fail(run, where, runs.failure(error, last, code))
+        try:
+            result = stats.read_result(self.logs(run), self.checkpoints(run) / "last.ckpt", run.record["plan"]["steps"])
+        except UserError as e:  # it ended before its budget, and said nothing
+            return self.fail(run, where, str(e))
+        if not math.isfinite(result["final_val_loss"]):
+            return self.fail(run, where, f"diverged: the final validation loss is {result['final_val_loss']}")
         run.record.update(status="done", result=result)
         self.write_record(run)
         self.done_now.append(run)
-        lines.say(f"compare {self.name}", f"done {job.index}/{len(self.runs)} {run.name}",
-                  f"final val loss {result['final_val_loss']:.4f}",
+        lines.say(f"compare {self.name}", f"done {where}", f"final val loss {result['final_val_loss']:.4f}",
                   f"trained {lines.duration(result['train_s'])}", self.eta())
 
-    def last_error(self, run: runs.Run) -> str:
+    def fail(self, run: runs.Run, where: str, why: str) -> None:
+        run.record.update(status="failed", failure=why)
+        self.write_record(run)
+        lines.say(f"compare {self.name}", f"failed {where}", why, f"its output: {self.folder / 'logs' / run.name}.log",
+                  self.eta())
+
+    def fit_output(self, run: runs.Run) -> tuple[str | None, str]:
+        """(the last ``gptnano: error:`` line of a fit's latest output, without its prefix, or None; its last line)."""
         try:
             text = (self.folder / "logs" / f"{run.name}.log").read_text(encoding="utf-8", errors="replace")
         except OSError:
-            return "no output"
-        found = [line for line in text.splitlines() if line.startswith("gptnano: error:")]
-        last = found[-1] if found else (text.strip().splitlines() or ["no output"])[-1]
-        return last.removeprefix("gptnano: error: ")[:150]
+            return None, "no output"
+        latest = text.rsplit("\n$ gptnano fit ", 1)[-1].strip().splitlines() or ["no output"]
+        found = [line for line in latest if line.startswith("gptnano: error:")]
+        error = found[-1].removeprefix("gptnano: error: ").strip()[:300] if found else None
+        return error, latest[-1].strip()[:300]
 
     def eta(self, elapsed: float = 0.0) -> str:
         """``ETA 12m30s``: the runs left at the pace of those this command finished (process time
         per FLOP; per run for wall-time budgets), less what the current run has done."""
-        left = [r for r in self.runs if not r.done]
+        left = [r for r in self.runs if r.name in self.pending]
         if not left:
             return ""
         if not self.done_now:
@@ -348,15 +433,26 @@ class Comparison:
         return f"ETA {lines.duration(max(0.0, remaining))}"
 
     def execute(self) -> None:
-        todo = [(i, r) for i, r in enumerate(self.runs, 1) if not r.done]
-        started = sum(1 for _, r in todo if r.record)
+        """Train every run not done yet (nor failed, unless --retry_failed), K at a time. A stop
+        signal to compare, or to one of its fits, stops every fit after its step (last.ckpt saved)
+        and exits as a shell reports the signal: the runs resume on a rerun."""
+        failed = sum(r.failed for r in self.runs)
+        todo = [(i, r) for i, r in enumerate(self.runs, 1) if not r.done and (self.args.retry_failed or not r.failed)]
+        started = sum(1 for _, r in todo if r.record and not r.failed)
         machine = " (wall time: machine-dependent)" if self.budget.machine_dependent else ""
+        kept = f"{failed} failed" + ("" if self.args.retry_failed else " (kept: --retry_failed tries them again)")
         lines.say(f"compare {self.name}",
                   f"{len(self.points)} entries x {self.args.seeds} seeds = {len(self.runs)} runs",
-                  f"{len(self.runs) - len(todo)} done", f"{started} to resume" if started else "",
+                  f"{sum(r.done for r in self.runs)} done", kept if failed else "",
+                  f"{started} to resume" if started else "",
                   f"budget {self.budget.text}{machine}", f"output of each fit in {self.folder / 'logs'}")
+        self.pending = {r.name for _, r in todo}
         free, running = list(range(self.args.parallel)), {}
+        previous = {}
         try:
+            for number in STOP_SIGNALS:
+                with contextlib.suppress(ValueError):  # (only the main thread may; compare's is)
+                    previous[number] = signal.signal(number, _raise_stopped)
             while todo or running:
                 while todo and free:
                     slot = free.pop(0)
@@ -373,27 +469,38 @@ class Comparison:
                         elapsed = job.beat - job.started
                         lines.say(f"compare {self.name}", f"run {job.index}/{len(self.runs)} {job.run.name}",
                                   f"training for {lines.duration(elapsed)}", self.eta(elapsed))
-        except KeyboardInterrupt:
-            self.stop(running.values())
-            names = ", ".join(f"{j.index}/{len(self.runs)} {j.run.name}" for j in running.values())
-            lines.say(f"compare {self.name}", f"stopped during run {names}" if names else "stopped",
-                      "run the same command again to resume")
-            raise
+        except (KeyboardInterrupt, Stopped, Interrupted) as e:
+            number = e.signum if isinstance(e, Stopped) else signal.SIGINT if isinstance(e, KeyboardInterrupt) else None
+            self.stop(running.values(), signal.SIGTERM if number in (None, signal.SIGINT) else number)
+            if isinstance(e, Interrupted):
+                what = f"run {e.job.index}/{len(self.runs)} {e.job.run.name} was stopped by a signal (exit {e.code})"
+            else:
+                names = ", ".join(f"{j.index}/{len(self.runs)} {j.run.name}" for j in running.values())
+                how = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
+                what = f"stopped by {how} during run {names}" if names else f"stopped by {how}"
+            lines.say(f"compare {self.name}", what, "run the same command again to resume")
+            raise SystemExit(128 + number if number else e.status) from None
         except BaseException:
-            self.stop(running.values())
+            self.stop(running.values(), signal.SIGTERM)
             raise
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
-    def stop(self, jobs) -> None:
-        """Ask each fit to stop (SIGTERM: Lightning ends the step, gptnano saves last.ckpt) and wait."""
+    def stop(self, jobs, number: int) -> None:
+        """Ask each fit to stop with signal ``number`` (it ends its step, saves last.ckpt and exits) and wait."""
         for job in jobs:
             if job.proc.poll() is None:
-                job.proc.send_signal(signal.SIGTERM)
+                job.proc.send_signal(number)
         for job in jobs:
             try:
                 job.proc.wait()
-            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the checkpoint
+            except (KeyboardInterrupt, Stopped):  # a second Ctrl-C: stop waiting for the checkpoint
                 job.proc.kill()
+                job.proc.wait()
             job.run.record["process_s"] = job.run.record.get("process_s", 0.0) + time.monotonic() - job.started
+            job.run.record.setdefault("stops", []).append({"signal": signal.Signals(number).name,
+                                                           "exit": job.proc.returncode})
             self.write_record(job.run)
             job.log.close()
 
@@ -406,7 +513,8 @@ class Comparison:
             for p in self.points:
                 plan = self.plans.get(p.label) or self.plan_point(p, self.probe(p, 0))
                 seeds = [r for r in self.runs if r.point is p]
-                state = f"{sum(r.done for r in seeds)}/{len(seeds)} done"
+                failed = sum(r.failed for r in seeds)
+                state = f"{sum(r.done for r in seeds)}/{len(seeds)} done" + (f", {failed} failed" if failed else "")
                 yield dict(zip(cols, [p.label, p.facts["params"], f"{p.facts['flops_per_token']:.4g}",
                                       plan.tokens_per_step, plan.steps, plan.val_every, plan.warmup, plan.tokens,
                                       f"{plan.flops:.4g}", state]))
@@ -418,11 +526,23 @@ class Comparison:
                   "each run is probed again just before it starts.")
 
     def report(self) -> list[Path]:
+        """Write results.md, results.json, results.png (and results_scaling.png over a grid of sizes, or
+        entries of different FLOPs): the entries whose every seed finished ranked, the failed runs below."""
         from gptnano.hardware import machine_info, machine_line
 
-        finished = [r for r in self.runs if r.done]
-        entries = {p.label: stats.entry_stats([r.record for r in finished if r.point is p]) for p in self.points
-                   if any(r.point is p for r in finished)}
+        finished, failed = [r for r in self.runs if r.done], [r for r in self.runs if r.failed]
+
+        def entry(p: runs.Point) -> dict | None:  # over the seeds it finished
+            mine = [r.record for r in finished if r.point is p]
+            return {**stats.entry_stats(mine), "config": p.name, "grid": p.grid} if mine else None
+
+        broken = {r.point.label for r in failed}
+        entries = {p.label: e for p in self.points if p.label not in broken and (e := entry(p))}
+        not_ranked = {p.label: {"config": p.name, "grid": p.grid, "seeds": self.args.seeds,
+                                "finished": entry(p),
+                                "failures": [{"run": r.name, "seed": r.seed, "failure": outputs.portable(r.record["failure"])}
+                                             for r in failed if r.point is p]}
+                      for p in self.points if p.label in broken}
         warnings = []
         if self.budget.machine_dependent:
             for r in finished:
@@ -431,30 +551,40 @@ class Comparison:
                     warnings.append(f"{r.name} trained {r.record['result']['train_s']:.0f} s, {100 * off:+.0f} % "
                                     f"off its {self.budget.text} budget")
         machine = machine_info()
-        texts = sorted({p.facts["text"] for p in self.points})
-        report = {"name": self.name, "command": ["gptnano", "compare", *self.argv], "budget_text": self.budget.text,
-                  "budget": self.budget.describe(), "budget_kind": self.budget.kind,
+        texts = [{"file": Path(outputs.portable(t)).name, "sha256": sha} for t, sha in
+                 sorted({(p.facts["text"], p.facts["text_sha256"]) for p in self.points})]
+        report = {"name": self.name, "command": [outputs.portable(a) for a in ["gptnano", "compare", *self.argv]],
+                  "budget_text": self.budget.text, "budget": self.budget.describe(), "budget_kind": self.budget.kind,
                   "budget_amount": self.budget.amount,
-                  "seeds": self.args.seeds, "validations": self.args.validations, "text": ", ".join(texts),
+                  "seeds": self.args.seeds, "validations": self.args.validations,
+                  "text": ", ".join(t["file"] for t in texts), "texts": texts,
                   "precision": ", ".join(sorted({r.record["precision"] for r in finished})),
                   "machine": machine, "machine_line": machine_line(machine), "entries": entries,
                   "ranking": [{"entry": label, "vs_above": verdict} for label, _, verdict in stats.ranking(entries)],
-                  "warnings": warnings, "runs": [r.record for r in finished]}
+                  "not_ranked": not_ranked, "iso_budget": stats.iso_budget(entries),
+                  "warnings": warnings, "runs": [outputs.portable_record(r.record) for r in self.runs
+                                                 if r.done or r.failed]}
         md = atomic_write(self.folder / "results.md", outputs.markdown(report))
         js = outputs.write_json(self.folder / "results.json", report)
-        png = self.folder / "results.png"
         written = [md, js]
-        if outputs.plot(report, report["runs"], png):
-            written.append(png)
-        else:
-            lines.say("results.png not drawn: plotting needs matplotlib (pip install 'gptnano[plot]')")
+        pictures = [("results.png", lambda out: outputs.plot(report, report["runs"], out))]
+        if outputs.wants_scaling(report):
+            pictures.append(("results_scaling.png", lambda out: outputs.plot_scaling(report, out)))
+        for name, draw in pictures:
+            if finished and draw(self.folder / name):
+                written.append(self.folder / name)
+            elif finished:
+                lines.say(f"{name} not drawn: plotting needs matplotlib (pip install 'gptnano[plot]')")
         print(outputs.markdown(report))
         return written
+
+    @property
+    def failures(self) -> list[runs.Run]:
+        return [r for r in self.runs if r.failed]
 
     def write_command(self) -> None:
         from gptnano.hardware import FAST_BF16_ENV
 
-        self.save_resolved()
         atomic_write(self.folder / "compare.json", json.dumps(
             {"command": ["gptnano", "compare", *self.argv], "budget": self.budget.text, "seeds": self.args.seeds,
              "validations": self.args.validations, "precisions": self.precisions,

@@ -34,6 +34,46 @@ OWNED = {
 COSMETIC = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "weights_only")
 
 
+def _no_limit(value) -> bool:
+    return value is None
+
+
+def _whole(value) -> bool:  # a fraction 1.0 of the batches (the int 1 is one batch)
+    return value is None or isinstance(value, float) and value == 1.0
+
+
+# Settings of a resolved config (from a config file or a fit flag alike) that would end a run before its
+# budget, or change what it means, and that compare turns off for every run (said in one line): key ->
+# (whether a value is already off, what the setting would do).
+TURNED_OFF = {
+    "trainer.max_time": (_no_limit, "a time limit ends a run before its schedule"),
+    "trainer.max_epochs": (lambda v: v in (None, -1), "an epoch limit ends a run before its schedule"),
+    "trainer.min_epochs": (_no_limit, "the budget alone bounds a run"),
+    "trainer.min_steps": (_no_limit, "the budget alone bounds a run"),
+    "trainer.limit_train_batches": (_whole, "shorter epochs move validations off the schedule's steps"),
+    "trainer.check_val_every_n_epoch": (_no_limit, "validations by epoch miss the schedule's last step"),
+    "trainer.default_root_dir": (_no_limit, "each run's outputs go under compare/NAME/"),
+    "early_stopping.stopping_threshold": (_no_limit, "it stops a run once the loss is low enough"),
+    "early_stopping.divergence_threshold": (_no_limit, "it stops a run whose loss is high"),
+    "early_stopping.check_on_train_epoch_end": (lambda v: v in (None, False), "it counts epochs, not validations"),
+}
+# Settings compare refuses, wherever they come from: key -> (whether a value is harmless, why).
+REFUSED = {
+    "trainer.fast_dev_run": (lambda v: v in (None, False, 0), "it trains a few steps and keeps nothing"),
+    "trainer.overfit_batches": (lambda v: v in (None, 0), "it trains on the same few batches again and again"),
+    "trainer.limit_val_batches": (_whole, "each run's final loss would be measured on part of the validation split"),
+}
+# Callbacks that can stop a run, or change its steps, before its budget: class path -> (whether an
+# instance's init_args are harmless, why).
+REFUSED_CALLBACKS = {
+    "lightning.pytorch.callbacks.EarlyStopping": (lambda a: False, "it can stop a run before its budget"),
+    "lightning.pytorch.callbacks.Timer": (lambda a: a.get("duration") is None, "its duration stops a run"),
+    "lightning.pytorch.callbacks.GradientAccumulationScheduler":
+        (lambda a: False, "it changes the tokens of a step during the run, which the budget counts"),
+}
+TENSORBOARD = ("gptnano.train.logger.Board", "lightning.pytorch.loggers.TensorBoardLogger")
+
+
 # ----- fit flags, grids and configs ------------------------------------------------------
 def is_option(token: str) -> bool:
     """Whether a command-line token is a flag (``--model.x``), not a value (``-1`` is a value)."""
@@ -62,6 +102,55 @@ def check_fit_flags(fit_flags: list[str]) -> None:
     for token in fit_flags:
         if is_option(token) and (why := owned_reason(flag_key(token))):
             raise UserError(f"{token.split('=', 1)[0]} is set by compare for every run ({why})")
+
+
+def _at(config: dict, dotted: str):
+    for key in dotted.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def _is_a(class_path: str, refused: str) -> bool:
+    """Whether ``class_path`` names ``refused`` or a subclass of it (imported to know: Lightning is
+    loaded already once a config is resolved)."""
+    if class_path == refused or class_path.rsplit(".", 1)[-1] == refused.rsplit(".", 1)[-1]:
+        return True
+    import importlib
+
+    try:
+        module, name = class_path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        module, name = refused.rsplit(".", 1)
+        return issubclass(cls, getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+
+
+def turned_off(config: dict) -> dict[str, object]:
+    """The settings of a resolved fit config that would end a run before its budget or change what
+    it means, and that compare turns off for every run: key -> the config's value. (``trainer.logger``:
+    a logger other than TensorBoard, which compare replaces by its own, since it reads TensorBoard.)
+
+    Raises:
+        UserError: for a setting compare cannot turn off (REFUSED, REFUSED_CALLBACKS).
+    """
+    for key, (harmless, why) in REFUSED.items():
+        if not harmless(value := _at(config, key)):
+            raise UserError(f"{key}={value}: {why}; leave it out of a comparison")
+    callbacks = _at(config, "trainer.callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        path = callback.get("class_path", "") if isinstance(callback, dict) else ""
+        for refused, (harmless, why) in REFUSED_CALLBACKS.items():
+            if path and _is_a(path, refused) and not harmless(callback.get("init_args") or {}):
+                raise UserError(f"trainer.callbacks has {path}: {why}; leave it out of a comparison")
+    found = {key: value for key, (off, _) in TURNED_OFF.items() if not off(value := _at(config, key))}
+    loggers = _at(config, "trainer.logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    others = [x.get("class_path") if isinstance(x, dict) else x for x in loggers
+              if x not in (None, True) and not (isinstance(x, dict) and x.get("class_path") in TENSORBOARD)]
+    if others:
+        found["trainer.logger"] = ", ".join(str(o).rsplit(".", 1)[-1] for o in others)
+    return found
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -103,6 +192,7 @@ class Point:
     config: str
     grid: dict[str, str]
     label: str
+    name: str = ""  # the config's name in labels (its stem, or its path where two configs share a stem)
     facts: dict = field(default_factory=dict)  # what fit's parser resolved (gptnano/compare/resolve.py), and more
 
     def flags(self) -> list[str]:
@@ -126,7 +216,7 @@ def make_points(configs: list[str], grid: list[tuple[str, list[str]]]) -> list[P
         for values in itertools.product(*[v for _, v in grid]):
             assignment = dict(zip([k for k, _ in grid], values))
             shown = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in assignment.items())
-            points.append(Point(config, assignment, safe_name(name + (f"-{shown}" if shown else ""))))
+            points.append(Point(config, assignment, safe_name(name + (f"-{shown}" if shown else "")), name))
     if len({p.label for p in points}) < len(points):
         raise UserError("two grid keys end in the same name: their runs would be named alike")
     return points
@@ -201,3 +291,27 @@ class Run:
     @property
     def done(self) -> bool:
         return bool(self.record) and self.record.get("status") == "done"
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.record) and self.record.get("status") == "failed"
+
+
+NON_FINITE = re.compile(r"the loss became non-finite at step (\d+)")
+
+
+def failure(error_line: str | None, last_line: str, code: int) -> str:
+    """What a failed fit's record says: ``diverged at step N``, the fit's error line, or (a crash
+    without one) its exit status and last line of output."""
+    if error_line and (m := NON_FINITE.search(error_line)):
+        return f"diverged at step {m.group(1)}"
+    return error_line or f"exit {code}: {last_line}"
+
+
+STOP_STATUS = {130: "SIGINT", 143: "SIGTERM", 129: "SIGHUP"}  # how `gptnano fit` exits when a signal stops it
+
+
+def stopped_by_signal(code: int) -> bool:
+    """Whether a fit's exit status says a signal stopped it (it saved last.ckpt, or was killed):
+    the run is interrupted, not failed, and resumes on a rerun."""
+    return code < 0 or code in STOP_STATUS

@@ -147,3 +147,48 @@ def ranking(entries: dict[str, dict]) -> list[tuple[str, dict, str]]:
                 verdict = f"+{diff:.4f}, not distinguishable at {n} seeds (< 2 SE = {2 * se:.4f})"
         ranked.append((label, e, verdict))
     return ranked
+
+
+# ----- trends over a grid ----------------------------------------------------------------
+def size_keys(entries: dict[str, dict]) -> list[str]:
+    """The grid keys that change an entry's size: two entries of one config that differ in such a
+    key alone have different parameter counts (``model.net.n_embd``; not ``model.learning_rate``)."""
+    keys = sorted({k for e in entries.values() for k in e.get("grid", {})})
+    found = []
+    for key in keys:
+        params: dict[tuple, set] = {}
+        for e in entries.values():
+            others = tuple(sorted((k, v) for k, v in e.get("grid", {}).items() if k != key))
+            params.setdefault((e.get("config"), others), set()).add(e["params"])
+        if any(len(p) > 1 for p in params.values()):
+            found.append(key)
+    return found
+
+
+def iso_budget(entries: dict[str, dict]) -> list[dict]:
+    """Loss against size at one budget (an iso-budget curve): per config, and per value of the grid
+    keys that do not change the size, its entries that differ in size, smallest first, where there
+    are at least two sizes. Each curve: ``{"config", "fixed": {key: value}, "points": [{"entry",
+    "params", "flops", "final_val_loss"}]}`` (``flops``: a run's training FLOPs, which differ
+    between sizes under a steps or tokens budget)."""
+    sizes = size_keys(entries)
+    groups: dict[tuple, list] = {}
+    for label, e in entries.items():
+        fixed = tuple(sorted((k, v) for k, v in e.get("grid", {}).items() if k not in sizes))
+        groups.setdefault((e.get("config"), fixed), []).append((label, e))
+    curves = []
+    for (config, fixed), members in groups.items():
+        if len({e["params"] for _, e in members}) < 2:
+            continue
+        members.sort(key=lambda m: (m[1]["params"], m[1]["flops"]))
+        curves.append({"config": config, "fixed": dict(fixed), "points": [
+            {"entry": label, "params": e["params"], "flops": e["flops"], "final_val_loss": e["final_val_loss"]}
+            for label, e in members]})
+    return curves
+
+
+def differ_in_flops(entries: dict[str, dict], tolerance: float = 0.01) -> bool:
+    """Whether the entries' training FLOPs differ by more than ``tolerance`` (a steps or tokens budget
+    over entries of different sizes, or architectures of different FLOPs per token)."""
+    flops = [e["flops"] for e in entries.values() if e.get("flops")]
+    return len(flops) > 1 and max(flops) > (1 + tolerance) * min(flops)

@@ -16,8 +16,8 @@ have had: ``train/loss`` at step s is the loss before update s + 1, ``val/loss``
 at step s the loss after update s. The HPARAMS tab lists each run's
 hyper-parameters (model, optimizer, batch size, steps, precision, seed) next to
 its best validation loss and its last one (``val/loss``: the loss `gptnano compare`
-ranks runs by, once their schedule has finished). Lightning's ``epoch`` scalar is left out: a gptnano
-run is one endless epoch, so it is always 0.
+ranks runs by, once their schedule has finished). ``epoch`` is Lightning's: the epoch each step is in (an
+epoch reads the training split about once, docs/trainer.md).
 """
 
 import math
@@ -35,11 +35,9 @@ from gptnano.train.checkpointing import own_checkpoint
 BEST_OF = "val/loss"  # hp_metric is the lowest value of this tag
 
 
-def tensorboard_tag(name: str) -> str | None:
-    """The tag a metric is written under (None: not written). Our own metrics are logged
-    under their final names; this maps the ones Lightning names itself."""
-    if name == "epoch":
-        return None
+def tensorboard_tag(name: str) -> str:
+    """The tag a metric is written under. Our own metrics are logged under their final names; this
+    maps the ones Lightning names itself."""
     if name.startswith("lr-"):  # LearningRateMonitor: lr-<Optimizer>[/pg<N>]
         return "lr/" + name.removeprefix("lr-")
     return name
@@ -110,7 +108,6 @@ class Board(TensorBoardLogger):
             if not self._session_written:
                 self._write_hparams_session()
             tagged = {tensorboard_tag(k): v for k, v in metrics.items()}
-            tagged.pop(None, None)
             if BEST_OF in tagged:
                 self.best = min(self.best, float(tagged[BEST_OF]))
                 tagged["hp_metric"] = self.best

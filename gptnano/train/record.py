@@ -10,6 +10,7 @@ sha256. Every command that starts from a checkpoint parses on top of that config
 """
 
 import enum
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -33,6 +34,14 @@ def _yaml_dump(data) -> str:
 set_dumper("yaml", _yaml_dump)
 
 
+def dump_config(parser, config) -> str:
+    """A parsed config as YAML, its None values kept (what the run ran with, every key): jsonargparse's
+    ``skip_unset=False``, named ``skip_none`` before 4.49 (which still takes it, with a deprecation)."""
+    major, minor = (int(x) for x in version("jsonargparse").split(".")[:2])
+    keep_none = {"skip_unset": False} if (major, minor) >= (4, 49) else {"skip_none": False}
+    return parser.dump(config, **keep_none)
+
+
 def run_folder(trainer) -> Path | None:
     """Where a run's config.yaml goes: its first logger's version folder, else (no logger) the run's
     checkpoint folder, never the working folder Lightning would fall back to."""
@@ -52,11 +61,11 @@ class RunConfig(SaveConfigCallback):
         folder = run_folder(trainer)
         if folder is None or trainer.fast_dev_run:
             return  # fast_dev_run writes nothing (Lightning's promise), so a real run of the name can follow
-        atomic_write(folder / self.config_filename, self.parser.dump(self.config, skip_none=False))
+        atomic_write(folder / self.config_filename, dump_config(self.parser, self.config))
 
     def plain_config(self) -> dict:
         if not hasattr(self, "_plain"):
-            self._plain = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            self._plain = yaml.safe_load(dump_config(self.parser, self.config))
         return self._plain
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:

@@ -7,7 +7,7 @@ gptnano/cli/quiet.py), and with no word at all when early stopping or ``max_time
     gptnano: fit ended at step 1000/1000: max_steps reached | best val/loss 1.6379 (best.ckpt) | checkpoints in checkpoints/gpt
     gptnano: fit ended at step 10/30: early stopping: val/loss did not improve by more than 10 in 1 validation (patience 1) | ...
 
-The other ends have their own line: Ctrl-C or SIGTERM ``gptnano: stopped at step N, saved ...``
+The other ends have their own line: Ctrl-C, SIGTERM or SIGHUP ``gptnano: stopped at step N by ..., saved ...``
 (gptnano/train/checkpointing.py), a diverging run ``gptnano: error: training stopped: ...``
 (gptnano/train/guard.py), any other error ``gptnano: error: ...``.
 """

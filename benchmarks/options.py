@@ -1,0 +1,63 @@
+"""Which GPT options, schedules and Muon settings pay for themselves (issue 28): `gptnano compare`
+sweeps at the quick start's wall-time budget, 3 seeds each, so an option that costs throughput
+pays for it in fewer steps. Each sweep is one comparison; its results are copied to
+benchmarks/results/options-<sweep>.{md,json,png}, and docs/results.md ("Options at equal wall
+time") reads them. A default changes only where an entry beats the baseline by more than two
+standard errors of the difference.
+
+    python -m benchmarks.options [--sweeps attention schedule others] [--budget 60s] [--seeds 3]
+
+Run it on an otherwise idle machine (a wall-time budget is this machine's, at this moment): about
+15 minutes a sweep on 2 CPU cores. Running it again resumes an interrupted sweep.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+from benchmarks.common import RESULTS, ROOT, corpus_path
+from gptnano.files import atomic_write
+
+# sweep -> (configs, grids): every config at every grid point (the grids' product)
+SWEEPS = {
+    # The attention options, alone and together (configs/gpt.yaml's learned positions is the first point).
+    "attention": (["configs/gpt.yaml"], ["model.net.rope=false,true", "model.net.qk_norm=false,true"]),
+    # The other two GPT options, on top of RoPE + QK-norm.
+    "gpt-extras": (["configs/gpt.yaml"], ["model.net.embed_shortcut=false,true", "model.net.logit_softcap=null,30"]),
+    # The schedule and Muon's momentum warmup (not GPT-specific), on the GPT first ...
+    "schedule": (["configs/gpt.yaml"], ["model.lr_schedule=cosine,wsd", "model.muon_momentum_warmup_steps=0,300"]),
+    # ... then on the other three architectures: the trapezoid against the cosine.
+    "schedule-others": (["configs/rnn.yaml", "configs/backpack.yaml", "configs/cnn.yaml"],
+                        ["model.lr_schedule=cosine,wsd"]),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    ap.add_argument("--budget", default="60s", help="what every run gets (default: 60s of wall time)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="fit flags for every run of every sweep")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    from gptnano.cli.main import main as gptnano
+
+    for sweep in args.sweeps:
+        configs, grids = SWEEPS[sweep]
+        name = f"options-{sweep}"
+        argv = ["compare", *configs, "--budget", args.budget, "--seeds", str(args.seeds), "--name", name,
+                "--data.path", corpus_path(), *(a for g in grids for a in ("--grid", g)), *args.extra]
+        print("gptnano " + " ".join(argv), flush=True)
+        try:
+            gptnano(argv)
+        except SystemExit as e:  # results with a failed run are still results (exit 1)
+            if e.code not in (0, 1, None):
+                raise
+        for suffix in ("md", "json", "png"):
+            source = Path("compare") / name / f"results.{suffix}"
+            if source.is_file():
+                print(f"wrote {atomic_write(RESULTS / f'{name}.{suffix}', source.read_bytes())}")
+
+
+if __name__ == "__main__":
+    main()
