@@ -1,0 +1,136 @@
+"""A fit that ends by itself within a wall-clock budget counted from its launch, with a
+learning-rate schedule that ends where the run ends.
+
+Lightning's ``max_time`` stops a run when its time is up, wherever its schedule is: the
+learning rate is still high and the last validation never comes. ``TimeBudget`` instead
+times the run's own first steps (and its sanity validation), then plans the rest in
+optimizer steps, as `gptnano compare` plans its time budgets from a probe: ``max_steps``
+becomes the planned count, the schedule decays over it (LitLM reads ``trainer.max_steps``),
+and validations fall evenly with the last at the last step. The plan is saved in
+checkpoints, so a resumed run keeps it. configs/gpt-5min.yaml uses it.
+"""
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+
+from gptnano import lines
+from gptnano.errors import UserError
+from gptnano.train.callbacks import update_ended
+
+_IMPORTED = time.time()  # the fallback for launch: this module is imported early in `gptnano fit`
+
+
+def seconds_since_launch() -> float:
+    """Wall seconds since this process started: its start time on Linux (/proc), else since gptnano's
+    training code was imported (a fraction of a second after launch, the interpreter's own start)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time() - _IMPORTED
+
+
+def plan(step: int, step_s: float, validation_s: float, seconds_left: float, validations: int) -> tuple[int, int]:
+    """The run's last step and the steps between validations: as many steps as ``seconds_left`` holds
+    at ``step_s`` seconds a step after ``validations`` validations of ``validation_s`` seconds each,
+    rounded down to a multiple of ``validations`` (the last validation at the last step), and never
+    before ``step`` (the steps already taken).
+
+    Returns:
+        (planned last step, optimizer steps between validations).
+    """
+    more = max(0.0, (seconds_left - validations * validation_s) / step_s)
+    every = max(1, math.floor((step + more) / validations))
+    last = every * validations
+    if last <= step:  # the budget is spent already: stop at the next validation point
+        every = max(1, math.ceil((step + 1) / validations))
+        last = every * validations
+    return last, every
+
+
+class TimeBudget(L.Callback):
+    """Plan a fit's steps so that it ends, last validation included, within ``minutes`` of its launch.
+
+    The run trains ``probe_steps`` optimizer steps as configured (keep the learning-rate warmup at least
+    that long), then one line says the plan: e.g. ``gptnano: time budget 5m00s: 1,480 steps from 0.18 s a
+    step, validations every 370 steps (3.1 s each), ending about 4m51s after launch``. From then on
+    ``trainer.max_steps`` is the planned step and ``val_check_interval`` the planned spacing; the
+    learning-rate schedule decays over the planned steps (unless ``--model.lr_decay_steps`` is given).
+
+    Args:
+        minutes: The run's whole wall time, from the command's launch: imports, data, every validation
+            and the last checkpoint included.
+        validations: Validations in the run; the last one is at its last step.
+        probe_steps: Optimizer steps timed before planning (the first two, which warm up, are left out).
+        margin: Share of the budget kept back for what the plan cannot see (the last checkpoint, the
+            end-of-run line, a slower stretch).
+
+    Raises:
+        UserError: settings it cannot plan with (validation counted in epochs; too few probe steps).
+    """
+
+    def __init__(self, minutes: float = 5.0, validations: int = 4, probe_steps: int = 30, margin: float = 0.05):
+        if minutes <= 0 or validations < 1 or probe_steps < 4 or not 0 <= margin < 1:
+            raise UserError("TimeBudget needs minutes > 0, validations >= 1, probe_steps >= 4 and 0 <= margin < 1")
+        self.minutes, self.validations, self.probe_steps, self.margin = minutes, validations, probe_steps, margin
+        self.planned: int | None = None
+        self.every: int | None = None
+        self._start: float | None = None  # when the third optimizer step began (after two warm-up steps)
+        self._validation_batch_s: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"planned": self.planned, "every": self.every}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.planned, self.every = state_dict.get("planned"), state_dict.get("every")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.check_val_every_n_epoch is not None:
+            raise UserError("TimeBudget plans validations in optimizer steps: give --trainer.check_val_every_n_epoch "
+                            "null")
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._sanity = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        batches = sum(trainer.num_sanity_val_batches) or 1
+        self._validation_batch_s = (time.perf_counter() - self._sanity) / batches
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.planned is not None:  # a resumed run keeps its plan
+            self._apply(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.planned is not None or not update_ended(trainer, batch_idx):
+            return
+        step = trainer.global_step
+        if step == 2:
+            self._start = time.perf_counter()
+        elif step >= self.probe_steps and self._start is not None:
+            step_s = (time.perf_counter() - self._start) / (step - 2)
+            batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
+            validation_s = (self._validation_batch_s or step_s) * batches
+            left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
+            self.planned, self.every = plan(step, step_s, validation_s, left, self.validations)
+            self._apply(trainer, pl_module)
+            if trainer.is_global_zero:
+                end = seconds_since_launch() + (self.planned - step) * step_s + self.validations * validation_s
+                lines.say(f"time budget {lines.duration(self.minutes * 60)}: {self.planned:,} steps from "
+                          f"{step_s:.3g} s a step", f"validations every {self.every:,} steps "
+                          f"({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after launch",
+                          file=sys.stderr)
+
+    def _apply(self, trainer, pl_module) -> None:
+        """The plan into the Trainer and the schedule: max_steps, the validation spacing (in batches, as
+        Lightning counts it), and the learning rate's decay over the planned steps."""
+        trainer.fit_loop.epoch_loop.max_steps = self.planned  # what trainer.max_steps reads
+        trainer.val_check_interval = trainer.val_check_batch = self.every * trainer.accumulate_grad_batches
+        optimizers, schedules = trainer.optimizers, trainer.lr_scheduler_configs
+        if optimizers and schedules and hasattr(pl_module, "apply_optimizer_settings"):
+            pl_module.apply_optimizer_settings(optimizers[0], schedules[0].scheduler)

@@ -1,0 +1,60 @@
+"""TimeBudget (gptnano/train/budget.py): a fit planned from its own pace to end within a budget,
+its learning rate decaying over the planned steps, the last validation at the last step."""
+
+import time
+
+import pytest
+import torch
+
+from gptnano.errors import UserError
+from gptnano.train import budget
+from tests.helpers import TINY_GPT, make_text
+
+
+def test_the_plan_fills_the_budget_with_whole_validation_intervals():
+    # 100 s left at 0.1 s a step after 4 validations of 2.5 s: 900 more steps after step 30
+    assert budget.plan(30, 0.1, 2.5, 100.0, 4) == (928, 232)  # floor(930 / 4) = 232, 4 x 232
+    assert budget.plan(30, 0.1, 0.0, 100.0, 1) == (1030, 1030)
+    # spent already: stop at the next validation point, never before the steps taken
+    last, every = budget.plan(30, 0.1, 2.5, -5.0, 4)
+    assert last >= 31 and last == 4 * every
+    with pytest.raises(UserError, match="TimeBudget needs"):
+        budget.TimeBudget(minutes=0)
+
+
+def test_the_process_s_age_is_its_wall_time_since_launch():
+    age = budget.seconds_since_launch()
+    assert 0.0 < age < 24 * 3600
+    time.sleep(0.2)
+    assert budget.seconds_since_launch() - age >= 0.15
+
+
+def test_a_planned_run_ends_at_its_plan_with_the_schedule_and_validations_on_it(tmp_path, monkeypatch):
+    """The launch clock is moved so that the budget leaves room for about 40 steps: the run stops at
+    its plan (not at max_steps), validates at the last step, and its learning rate reaches min_lr
+    there; a resume keeps the plan."""
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    plans, real_plan = [], budget.plan
+
+    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+        plans.append((step, validations))
+        return real_plan(step, 1.0, 0.0, 40.0 - step, validations)  # a clock where a step takes 1 s
+
+    monkeypatch.setattr(budget, "plan", fake_plan)
+    args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
+            "adamw", "--model.warmup_steps", "5", "--trainer.callbacks+=gptnano.train.budget.TimeBudget",
+            "--trainer.callbacks.probe_steps", "10", "--trainer.callbacks.validations", "2",
+            "--trainer.log_every_n_steps", "1"]
+    cli = GPTNanoCLI(args=args)
+    assert plans == [(10, 2)] and cli.trainer.global_step == 40 and cli.trainer.max_steps == 40
+    ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
+    lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-4)  # min_lr at the planned end: the cosine decayed over 40 steps
+    from gptnano.logs import read_run
+
+    assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [20, 40]
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("TimeBudget"))
+    assert state == {"planned": 40, "every": 20}
