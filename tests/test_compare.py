@@ -405,7 +405,9 @@ def test_settings_that_would_end_a_run_early_are_turned_off_or_refused():
                          ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.EarlyStopping"}]}},
                           "trainer.callbacks has lightning.pytorch.callbacks.EarlyStopping: it can stop a run"),
                          ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.Timer",
-                                                      "init_args": {"duration": "00:00:01:00"}}]}}, "its duration")]:
+                                                      "init_args": {"duration": "00:00:01:00"}}]}}, "its duration"),
+                         ({"trainer": {"callbacks": [{"class_path": "gptnano.train.budget.TimeBudget",
+                                                      "init_args": {"minutes": 5.0}}]}}, "use --budget")]:
         with pytest.raises(UserError, match=re.escape(said)):
             runs.turned_off(config)
     assert runs.turned_off({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.Timer",

@@ -70,6 +70,7 @@ REFUSED_CALLBACKS = {
     "lightning.pytorch.callbacks.Timer": (lambda a: a.get("duration") is None, "its duration stops a run"),
     "lightning.pytorch.callbacks.GradientAccumulationScheduler":
         (lambda a: False, "it changes the tokens of a step during the run, which the budget counts"),
+    "gptnano.train.budget.TimeBudget": (lambda a: False, "it sets a run's steps from its own wall time; use --budget"),
 }
 TENSORBOARD = ("gptnano.train.logger.Board", "lightning.pytorch.loggers.TensorBoardLogger")
 
