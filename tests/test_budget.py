@@ -58,3 +58,32 @@ def test_a_planned_run_ends_at_its_plan_with_the_schedule_and_validations_on_it(
     assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [20, 40]
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("TimeBudget"))
     assert state == {"planned": 40, "every": 20}
+
+
+def test_the_plan_is_made_once_more_from_the_steadier_pace_a_fifth_of_the_way_in(tmp_path, monkeypatch):
+    """Before: planned once from the first 30 steps, which run slower than the rest, a 5-minute run
+    ended after 4m05s. The re-plan moves the end (and the schedule, and the validations) once."""
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    assert budget.replan_step(30, 2000, 500, 30) == 400  # a fifth of the way, before the first validation
+    assert budget.replan_step(30, 2000, 100, 30) == 99
+    assert budget.replan_step(30, 200, 50, 30) == 201  # too soon after the probe: never
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    plans, real_plan = [], budget.plan
+
+    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+        plans.append(step)  # first from step 5: 100 steps; then at step 20 the pace says 60
+        return real_plan(step, 1.0, 0.0, (100.0 if len(plans) == 1 else 60.0) - step, validations)
+
+    monkeypatch.setattr(budget, "plan", fake_plan)
+    args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
+            "adamw", "--model.warmup_steps", "5", "--trainer.callbacks+=gptnano.train.budget.TimeBudget",
+            "--trainer.callbacks.probe_steps", "5", "--trainer.callbacks.validations", "2"]
+    cli = GPTNanoCLI(args=args)
+    assert plans == [5, 20] and cli.trainer.global_step == 60
+    ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # decayed over 60 steps
+    from gptnano.logs import read_run
+
+    assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [30, 60]

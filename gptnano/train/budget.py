@@ -54,11 +54,22 @@ def plan(step: int, step_s: float, validation_s: float, seconds_left: float, val
     return last, every
 
 
+def replan_step(probe_end: int, planned: int, every: int, probe_steps: int) -> int:
+    """The step at which the plan is made once more, from the pace since the probe: a fifth of the
+    way through the planned steps, before the first validation (so that none falls inside the timed
+    stretch), and at least ``probe_steps`` after the probe. The first steps of a run are slower than
+    its steady pace (a 30-step probe was seen 20 % slow on a 2-core CPU), so a plan from them alone
+    leaves part of the budget unused. Returns ``planned + 1`` (never) where no such step exists."""
+    step = min(planned // 5, every - 1)
+    return step if step >= probe_end + probe_steps else planned + 1
+
+
 class TimeBudget(L.Callback):
     """Plan a fit's steps so that it ends, last validation included, within ``minutes`` of its launch.
 
     The run trains ``probe_steps`` optimizer steps as configured (keep the learning-rate warmup at least
-    that long), then one line says the plan: e.g. ``gptnano: time budget 5m00s: 1,480 steps from 0.18 s a
+    that long), then one line says the plan (made once more, from the steadier pace since, a fifth of
+    the way in: ``replan_step``): e.g. ``gptnano: time budget 5m00s: 1,480 steps from 0.18 s a
     step, validations every 370 steps (3.1 s each), ending about 4m51s after launch``. From then on
     ``trainer.max_steps`` is the planned step and ``val_check_interval`` the planned spacing; the
     learning-rate schedule decays over the planned steps (unless ``--model.lr_decay_steps`` is given).
@@ -83,6 +94,7 @@ class TimeBudget(L.Callback):
         self.every: int | None = None
         self._start: float | None = None  # when the third optimizer step began (after two warm-up steps)
         self._validation_batch_s: float | None = None
+        self._probe_end: tuple[int, float] | None = None  # (step, time) of the first plan, for the one re-plan
 
     def state_dict(self) -> dict:
         return {"planned": self.planned, "every": self.every}
@@ -107,24 +119,35 @@ class TimeBudget(L.Callback):
             self._apply(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.planned is not None or not update_ended(trainer, batch_idx):
+        if not update_ended(trainer, batch_idx):
             return
         step = trainer.global_step
+        if self.planned is not None:
+            if self._probe_end is not None and step >= replan_step(self._probe_end[0], self.planned, self.every,
+                                                                   self.probe_steps):
+                first, began = self._probe_end
+                self._probe_end = None
+                self._plan(trainer, pl_module, step, (time.perf_counter() - began) / (step - first), "re-planned")
+            return
         if step == 2:
             self._start = time.perf_counter()
         elif step >= self.probe_steps and self._start is not None:
-            step_s = (time.perf_counter() - self._start) / (step - 2)
-            batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
-            validation_s = (self._validation_batch_s or step_s) * batches
-            left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
-            self.planned, self.every = plan(step, step_s, validation_s, left, self.validations)
-            self._apply(trainer, pl_module)
-            if trainer.is_global_zero:
-                end = seconds_since_launch() + (self.planned - step) * step_s + self.validations * validation_s
-                lines.say(f"time budget {lines.duration(self.minutes * 60)}: {self.planned:,} steps from "
-                          f"{step_s:.3g} s a step", f"validations every {self.every:,} steps "
-                          f"({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after launch",
-                          file=sys.stderr)
+            self._plan(trainer, pl_module, step, (time.perf_counter() - self._start) / (step - 2), "")
+            self._probe_end = (step, time.perf_counter())
+
+    def _plan(self, trainer, pl_module, step: int, step_s: float, again: str) -> None:
+        batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
+        validation_s = (self._validation_batch_s or step_s) * batches
+        left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
+        # one plan for every process (each timed its own steps): rank 0's, or the ranks would stop apart
+        self.planned, self.every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
+        self._apply(trainer, pl_module)
+        if trainer.is_global_zero:
+            end = seconds_since_launch() + (self.planned - step) * step_s + self.validations * validation_s
+            lines.say(f"time budget {lines.duration(self.minutes * 60)}" + (f", {again} at step {step:,}" if again else "")
+                      + f": {self.planned:,} steps from {step_s:.3g} s a step", f"validations every {self.every:,} "
+                      f"steps ({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after launch",
+                      file=sys.stderr)
 
     def _apply(self, trainer, pl_module) -> None:
         """The plan into the Trainer and the schedule: max_steps, the validation spacing (in batches, as
