@@ -95,6 +95,29 @@ def test_a_wall_time_budget_is_filled_by_steps_and_validations():
                             validations=10)
 
 
+def test_an_entry_s_later_seeds_are_planned_from_its_first_seed_s_real_pace():
+    """Before: each seed was planned from its own probe, which swung 35 % between seeds of one entry
+    (378 to 744 steps for a 60 s budget), so seeds differed by their probes, not their seeds."""
+    from types import SimpleNamespace
+
+    from gptnano.compare.comparison import Comparison
+
+    def run(label, done, train_s=None, slowdown=1.2):
+        record = {"plan": {"predicted_s": 50.0 * slowdown}, "result": {"train_s": train_s},
+                  "pace": {"probe": {"step_s": 0.05, "validation_s": 1.0}, "slowdown": slowdown}}
+        return SimpleNamespace(point=SimpleNamespace(label=label), done=done, record=record)
+
+    point = SimpleNamespace(label="gpt")
+    assert Comparison.entry_pace(SimpleNamespace(runs=[run("gpt", False), run("rnn", True, 70.0)]), point) == (None, 1.0)
+    probe, ratio = Comparison.entry_pace(SimpleNamespace(runs=[run("gpt", True, 75.0), run("gpt", True, 65.0, 1.0),
+                                                               run("rnn", True, 500.0)]), point)
+    assert probe == budgets.Probe(step_s=0.05, validation_s=1.0)
+    assert ratio == pytest.approx(75.0 / 50.0)  # the (upper) median, against what the probe alone predicted
+    plan = budgets.fit_to_time(budgets.parse_budget("60s"), probe, tokens_per_step=1536, flops_per_token=5e6,
+                               warmup=10, validations=4, slowdown=ratio)
+    assert plan.predicted_s == pytest.approx(60, rel=0.1)
+
+
 def test_the_probe_times_real_steps():
     net = {"class_path": "gptnano.models.GPT", "init_args": {**TINY["gpt"]["init_args"], "vocab_size": 11}}
     settings = dict(optimizer="muon", learning_rate=4e-3, weight_decay=0.1, beta1=0.9, beta2=0.99, muon_lr=0.02,
@@ -490,6 +513,10 @@ def test_a_curve_follows_the_sizes_of_each_config_at_each_other_grid_value():
     assert [p["params"] for p in curves[0]["points"]] == [192, 768, 3072]
     assert stats.iso_budget({k: e for k, e in entries.items() if "n_embd=16" in k}) == []  # one size: no curve
     assert not stats.differ_in_flops(entries)
+    # RoPE drops the learned position table, so its entries are smaller, but a switch is not a size
+    switch = {f"gpt-rope={r}": entry("gpt", {"model.net.rope": r}, 802_000 if r == "true" else 810_000, 1.7)
+              for r in ("false", "true")}
+    assert stats.size_keys(switch) == [] and stats.iso_budget(switch) == []
 
 
 def test_a_path_is_shown_relative_to_the_working_folder_or_by_its_name(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gptnano import lines
@@ -276,6 +276,21 @@ class Comparison:
                   if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
         return median(ratios) if ratios else 1.0
 
+    def entry_pace(self, p: runs.Point) -> tuple[budgets.Probe | None, float]:
+        """The probe of this entry's first finished run under a wall-time budget, and the median ratio
+        of its finished runs' real training time to what their probe predicted; (None, 1.0) before
+        one finishes. A probe taken in compare's own process just before a run has been seen 35 %
+        off the run's real pace on a shared 2-core machine, while one entry's runs keep their pace
+        within a few percent: so an entry's later seeds are planned from what its first ones really
+        took, and its seeds differ by their seed, not by their probes."""
+        done = [r.record for r in self.runs if r.point.label == p.label and r.done and r.record.get("pace")
+                and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
+        if not done:
+            return None, 1.0
+        # real time over what the probe alone predicted (the plan's prediction carries the slowdown it used)
+        ratio = median([d["result"]["train_s"] * d["pace"]["slowdown"] / d["plan"]["predicted_s"] for d in done])
+        return budgets.Probe(**done[0]["pace"]["probe"]), ratio
+
     # ----- records ---------------------------------------------------------------------
     def record_path(self, run: runs.Run) -> Path:
         return self.folder / "runs" / f"{run.name}.json"
@@ -334,10 +349,13 @@ class Comparison:
             for folder in (self.checkpoints(run), self.logs(run)):
                 shutil.rmtree(folder, ignore_errors=True)  # a start that left no checkpoint: start again
             retried = "retrying: " if run.failed else ""  # --retry_failed, of a run that left no checkpoint
-            plan = self.plans.get(run.point.label)
-            if plan is None:  # wall time: fitted to a probe of this machine just before the run
-                lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", "probing real steps")
-                plan = self.plan_point(run.point, self.probe(run.point, slot), self.slowdown())
+            plan, probe, slowdown = self.plans.get(run.point.label), None, 1.0
+            if plan is None:  # wall time: fitted to this entry's own pace, else to a probe just before the run
+                probe, slowdown = self.entry_pace(run.point)
+                if probe is None:
+                    lines.say(f"compare {self.name}", f"run {index}/{len(self.runs)} {run.name}", "probing real steps")
+                    probe, slowdown = self.probe(run.point, slot), self.slowdown()
+                plan = self.plan_point(run.point, probe, slowdown)
             from gptnano.hardware import machine_info
 
             run.record = {"run": run.name, "entry": run.point.label, "config": run.point.config,
@@ -347,6 +365,8 @@ class Comparison:
                           "facts": {k: run.point.facts[k] for k in ("text", "text_sha256", "vocab_size", "params",
                                                                      "flops_per_token", "tokens_per_step")},
                           "machine": machine_info(), "process_s": 0.0}
+            if probe is not None:  # what its plan came from: the next seeds of its entry plan from its real pace
+                run.record["pace"] = {"probe": asdict(probe), "slowdown": slowdown}
             what = (f"{retried}{plan.steps} steps, {quantity(plan.tokens)} tok, {plan.flops:.3g} FLOP, "
                     f"validating every {plan.val_every}")
         self.write_record(run)

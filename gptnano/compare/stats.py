@@ -156,6 +156,8 @@ def size_keys(entries: dict[str, dict]) -> list[str]:
     keys = sorted({k for e in entries.values() for k in e.get("grid", {})})
     found = []
     for key in keys:
+        if not all(_numeric(e["grid"][key]) for e in entries.values() if key in e.get("grid", {})):
+            continue  # a switch (model.net.rope=true drops the position table): a variant, not a size
         params: dict[tuple, set] = {}
         for e in entries.values():
             others = tuple(sorted((k, v) for k, v in e.get("grid", {}).items() if k != key))
@@ -163,6 +165,16 @@ def size_keys(entries: dict[str, dict]) -> list[str]:
         if any(len(p) > 1 for p in params.values()):
             found.append(key)
     return found
+
+
+def _numeric(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def iso_budget(entries: dict[str, dict]) -> list[dict]:
