@@ -87,3 +87,31 @@ def test_the_plan_is_made_once_more_from_the_steadier_pace_a_fifth_of_the_way_in
     from gptnano.logs import read_run
 
     assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [30, 60]
+
+
+def test_a_run_behind_its_plan_at_a_validation_is_planned_shorter(tmp_path, monkeypatch):
+    """Before: a 5-minute run whose machine slowed down after its plan ended after 5m10s. Now each
+    validation checks the pace since the last one against the time left, and ends the run sooner."""
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    plans, real_plan = [], budget.plan
+
+    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+        plans.append(step)  # from step 5: 100 steps; at step 20: 60; then the real plan, out of time
+        if len(plans) <= 2:
+            return real_plan(step, 1.0, 0.0, (100.0 if len(plans) == 1 else 60.0) - step, validations)
+        return real_plan(step, step_s, validation_s, seconds_left, validations)
+
+    monkeypatch.setattr(budget, "plan", fake_plan)
+    monkeypatch.setattr(budget, "seconds_since_launch", lambda: 10_000.0 if len(plans) >= 2 else 0.0)
+    args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
+            "adamw", "--model.warmup_steps", "5", "--trainer.callbacks+=gptnano.train.budget.TimeBudget",
+            "--trainer.callbacks.probe_steps", "5", "--trainer.callbacks.validations", "2"]
+    cli = GPTNanoCLI(args=args)
+    # at the step-30 validation the time is up: the next validation point, 32 (= 2 x 16), ends it
+    assert plans == [5, 20, 30] and cli.trainer.global_step == 32
+    from gptnano.logs import read_run
+
+    assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [30, 32]

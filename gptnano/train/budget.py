@@ -95,6 +95,9 @@ class TimeBudget(L.Callback):
         self._start: float | None = None  # when the third optimizer step began (after two warm-up steps)
         self._validation_batch_s: float | None = None
         self._probe_end: tuple[int, float] | None = None  # (step, time) of the first plan, for the one re-plan
+        self._since: tuple[int, float] | None = None  # (step, time) the pace is measured from: a plan, a validation
+        self._pace: float | None = None  # seconds a step since then
+        self._validation_start = 0.0
 
     def state_dict(self) -> dict:
         return {"planned": self.planned, "every": self.every}
@@ -135,12 +138,38 @@ class TimeBudget(L.Callback):
             self._plan(trainer, pl_module, step, (time.perf_counter() - self._start) / (step - 2), "")
             self._probe_end = (step, time.perf_counter())
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self._since is not None and trainer.global_step > self._since[0]:
+            self._pace = (time.perf_counter() - self._since[1]) / (trainer.global_step - self._since[0])
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Behind the plan (a machine that slowed down, a validation slower than the sanity check's):
+        the plan is made again from the pace since the last validation, if that ends the run sooner."""
+        now, step = time.perf_counter(), trainer.global_step
+        if trainer.sanity_checking or self.planned is None or self._pace is None or step >= self.planned:
+            return
+        validation_s = now - self._validation_start
+        left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
+        more = self.planned - step
+        needed = more * self._pace + math.ceil(more / self.every) * validation_s
+        if trainer.strategy.broadcast(needed > left):  # rank 0's verdict and plan, so all processes take it or none
+            planned, every = trainer.strategy.broadcast(plan(step, self._pace, validation_s, left, self.validations))
+            if planned < self.planned:
+                self._take(trainer, pl_module, step, planned, every, self._pace, validation_s, "behind the plan")
+        self._since = (step, time.perf_counter())
+
     def _plan(self, trainer, pl_module, step: int, step_s: float, again: str) -> None:
         batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
         validation_s = (self._validation_batch_s or step_s) * batches
         left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
         # one plan for every process (each timed its own steps): rank 0's, or the ranks would stop apart
-        self.planned, self.every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
+        planned, every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
+        self._take(trainer, pl_module, step, planned, every, step_s, validation_s, again)
+        self._since = (step, time.perf_counter())
+
+    def _take(self, trainer, pl_module, step, planned, every, step_s, validation_s, again: str) -> None:
+        self.planned, self.every = planned, every
         self._apply(trainer, pl_module)
         if trainer.is_global_zero:
             end = seconds_since_launch() + (self.planned - step) * step_s + self.validations * validation_s
