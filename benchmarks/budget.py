@@ -10,6 +10,10 @@ to benchmarks/results/budget.{md,json,png}.
 
     python -m benchmarks.budget [--budget 1.5e13flop] [--seeds 3] [--archs gpt rnn backpack cnn]
 
+With --grid (e.g. `--budget 3e12flop --seeds 2 --grid model.net.n_layer=2,4,8 --out sizes`) it runs
+every architecture at every grid point, and compare adds an iso-budget curve per architecture (loss
+against parameters at one budget, results_scaling.png); the outputs go to benchmarks/results/OUT.*.
+
 Run it on an otherwise idle machine: about an hour on 2 CPU cores (12 runs). Running it again resumes an
 interrupted comparison (finished runs are kept), then redraws.
 """
@@ -22,10 +26,11 @@ from benchmarks.common import RESULTS, ROOT, corpus_path
 from gptnano.files import atomic_write
 
 
-def compare_command(archs: list[str], budget: str, seeds: int) -> list[str]:
+def compare_command(archs: list[str], budget: str, seeds: int, grids: tuple[str, ...] = (), out: str = "budget"
+                    ) -> list[str]:
     """The `gptnano compare` arguments of the headline comparison (run from the repository root)."""
     return [*(f"configs/{arch}.yaml" for arch in archs), "--budget", budget, "--seeds", str(seeds),
-            "--name", f"budget-{budget}", "--data.path", corpus_path()]
+            "--name", f"{out}-{budget}", "--data.path", corpus_path(), *(a for g in grids for a in ("--grid", g))]
 
 
 def main():
@@ -33,18 +38,25 @@ def main():
     ap.add_argument("--budget", default="1.5e13flop", help="what every run gets (default: 1.5e13flop)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per architecture (default: 3)")
     ap.add_argument("--archs", nargs="+", default=["gpt", "rnn", "backpack", "cnn"])
+    ap.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,...: compare's --grid, for every arch")
+    ap.add_argument("--out", default="budget", help="name of the comparison and of its results (default: budget)")
     args = ap.parse_args()
     os.chdir(ROOT)  # compare/ (git-ignored) at the repository root, configs/ relative to it
-    argv = ["compare", *compare_command(args.archs, args.budget, args.seeds)]
+    argv = ["compare", *compare_command(args.archs, args.budget, args.seeds, tuple(args.grid), args.out)]
     print("gptnano " + " ".join(argv), flush=True)
     from gptnano.cli.main import main as gptnano
 
-    gptnano(argv)
-    folder = Path("compare") / f"budget-{args.budget}"
-    for suffix in ("md", "json", "png"):
-        source = folder / f"results.{suffix}"
+    try:
+        gptnano(argv)
+    except SystemExit as e:  # results with a failed run are still results (exit 1)
+        if e.code not in (0, 1, None):
+            raise
+    folder = Path("compare") / f"{args.out}-{args.budget}"
+    for name in ("results.md", "results.json", "results.png", "results_scaling.png"):
+        source = folder / name
         if source.is_file():
-            print(f"wrote {atomic_write(RESULTS / f'budget.{suffix}', source.read_bytes())}")
+            target = RESULTS / name.replace("results", args.out)
+            print(f"wrote {atomic_write(target, source.read_bytes())}")
 
 
 if __name__ == "__main__":
