@@ -19,11 +19,8 @@ interrupted comparison (finished runs are kept), then redraws.
 """
 
 import argparse
-import os
-from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, corpus_path
-from gptnano.files import atomic_write
+from benchmarks.common import corpus_path, run_compare
 
 
 def compare_command(archs: list[str], budget: str, seeds: int, grids: tuple[str, ...] = (), out: str = "budget"
@@ -41,22 +38,8 @@ def main():
     ap.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,...: compare's --grid, for every arch")
     ap.add_argument("--out", default="budget", help="name of the comparison and of its results (default: budget)")
     args = ap.parse_args()
-    os.chdir(ROOT)  # compare/ (git-ignored) at the repository root, configs/ relative to it
-    argv = ["compare", *compare_command(args.archs, args.budget, args.seeds, tuple(args.grid), args.out)]
-    print("gptnano " + " ".join(argv), flush=True)
-    from gptnano.cli.main import main as gptnano
-
-    try:
-        gptnano(argv)
-    except SystemExit as e:  # results with a failed run are still results (exit 1)
-        if e.code not in (0, 1, None):
-            raise
-    folder = Path("compare") / f"{args.out}-{args.budget}"
-    for name in ("results.md", "results.json", "results.png", "results_scaling.png"):
-        source = folder / name
-        if source.is_file():
-            target = RESULTS / name.replace("results", args.out)
-            print(f"wrote {atomic_write(target, source.read_bytes())}")
+    run_compare(["compare", *compare_command(args.archs, args.budget, args.seeds, tuple(args.grid), args.out)],
+                f"{args.out}-{args.budget}", args.out)
 
 
 if __name__ == "__main__":

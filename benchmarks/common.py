@@ -60,3 +60,22 @@ def announce_machine() -> None:
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table of ``rows``, captioned with the machine it was measured on."""
     return "\n".join([f"Measured on: {machine_line()}", "", *numbers.markdown_table(rows, columns)])
+
+
+def run_compare(argv: list[str], name: str, out: str) -> None:
+    """``gptnano compare ARGV`` (whose ``--name`` is ``name``) from the repository root, then its
+    results (md, json, png, scaling png) copied to benchmarks/results/OUT.*. A comparison with a
+    failed run (exit 1) still has results to copy."""
+    from gptnano.cli.main import main as gptnano
+
+    os.chdir(ROOT)  # compare/ (git-ignored) at the repository root, configs/ relative to it
+    print("gptnano " + " ".join(argv), flush=True)
+    try:
+        gptnano(argv)
+    except SystemExit as e:
+        if e.code not in (0, 1, None):
+            raise
+    for file in ("results.md", "results.json", "results.png", "results_scaling.png"):
+        source = Path("compare") / name / file
+        if source.is_file():
+            print(f"wrote {atomic_write(RESULTS / file.replace('results', out), source.read_bytes())}")

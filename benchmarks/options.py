@@ -12,11 +12,8 @@ Run it on an otherwise idle machine (a wall-time budget is this machine's, at th
 """
 
 import argparse
-import os
-from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, corpus_path
-from gptnano.files import atomic_write
+from benchmarks.common import corpus_path, run_compare
 
 # sweep -> (configs, grids, budget): every config at every grid point (the grids' product). Options that
 # change a step's cost get a wall-time budget; those that cost nothing per step (a schedule, a momentum
@@ -44,24 +41,12 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="fit flags for every run of every sweep")
     args = ap.parse_args()
-    os.chdir(ROOT)
-    from gptnano.cli.main import main as gptnano
-
     for sweep in args.sweeps:
         configs, grids, budget = SWEEPS[sweep]
         name = f"options-{sweep}"
-        argv = ["compare", *configs, "--budget", args.budget or budget, "--seeds", str(args.seeds), "--name", name,
-                "--data.path", corpus_path(), *(a for g in grids for a in ("--grid", g)), *args.extra]
-        print("gptnano " + " ".join(argv), flush=True)
-        try:
-            gptnano(argv)
-        except SystemExit as e:  # results with a failed run are still results (exit 1)
-            if e.code not in (0, 1, None):
-                raise
-        for suffix in ("md", "json", "png"):
-            source = Path("compare") / name / f"results.{suffix}"
-            if source.is_file():
-                print(f"wrote {atomic_write(RESULTS / f'{name}.{suffix}', source.read_bytes())}")
+        run_compare(["compare", *configs, "--budget", args.budget or budget, "--seeds", str(args.seeds), "--name",
+                     name, "--data.path", corpus_path(), *(a for g in grids for a in ("--grid", g)), *args.extra],
+                    name, name)
 
 
 if __name__ == "__main__":
