@@ -50,6 +50,16 @@ TINY_GPT = [
 ]
 
 
+def terminal_signals() -> None:
+    """``preexec_fn`` of a child that must get SIGHUP and SIGINT as a terminal's job does: by default,
+    whatever this runner inherited (a suite started under nohup or in a shell's background ignores
+    them). POSIX only, as ``preexec_fn`` is."""
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGINT):  # after exec, a new Python turns SIGINT's default into Ctrl-C
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def cli_env(env_extra: dict | None = None) -> dict:
     """The environment of a `gptnano` subprocess: no GPTNANO_DATA from the outside, and
     every process of a test training in the same precision: the machine's verdict, measured
@@ -117,7 +127,8 @@ def start_cli(args: list[str], cwd: Path, env_extra: dict | None = None, launche
     """Start `python -m gptnano ARGS` (or `python -c LAUNCHER ARGS`) in ``cwd``; return the Popen."""
     head = ["-c", launcher] if launcher else ["-m", "gptnano"]
     return subprocess.Popen([sys.executable, *head, *args], cwd=cwd, env=cli_env(env_extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=terminal_signals if os.name == "posix" else None)
 
 
 def wait_for(path: Path, proc, timeout: float = 120) -> None:

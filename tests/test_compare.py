@@ -19,7 +19,7 @@ from gptnano import files, logs
 from gptnano.compare import budgets, command, outputs, runs, stats
 from gptnano.errors import UserError
 from gptnano.models import GPT, RNN
-from tests.helpers import cli_env, make_text, posix_only
+from tests.helpers import cli_env, make_text, posix_only, terminal_signals
 
 TINY = {  # two architectures small enough that a fit of a few dozen steps takes a second
     "gpt": {"class_path": "gptnano.models.GPT",
@@ -229,7 +229,8 @@ def test_a_dry_run_shows_a_2x2_grid_and_flop_budgets_without_training(tmp_path):
 # ----- the real thing ---------------------------------------------------------------------
 def start_compare(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gptnano", "compare", *args], cwd=cwd, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=terminal_signals if os.name == "posix" else None)
 
 
 def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tmp_path):

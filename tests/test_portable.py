@@ -161,9 +161,11 @@ def test_sighup_saves_though_the_terminal_is_gone_and_nohup_trains_on(text_file,
         folder.mkdir()
         last = folder / "checkpoints" / "gpt" / "last.ckpt"
         with (folder / "err.txt").open("w") as err:
+            # SIGHUP as a terminal's job gets it, or as nohup leaves it, whatever this runner inherited
+            # (a test suite run under nohup would otherwise pass SIG_IGN on to the "terminal" case)
+            hup = signal.SIG_IGN if ignored else signal.SIG_DFL
             proc = subprocess.Popen(args, cwd=folder, env=cli_env(), stdout=subprocess.PIPE, stderr=err,
-                                    preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored
-                                    else None)
+                                    preexec_fn=lambda: signal.signal(signal.SIGHUP, hup))
             wait_for(last, proc)
             proc.send_signal(signal.SIGHUP)
             proc.stdout.close()  # the terminal is gone: writes to stdout now fail (EPIPE)
