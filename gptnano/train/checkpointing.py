@@ -82,6 +82,7 @@ class Checkpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps
         self.last_interval = train_time_interval
         self._last_refresh = time.monotonic()
+        self._last_saved_step: int | None = None  # the step last.ckpt was last written at, in this process
         self._previous_handlers: dict = {}
         self._resumed_here = False
         if self.save_top_k not in (0, 1) and self.filename == BEST:
@@ -181,14 +182,17 @@ class Checkpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_refresh = time.monotonic()
+        self._last_saved_step = trainer.global_step  # last.ckpt holds this step
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # A stop asked for by a signal (Lightning's SIGTERM, or ours: then printing to a closed terminal
         # may be what raised, after the step had finished) saves the step reached.
         stopped = isinstance(exception, SIGTERMException) or STOP.is_set()
-        if stopped and self.save_last and trainer.state.fn == "fit" and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            if trainer.is_global_zero:
+        if stopped and self.save_last and trainer.state.fn == "fit":
+            # a stop right after this step's own save (a validation's) has nothing to save, but says so all the same
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if trainer.is_global_zero and self._last_saved_step == trainer.global_step:
                 how = {"SIGINT": "Ctrl-C"}.get(STOP.signal, STOP.signal or "SIGTERM")
                 lines.say(f"stopped at step {trainer.global_step} by {how}, saved {shown_path(self.last_model_path)}; "
                           "resume with --ckpt_path last")
