@@ -514,6 +514,9 @@ def test_a_curve_follows_the_sizes_of_each_config_at_each_other_grid_value():
     assert [p["params"] for p in curves[0]["points"]] == [192, 768, 3072]
     assert stats.iso_budget({k: e for k, e in entries.items() if "n_embd=16" in k}) == []  # one size: no curve
     assert not stats.differ_in_flops(entries)
+    rounded = {k: {**e, "flops": f} for (k, e), f in zip(entries.items(), [2.99e12, 3.0e12, 3.05e12] * 4)}
+    assert not stats.differ_in_flops(rounded)  # a FLOP budget, rounded to whole steps: no FLOP axis
+    assert stats.differ_in_flops({**rounded, "big": {**entries[next(iter(entries))], "flops": 6e12}})
     # RoPE drops the learned position table, so its entries are smaller, but a switch is not a size
     switch = {f"gpt-rope={r}": entry("gpt", {"model.net.rope": r}, 802_000 if r == "true" else 810_000, 1.7)
               for r in ("false", "true")}
