@@ -289,6 +289,96 @@ def run_config(ckpt: dict) -> dict:
     return config
 
 
+# ----- what a command starting from a checkpoint takes from it, and may not change -------------
+# The checkpoint's config (``run_config``) is the parser's base for fit --ckpt_path, validate, test
+# and predict (gptnano/cli/lightning.py); the command line applies over it, except these keys.
+# The command's own settings, and the machine's: a checkpoint never supplies them. (The
+# precision of a run resumed on the same kind of device is kept by the facts, docs/reliability.md.)
+NEVER_FROM_CHECKPOINT = ("ckpt_path", "init_from", "trainer.fast_dev_run", "trainer.accelerator", "trainer.devices",
+                         "trainer.strategy", "trainer.num_nodes", "trainer.precision")
+WEIGHTS = "the weights were trained for the checkpoint's"
+# What a command starting from a checkpoint may not change: key -> (the commands refusing it, why).
+# Every other setting applies as parsed. The network's sizes are refused the same way (``refusals``).
+REFUSED = {
+    "data.vocab": ("every", f"{WEIGHTS} vocabulary"),
+    "data.tokenizer": ("every", f"{WEIGHTS} tokenizer"),
+    "model.optimizer": ("fit", "the saved optimizer state is the other optimizer's"),
+    "checkpoint.monitor": ("fit", "best.ckpt and its score are kept by this metric"),
+    "checkpoint.mode": ("fit", "best.ckpt and its score are kept by this order"),
+    "checkpoint.every_n_train_steps": ("fit", "Lightning keys the saved best-model state by it"),
+    "early_stopping.monitor": ("fit", "the saved best score and wait count are of this metric"),
+    "early_stopping.mode": ("fit", "the saved best score and wait count are kept by this order"),
+    "data.val_fraction": ("fit", "best.ckpt's score and early stopping compare losses on this validation split"),
+    "data.test_fraction": ("fit", "it moves the validation split that best.ckpt's score was measured on"),
+    "data.val_tokens": ("fit", "best.ckpt's score and early stopping compare losses on these validation windows"),
+}
+
+
+
+def without(config: dict, keys=NEVER_FROM_CHECKPOINT) -> dict:
+    """A nested config less the dotted ``keys``."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key in keys:
+        head, _, tail = key.partition(".")
+        if tail and isinstance(config.get(head), dict):
+            config[head].pop(tail, None)
+        elif not tail:
+            config.pop(head, None)
+    return config
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """``{"model": {"net": {"init_args": {"n_layer": 4}}}}`` -> ``{"model.net.n_layer": 4}``."""
+    out = {}
+    for key, value in config.items():
+        if key == "init_args":
+            out.update(flat(value or {}, prefix))
+        elif isinstance(value, dict) and key not in ("callbacks", "logger", "plugins"):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def refusals(saved: dict, asked: dict, *, fitting: bool, fixed: set[str], source: str) -> None:
+    """Refuse, in one line, the first setting a command starting from a checkpoint may not change.
+
+    Args:
+        saved: The checkpoint's config (``run_config``), the vocabulary and tokenizer in ``data``.
+        asked: The config this command parsed, on top of ``saved``.
+        fitting: Whether the command is ``fit`` (a resume): only then are the "fit" rows refused.
+        fixed: The network's arguments its weights fix (not its ``run_settings``).
+        source: The checkpoint's path, for messages.
+
+    Raises:
+        UserError: naming the setting, both values and why.
+    """
+    old, new = flat(saved), flat(asked)
+    old_net, new_net = (str(c.get("model.net.class_path", "")).rsplit(".", 1)[-1] for c in (old, new))
+    if new_net and old_net and new_net != old_net:
+        raise UserError(f"{source} holds a {old_net} network, but --config or --model.net ask for {new_net}: "
+                        f"give the {old_net}'s config, or none")
+    sizes = {k: (old[f"model.net.{k}"], new.get(f"model.net.{k}")) for k in sorted(fixed) if f"model.net.{k}" in old}
+    if changed := {k: (a, b) for k, (a, b) in sizes.items() if a != b}:
+        shown = ", ".join(f"{k}={b} (saved: {a})" for k, (a, b) in changed.items())
+        raise UserError(f"{source} cannot take {shown}: its saved weights have other shapes "
+                        "(start a new run with --run_name to change the network)")
+    for key, (who, why) in REFUSED.items():
+        before, after = old.get(key), new.get(key)
+        if key == "checkpoint.every_n_train_steps":  # None and 0 both mean "off"
+            before, after = before or 0, after or 0
+        if key in old and before != after and (fitting or who == "every"):
+            raise UserError(f"--{key} {after} cannot change on {'resume' if fitting else 'a checkpoint'} (the run's "
+                            f"is {before}): {why}; start a new run with --run_name to change it")
+
+
+def step_of(ckpt: dict | None) -> int:
+    """The optimizer step a checkpoint's weights had: a file's ``global_step``, an export's recorded
+    one; 0 when it says none."""
+    step = (ckpt or {}).get("global_step", ((ckpt or {}).get("exported_from") or {}).get("global_step"))
+    return int(step) if isinstance(step, int) else 0
+
+
 def run_name(path: str | Path, ckpt: dict | None = None) -> str:
     """The run a checkpoint comes from: for a file, the name its run recorded (its config's
     ``run_name``), else its folder's (``checkpoints/<run>/`` holds a run's files); an exported

@@ -200,11 +200,11 @@ def slow_off_the_cpu(make_step, built: list):
 def slow_mps(machine, monkeypatch):
     """An Apple GPU that trains the tiny GPT slowly: its side of the probe is the real CPU step
     plus 50 ms. Returns the list of devices the probe built steps for."""
-    from gptnano.cli.lightning import GPTNanoCLI
+    import gptnano.cli.lightning as cli
 
     machine("mps")
     built = []
-    monkeypatch.setattr(GPTNanoCLI, "_probe_step", slow_off_the_cpu(GPTNanoCLI._probe_step, built))
+    monkeypatch.setattr(cli, "probe_step", slow_off_the_cpu(cli.probe_step, built))
     return built
 
 

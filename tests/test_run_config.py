@@ -200,7 +200,7 @@ def test_resolved_config_is_what_fit_would_run_and_builds_nothing(run, monkeypat
     """``resolved_config`` (what `gptnano compare` asks of fit): the checkpoint's config as the base,
     the typed flags over it, the run's name, folder and text resolved, as plain data; a folder that
     holds a run is not refused, nothing is written, and a mistake is one line."""
-    from gptnano.cli.lightning import resolved_config
+    from gptnano.compare.resolve import resolved_config
     from gptnano.errors import UserError
 
     monkeypatch.chdir(run)

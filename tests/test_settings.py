@@ -1,12 +1,15 @@
-"""Where a run's settings come from (gptnano/cli/settings.py), on plain dicts: no Lightning, no
-parser, no files but the ones a case writes. The checkpoint's config is the parser's base, the
+"""Where a run's settings come from (gptnano/cli/settings.py, the refusal table of
+gptnano/checkpoint.py, the Trainer checks of gptnano/train/trainer_args.py), on plain dicts: no
+Lightning, no parser, no files but the ones a case writes. The checkpoint's config is the parser's base, the
 command line applies over it; one table says what may not change."""
 
 import pytest
 import yaml
 
+from gptnano.checkpoint import REFUSED, refusals, without
 from gptnano.cli import settings
 from gptnano.errors import UserError
+from gptnano.train.trainer_args import check_trainer
 
 SAVED = {  # a checkpoint's config, as gptnano.checkpoint.run_config returns it
     "seed_everything": 7, "run_name": "lr2", "ckpt_path": "checkpoints/lr2/last.ckpt", "init_from": None,
@@ -34,11 +37,11 @@ def asked(**changes) -> dict:
 
 
 def refuse(config: dict, fitting: bool = True) -> None:
-    settings.refusals(SAVED, config, fitting=fitting, fixed=FIXED, source="run/last.ckpt")
+    refusals(SAVED, config, fitting=fitting, fixed=FIXED, source="run/last.ckpt")
 
 
 def test_the_base_holds_the_run_and_not_the_machine_nor_the_command():
-    base = settings.without(SAVED)
+    base = without(SAVED)
     assert "ckpt_path" not in base and "init_from" not in base
     assert base["trainer"] == {"max_steps": 10}  # precision, accelerator, devices, fast_dev_run: this machine's
     assert base["model"] == SAVED["model"] and SAVED["trainer"]["precision"] == "bf16-mixed"  # the original is kept
@@ -143,20 +146,20 @@ def test_short_architecture_names_and_moved_class_paths(tmp_path, capsys):
 ])
 def test_trainer_settings_that_cannot_work(trainer, error):
     with pytest.raises(UserError, match=error):
-        settings.check_trainer(trainer)
+        check_trainer(trainer)
 
 
 def test_trainer_settings_that_work():
-    assert settings.check_trainer({"max_steps": 10, "val_check_interval": 5, "accumulate_grad_batches": 2,
+    assert check_trainer({"max_steps": 10, "val_check_interval": 5, "accumulate_grad_batches": 2,
                                    "gradient_clip_val": 0.0, "max_time": "00:00:05:00", "log_every_n_steps": 1}) == {}
-    assert settings.check_trainer({"max_steps": -1, "max_epochs": 2}) == {}
-    assert settings.check_trainer({"max_steps": -1, "max_time": {"minutes": 5}}) == {}
+    assert check_trainer({"max_steps": -1, "max_epochs": 2}) == {}
+    assert check_trainer({"max_steps": -1, "max_time": {"minutes": 5}}) == {}
     # a fraction of an epoch counts epochs: validation then follows every epoch, unless that was typed
-    assert settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5}) == {"check_val_every_n_epoch": 1}
+    assert check_trainer({"max_steps": 10, "val_check_interval": 0.5}) == {"check_val_every_n_epoch": 1}
     typed = {"trainer.check_val_every_n_epoch"}
-    assert settings.check_trainer({"max_steps": 10, "val_check_interval": 0.5, "check_val_every_n_epoch": None},
+    assert check_trainer({"max_steps": 10, "val_check_interval": 0.5, "check_val_every_n_epoch": None},
                                   typed) == {}
-    assert settings.check_trainer({"max_steps": 10, "val_check_interval": "00:00:01:00"}) == {}  # Lightning's duration
+    assert check_trainer({"max_steps": 10, "val_check_interval": "00:00:01:00"}) == {}  # Lightning's duration
 
 
 def test_the_reliability_table_is_the_code_s():
@@ -166,7 +169,7 @@ def test_the_reliability_table_is_the_code_s():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
     table = doc[doc.index("| setting | a resume"):doc.index("A resume that changes a batch size")]
-    for key, (who, _) in settings.REFUSED.items():
+    for key, (who, _) in REFUSED.items():
         row = next((line for line in table.splitlines() if f"`{key}`" in line), None)
         assert row is not None, f"docs/reliability.md has no row for {key}"
         resume, evaluation = [cell.strip() for cell in row.split("|")[2:4]]

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelSummary, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.profilers import SimpleProfiler
 
-from gptnano.cli import settings
 from gptnano.errors import UserError
+from gptnano.train.trainer_args import check_trainer
 from tests.helpers import TINY_GPT, make_text
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
@@ -131,7 +131,7 @@ def test_trainer_argument(name, tmp_path, monkeypatch, evaluated):
     assert verdict, f"Trainer.{name} has no row in docs/trainer.md: audit it (works, or refused and why)"
     if verdict == "refused":
         with pytest.raises(UserError, match=rf"--trainer\.{name} is not supported by gptnano: "):
-            settings.check_trainer({"max_steps": 10, name: REFUSED[name]})
+            check_trainer({"max_steps": 10, name: REFUSED[name]})
         return
     from gptnano.cli import quiet
     from gptnano.cli.lightning import GPTNanoCLI

@@ -4,33 +4,29 @@ sends them here): LightningCLI with the defaults a user of this tool expects.
 What it adds to LightningCLI: a folder per run (``<default_root_dir>/checkpoints/<run_name>/``,
 logs in ``lightning_logs/<run_name>/``) so ``--ckpt_path last`` and ``best`` work from a new
 process; the config a checkpoint keeps as the parser's base for every command that starts
-from it, the command line applying over it (gptnano/cli/settings.py); the device and the
-precision chosen for the machine when none is given (gptnano/devices.py); gptnano's callbacks
-and TensorBoard logger beside the user's own; steps that count optimizer updates under
-gradient accumulation; progress as plain lines when the output is a file; and one-line errors
-instead of tracebacks for mistakes a user can fix.
+from it, the command line applying over it (gptnano/cli/settings.py), what it may not change
+refused (gptnano/checkpoint.py); the device and the precision chosen for the machine when none
+is given (gptnano/devices.py); gptnano's callbacks and TensorBoard logger beside the user's
+own; steps that count optimizer updates under gradient accumulation; progress as plain lines
+when the output is a file; and one-line errors instead of tracebacks for mistakes a user can fix.
 """
 
-import contextlib
-import copy
-import io
-import logging
 import os
 import sys
 import threading
 from argparse import ArgumentError
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gptnano import devices, hardware, lines
+from gptnano import checkpoint, devices, hardware, lines
 from gptnano.checkpoint import architecture, fixed_args, load_grown, read_checkpoint, run_config, run_name
 from gptnano.cli import quiet, settings
 from gptnano.cli.commands import TOOLS
@@ -38,15 +34,16 @@ from gptnano.data.cache import run_text
 from gptnano.data.datamodule import DEFAULT_CACHE, SHAKESPEARE_SHA256, ShakespeareDataModule, check_splits
 from gptnano.errors import UserError
 from gptnano.files import check_writable_folder, os_error_in, write_error
+from gptnano.train import trainer_args
 from gptnano.train.callbacks import PredictionWriter, ResumableEarlyStopping, TextSample, Throughput
-from gptnano.train.checkpointing import STOP, AtomicCheckpointIO, Checkpoint, stop_exit_status
+from gptnano.train.checkpointing import STOP, AtomicCheckpointIO, Checkpoint, check_run_folder, stop_exit_status
 from gptnano.train.guard import NonFiniteGuard
-from gptnano.train.logger import RunSettings
+from gptnano.train.logger import RunSettings, place_board
 from gptnano.train.module import LitLM
 from gptnano.train.progress import LogLines, is_terminal
 from gptnano.train.record import RunConfig, dump_config
 from gptnano.train.report import RunReport
-from gptnano.train.steps import OPTIMIZER_SETTINGS, training_step
+from gptnano.train.steps import probe_step
 
 _OUTPUTS: list[str] = []  # the folders this command writes to, for a write error that names no file
 
@@ -57,18 +54,13 @@ class Parser(LightningArgumentParser):
         (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
 
 
-def _rank_zero() -> bool:
-    """Whether this is the process that speaks (the first of a node's ranks, on the first node)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+def _say(text: str) -> None:
+    """One line to stderr from the process that speaks (the first of a node's ranks, on the first node)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(text, file=sys.stderr)
 
 
-def _step_of(saved: dict | None) -> int:
-    """The optimizer step a checkpoint's weights had: a file's global_step, an export's recorded one."""
-    step = (saved or {}).get("global_step", ((saved or {}).get("exported_from") or {}).get("global_step"))
-    return int(step) if isinstance(step, int) else 0
-
-
-class _Resolved(Exception):
+class Resolved(Exception):
     """How ``GPTNanoCLI(resolve_only=True)`` hands its resolved config out before building anything."""
 
     def __init__(self, config: dict):
@@ -141,7 +133,7 @@ class GPTNanoCLI(LightningCLI):
                     else self._folder_from(parser, argv) if found else None
                 path = settings.named_file(cmd.ckpt_path, folder, cmd.subcommand)
             self._saved, self._ckpt_path = read_checkpoint(path), path
-            argv = settings.with_base(argv, cmd.subcommand, settings.without(run_config(self._saved)))
+            argv = settings.with_base(argv, cmd.subcommand, checkpoint.without(run_config(self._saved)))
         elif cmd.init_from:
             self._saved = read_checkpoint(cmd.init_from)
             cls, init_args = architecture(self._saved["hyper_parameters"]["net"], cmd.init_from)
@@ -169,9 +161,9 @@ class GPTNanoCLI(LightningCLI):
     # ----- the run: its settings checked, its folder, its logs ----------------------------------
     def before_instantiate_classes(self) -> None:
         sub, cfg = self.config.get("subcommand"), self._cfg()
-        for key, value in settings.check_trainer(cfg.trainer.as_dict(), self._typed).items():
+        for key, value in trainer_args.check_trainer(cfg.trainer.as_dict(), self._typed).items():
             cfg.trainer[key] = value
-        settings.check_callbacks(cfg.as_dict())
+        trainer_args.check_callbacks(cfg.as_dict())
         given = cfg.trainer.callbacks
         if isinstance(given, list):  # `--trainer.callbacks+=X` on a resume of a run that has X: one X
             cfg.trainer.callbacks = [c for i, c in enumerate(given) if c not in given[:i]]
@@ -185,16 +177,18 @@ class GPTNanoCLI(LightningCLI):
             self._saved or "run_name" in self._typed) else None
         folder = settings.run_folder(name, dirpath, root)
         cfg.checkpoint.dirpath = str(folder)
-        self._place_logs(cfg, sub, name, root)
+        typed_dir = bool({"trainer.logger", "trainer.logger.save_dir"} & self._typed)
+        cfg.trainer.logger = place_board(cfg.trainer.logger, run=name, root=root, step=checkpoint.step_of(self._saved),
+                                         save_dir_typed=typed_dir, evaluating=sub in ("validate", "test", "predict"))
         if sub == "predict":
             cfg.trainer.enable_progress_bar = False  # stdout carries the generated text and nothing else
         if sub == "fit" and not self._resolve_only:  # a comparison asks about folders that hold its runs
-            self._check_run_folder(cfg, folder)
+            check_run_folder(folder, self._ckpt_path, self._saved, cfg.get("init_from"), cfg.trainer.fast_dev_run)
         if "ckpt_path" in cfg:
             cfg.ckpt_path = self._ckpt_path
         if self._resolve_only:
             plain = yaml.safe_load(dump_config(self.parser, self.config))
-            raise _Resolved(plain[sub] if sub else plain)
+            raise Resolved(plain[sub] if sub else plain)
 
     def _from_checkpoint(self, cfg, sub: str | None) -> None:
         """Refuse what a command starting from this checkpoint may not change, and find its text."""
@@ -209,18 +203,17 @@ class GPTNanoCLI(LightningCLI):
         if cfg.model.net.class_path.rsplit(".", 1)[-1] == cls.__name__:
             for key in set(fixed) - {k.removeprefix("model.net.") for k in self._typed}:
                 cfg.model.net.init_args[key] = fixed[key]  # the weights fix it: over a --config file, not a flag
-        settings.refusals(base, cfg.as_dict(), fitting=sub == "fit", fixed=set(fixed), source=path)
+        checkpoint.refusals(base, cfg.as_dict(), fitting=sub == "fit", fixed=set(fixed), source=path)
         was = base["data"].get("batch_size")
-        if sub == "fit" and was and was != cfg.data.batch_size and _rank_zero():
-            print(f"gptnano: batch size {was} -> {cfg.data.batch_size} from step {_step_of(saved)}: the batches differ "
-                  "from an unbroken run's from here on, and an epoch in progress ends at the new length",
-                  file=sys.stderr)
+        if sub == "fit" and was and was != cfg.data.batch_size:
+            _say(f"gptnano: batch size {was} -> {cfg.data.batch_size} from step {checkpoint.step_of(saved)}: the "
+                 "batches differ from an unbroken run's from here on, and an epoch in progress ends at the new length")
         text = (saved.get("gptnano") or {}).get("text")
         if sub != "predict" and text:  # (an older checkpoint recorded no text: it reads the one given)
             asked = cfg.data.path if cfg.data.path != base["data"].get("path") or "data.path" in self._typed else None
             cfg.data.path, line = run_text(text, asked, cfg.data.tokenizer, DEFAULT_CACHE, SHAKESPEARE_SHA256)
-            if line and _rank_zero():
-                print(line, file=sys.stderr)
+            if line:
+                _say(line)
         if sub in ("validate", "test") and text and text["path"] == cfg.data.path:
             check_splits(base["data"], cfg.data.as_dict(), sub)
 
@@ -256,55 +249,10 @@ class GPTNanoCLI(LightningCLI):
         never seen (sorted): old ids keep their meaning, new ones come after them."""
         text = ShakespeareDataModule(**{**cfg.data.as_dict(), "vocab": None}).vocab  # the text's characters
         new = "".join(c for c in text if c not in old)
-        if new and _rank_zero():
-            print(f"gptnano: {len(new)} characters of the text are new to the model ({new!r}): they get new rows "
-                  "in the embedding and output head, after its own", file=sys.stderr)
+        if new:
+            _say(f"gptnano: {len(new)} characters of the text are new to the model ({new!r}): they get new rows "
+                 "in the embedding and output head, after its own")
         return old + new
-
-    def _check_run_folder(self, cfg, folder: Path) -> None:
-        """A fit never overwrites another run, nor rewinds its own last.ckpt."""
-        ckpt = self._ckpt_path
-        here = bool(ckpt) and Path(ckpt).resolve().parent == folder.resolve()
-        if cfg.get("init_from") and folder.resolve() in (Path(cfg.init_from).resolve(),
-                                                          Path(cfg.init_from).resolve().parent):
-            raise UserError(f"--init_from {cfg.init_from}: the new run needs a folder of its own, not the "
-                            f"source's {folder}: give another --run_name")
-        if settings.holds_a_run(folder) and not here and not cfg.trainer.fast_dev_run:
-            how = " (without --init_from)" if cfg.get("init_from") else ""
-            raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
-                            f"or start a new one with --run_name NAME (or delete {folder})")
-        last = folder / "last.ckpt"
-        if here and Path(ckpt).name != last.name and last.is_file():
-            at, behind = _step_of(self._saved), _step_of(torch.load(last, weights_only=True, mmap=True))
-            if at < behind:
-                raise UserError(f"--ckpt_path {ckpt} is at step {at}, but {last} is at step {behind}: resuming it here "
-                                f"would rewind the run and lose steps {at + 1}-{behind}; resume with --ckpt_path "
-                                "last, or train on from it as a new run with --run_name NAME")
-
-    def _place_logs(self, cfg, sub: str | None, name: str, root: str | None) -> None:
-        """gptnano's TensorBoard logger (Board) in the run's folder: ``<logs>/<run>/version_N`` for
-        training, ``<logs>/<run>/eval/version_N`` for validate, test and predict, at the step of the
-        checkpoint they read; ``<logs>`` is ``<root>/lightning_logs``, or the Board's ``save_dir`` where one
-        was typed. A logger the user gives alone replaces it, as in Lightning; a list keeps it beside
-        theirs; ``--trainer.logger false`` trains without any."""
-        logger, board_class = cfg.trainer.logger, "gptnano.train.logger.Board"
-        boards = [x for x in (logger if isinstance(logger, list) else [logger])
-                  if getattr(x, "class_path", None) == board_class]
-        typed = boards and boards[0].init_args.get("save_dir") and {"trainer.logger", "trainer.logger.save_dir"} & \
-            self._typed
-        logs = Path(boards[0].init_args.save_dir) if typed else Path(root or ".") / "lightning_logs"
-        evaluating = sub in ("validate", "test", "predict")
-        init = {"save_dir": str(logs / name), "name": "eval", "step": _step_of(self._saved)} if evaluating \
-            else {"save_dir": str(logs), "name": name}
-        if logger in (None, True):
-            cfg.trainer.logger = Namespace(class_path=board_class, init_args=Namespace())
-            boards = [cfg.trainer.logger]
-        elif isinstance(logger, list) and not boards:
-            boards = [Namespace(class_path=board_class, init_args=Namespace())]
-            logger.append(boards[0])
-        for found in boards:
-            for key, value in init.items():
-                found.init_args[key] = value
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -313,10 +261,8 @@ class GPTNanoCLI(LightningCLI):
             # weights replace its own, except the rows of new characters, which stay as a fresh model has them.
             source = self._cfg().init_from
             load_grown(self.model.net, self._saved["state_dict"], source)
-            if _rank_zero():
-                step = _step_of(self._saved)
-                print(f"gptnano: starting from {source} (step {step}): a new run from step 0, optimizer and "
-                      "schedule fresh", file=sys.stderr)
+            _say(f"gptnano: starting from {source} (step {checkpoint.step_of(self._saved)}): a new run from step 0, "
+                 "optimizer and schedule fresh")
 
     # ----- the machine: device and arithmetic, chosen when not given -------------------------
     def _trainer_cfg(self) -> dict:
@@ -338,29 +284,19 @@ class GPTNanoCLI(LightningCLI):
         net, batch_size = self.model.net, self.datamodule.batch_size
         work = devices.work_of("fit", net, batch=[batch_size, net.block_size], precision=trainer.get("precision"),
                                optimizer=self.model.hparams.optimizer, muon_dtype=self.model.hparams.muon_dtype)
-        choice = devices.choose(work, self._probe_step, batch_size * net.block_size, resumed_on=resumed_on,
+        probe = partial(probe_step, net, self.model.hparams, self.datamodule.vocab_size, batch_size,
+                        trainer.get("precision"))
+        choice = devices.choose(work, probe, batch_size * net.block_size, resumed_on=resumed_on,
                                 one_device=one_device)
         if not choice.why:
             return {}  # nothing to choose between, nothing to say
         os.environ[devices.DEVICE_ENV] = choice.device
-        if _rank_zero():
-            print(devices.line(choice, "--trainer.accelerator"), file=sys.stderr)
+        _say(devices.line(choice, "--trainer.accelerator"))
         return {"accelerator": choice.device}
 
     def _resumed(self) -> dict:
         """The facts of the run a fit resumes (its device, precision, Muon's dtype), else nothing."""
         return (self._saved or {}).get("gptnano") or {} if self._ckpt_path and self.subcommand == "fit" else {}
-
-    def _probe_step(self, device: str):
-        """One real training step of a copy of the run's network on ``device``, in the precision it
-        would train in there, on a random batch of the run's shape: what the device choice times."""
-        net, hp = copy.deepcopy(self.model.net), self.model.hparams
-        precision = self._trainer_cfg().get("precision") or hardware.resolve_precision(device)[0]
-        ns_dtype = hardware.fast_dtype(device) if hp.muon_dtype == "auto" else getattr(torch, hp.muon_dtype)
-        ids = torch.randint(self.datamodule.vocab_size, (self.datamodule.batch_size, net.block_size + 1),
-                            generator=torch.Generator().manual_seed(0))
-        return training_step(net, {k: hp[k] for k in OPTIMIZER_SETTINGS}, device=device, precision=precision,
-                             batch=(ids[:, :-1], ids[:, 1:]), ns_dtype=ns_dtype)
 
     def _choose_arithmetic(self, accelerator) -> dict:
         """The precision when none was given (gptnano.hardware.choose_precision), one line saying
@@ -375,8 +311,7 @@ class GPTNanoCLI(LightningCLI):
         if trainer.get("precision") is not None:
             return {}  # the user's
         precision, why = hardware.choose_precision(device, kept)
-        if _rank_zero():
-            print(lines.line(f"precision {precision} ({why}); --trainer.precision overrides"), file=sys.stderr)
+        _say(lines.line(f"precision {precision} ({why}); --trainer.precision overrides"))
         return {"precision": precision}
 
     # ----- the Trainer ---------------------------------------------------------------------------
@@ -449,40 +384,6 @@ class GPTNanoCLI(LightningCLI):
                 check_writable_folder(_OUTPUTS[-1], "logs", create=False)
 
     before_fit = before_validate = before_test = before_predict = _check_outputs
-
-
-def parser_error(text: str) -> str:
-    """jsonargparse's error (several indented lines after ``error:``) as one line."""
-    found = text.split("error:", 1)
-    body = found[1] if len(found) == 2 else (text.strip().splitlines() or ["the configuration did not parse"])[-1]
-    return " ".join(body.split())[:400]
-
-
-def resolved_config(argv: list[str]) -> dict:
-    """The config ``gptnano fit ARGV`` would run, as plain data: a checkpoint's config as the base
-    when ``--ckpt_path`` is given, the command line over it, the run's name, folders and text
-    resolved, every setting fit refuses refused. Nothing is built and nothing trained; unlike fit,
-    a folder that already holds a run is not refused. What fit prints on the way is not shown.
-
-    Raises:
-        UserError: one line, for any mistake fit would stop at before building the classes.
-    """
-    out, err = io.StringIO(), io.StringIO()
-    environ = dict(os.environ)  # seeding (LightningCLI._set_seed) writes PL_GLOBAL_SEED there
-    logged = logging.root.manager.disable  # Lightning logs ("Seed set to ...") to the stream it found at import
-    logging.disable(logging.CRITICAL)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            GPTNanoCLI(args=["fit", *argv], resolve_only=True)
-    except _Resolved as done:
-        return done.config
-    except SystemExit:  # the parser printed its error (or a --help) and exited
-        raise UserError(parser_error(err.getvalue())) from None
-    finally:
-        logging.disable(logged)
-        os.environ.clear()
-        os.environ.update(environ)
-    raise RuntimeError("GPTNanoCLI(resolve_only=True) built its classes")  # before_instantiate_classes did not stop
 
 
 def run(argv: list[str], verbose: bool = False, exits: bool = True) -> GPTNanoCLI:

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptnano import lines
-from gptnano.checkpoint import read_checkpoint
+from gptnano.checkpoint import read_checkpoint, step_of
 from gptnano.errors import UserError
 from gptnano.files import atomic_write, shown_path
 from gptnano.train.callbacks import OWN_STATE, update_ended
@@ -283,3 +283,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # read now, by this version. (Fit never gets one: the CLI sends a folder to --init_from.)
         checkpoint.setdefault("pytorch-lightning_version", lightning.__version__)
         return checkpoint
+
+
+def check_run_folder(folder: Path, ckpt_path: str | None, saved: dict | None, init_from: str | None,
+                     fast_dev_run) -> None:
+    """Refuse a fit that would overwrite another run's checkpoints in ``folder``, or rewind its own
+    last.ckpt by resuming from an older checkpoint (``ckpt_path``, read as ``saved``) there.
+
+    Raises:
+        UserError: naming the folder and what to do instead.
+    """
+    here = bool(ckpt_path) and Path(ckpt_path).resolve().parent == folder.resolve()
+    if init_from and folder.resolve() in (Path(init_from).resolve(), Path(init_from).resolve().parent):
+        raise UserError(f"--init_from {init_from}: the new run needs a folder of its own, not the "
+                        f"source's {folder}: give another --run_name")
+    if folder.is_dir() and any(folder.glob("*.ckpt")) and not here and not fast_dev_run:
+        how = " (without --init_from)" if init_from else ""
+        raise UserError(f"{folder} already holds a run: resume it with --ckpt_path last{how}, "
+                        f"or start a new one with --run_name NAME (or delete {folder})")
+    last = folder / "last.ckpt"
+    if here and Path(ckpt_path).name != last.name and last.is_file():
+        at, behind = step_of(saved), step_of(torch.load(last, weights_only=True, mmap=True))
+        if at < behind:
+            raise UserError(f"--ckpt_path {ckpt_path} is at step {at}, but {last} is at step {behind}: resuming it "
+                            f"here would rewind the run and lose steps {at + 1}-{behind}; resume with --ckpt_path "
+                            "last, or train on from it as a new run with --run_name NAME")

@@ -22,9 +22,11 @@ epoch reads the training split about once, docs/trainer.md).
 
 import math
 from contextlib import contextmanager
+from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -143,6 +145,31 @@ class Board(TensorBoardLogger):
         for summary in hparams_summaries(hparams_table(self.hparams), {"hp_metric": math.nan, BEST_OF: math.nan}):
             self.experiment.file_writer.add_summary(summary)
         self._session_written = True
+
+
+def place_board(logger, *, run: str, root: str | None, step: int, save_dir_typed: bool, evaluating: bool):
+    """The ``trainer.logger`` config with gptnano's TensorBoard logger (``Board``) in the run's folder:
+    ``<logs>/<run>/version_N`` for training, ``<logs>/<run>/eval/version_N`` for validate, test and
+    predict, at the ``step`` of the checkpoint they read. ``<logs>`` is ``<root>/lightning_logs``, or
+    the Board's ``save_dir`` where one was typed. A logger the user gives alone replaces it, as in
+    Lightning; a list keeps it beside theirs; ``false`` trains without any."""
+    board_class = f"{Board.__module__}.{Board.__name__}"
+    boards = [x for x in (logger if isinstance(logger, list) else [logger])
+              if getattr(x, "class_path", None) == board_class]
+    typed = save_dir_typed and boards and boards[0].init_args.get("save_dir")
+    logs = Path(boards[0].init_args.save_dir) if typed else Path(root or ".") / "lightning_logs"
+    init = {"save_dir": str(logs / run), "name": "eval", "step": step} if evaluating \
+        else {"save_dir": str(logs), "name": run}
+    if logger in (None, True):
+        logger = Namespace(class_path=board_class, init_args=Namespace())
+        boards = [logger]
+    elif isinstance(logger, list) and not boards:
+        boards = [Namespace(class_path=board_class, init_args=Namespace())]
+        logger.append(boards[0])
+    for found in boards:
+        for key, value in init.items():
+            found.init_args[key] = value
+    return logger
 
 
 class RunSettings(L.Callback):

@@ -6,7 +6,7 @@ checkpoint one record, ``checkpoint["gptnano"]``: the resolved config (plain dat
 with ``weights_only=True``) and beside it the facts the config was parsed before — the
 vocabulary, the device, the precision and Muon's dtype, and the text's resolved path and
 sha256. Every command that starts from a checkpoint parses on top of that config
-(gptnano/cli/settings.py); ``gptnano.checkpoint.run_config`` reads it back.
+(gptnano/cli/lightning.py, gptnano/cli/settings.py); ``gptnano.checkpoint.run_config`` reads it back.
 """
 
 import enum

@@ -6,11 +6,13 @@ No Lightning here, so the tools of the dispatcher can use it.
 """
 
 import contextlib
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from gptnano import hardware
 from gptnano.models.base import LanguageModel
 from gptnano.train.optim import build_optimizer
 
@@ -65,3 +67,15 @@ def training_step(net: LanguageModel, settings: dict, *, device: torch.device | 
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def probe_step(net: LanguageModel, hparams: dict, vocab_size: int, batch_size: int, precision: str | None,
+               device: str) -> Callable[[], None]:
+    """``training_step`` of a copy of ``net`` on ``device``, in ``precision`` (else the one it would
+    train in there), with LitLM's ``hparams``, on a random batch of ``batch_size`` x ``block_size``
+    token ids below ``vocab_size``: what the device choice (gptnano/devices.py) times."""
+    ns_dtype = hardware.fast_dtype(device) if hparams["muon_dtype"] == "auto" else getattr(torch, hparams["muon_dtype"])
+    ids = torch.randint(vocab_size, (batch_size, net.block_size + 1), generator=torch.Generator().manual_seed(0))
+    return training_step(copy.deepcopy(net), {k: hparams[k] for k in OPTIMIZER_SETTINGS}, device=device,
+                         precision=precision or hardware.resolve_precision(device)[0], batch=(ids[:, :-1], ids[:, 1:]),
+                         ns_dtype=ns_dtype)
