@@ -22,7 +22,7 @@ from benchmarks.common import corpus_path, run_compare
 SWEEPS = {
     # The attention options, alone and together (configs/gpt.yaml's learned positions is the first point).
     "attention": (["configs/gpt.yaml"], ["model.net.rope=false,true", "model.net.qk_norm=false,true"], "60s"),
-    # The other two GPT options, on top of RoPE + QK-norm.
+    # The other two GPT options, on the config as shipped (learned positions, no QK-norm).
     "gpt-extras": (["configs/gpt.yaml"], ["model.net.embed_shortcut=false,true", "model.net.logit_softcap=null,30"],
                    "60s"),
     # The schedule and Muon's momentum warmup (not GPT-specific), on the GPT first ...

@@ -240,7 +240,7 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
     # Killed (compare and its fit, at once) while the second run trains, after its checkpoint at the
     # validation halfway.
     proc = start_compare(args, tmp_path)
-    second = folder / "checkpoints" / "gpt-s1" / "last.ckpt"
+    second = folder / "checkpoints" / "rnn-s0" / "last.ckpt"  # seed by seed: gpt-s0, rnn-s0, gpt-s1, ...
     deadline = time.monotonic() + 300
     while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -249,14 +249,15 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
     first = folder / "checkpoints" / "gpt-s0" / "last.ckpt"
     first_written = first.stat().st_mtime_ns
     assert json.loads((folder / "runs" / "gpt-s0.json").read_text())["status"] == "done"
-    assert json.loads((folder / "runs" / "gpt-s1.json").read_text())["status"] == "started"
+    assert json.loads((folder / "runs" / "rnn-s0.json").read_text())["status"] == "started"
+    assert not (folder / "runs" / "gpt-s1.json").exists()
 
     again = start_compare(args, tmp_path)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert "run 2/4 gpt-s1 | resuming from step" in err and "run 1/4" not in err  # the finished run is not trained again
+    assert "run 2/4 rnn-s0 | resuming from step" in err and "run 1/4" not in err  # the finished run is not trained again
     assert first.stat().st_mtime_ns == first_written
-    assert len(logs.versions(folder / "lightning_logs" / "gpt-s1")) == 2  # resumed: a second version of its logs
+    assert len(logs.versions(folder / "lightning_logs" / "rnn-s0")) == 2  # resumed: a second version of its logs
     assert [p.name for p in logs.versions(folder / "lightning_logs" / "gpt-s0")] == ["version_0"]
 
     report = json.loads((folder / "results.json").read_text())
@@ -267,7 +268,7 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
     for run in report["runs"]:
         assert [p[0] for p in run["result"]["curve"]] == [20, 40]
         assert run["result"]["train_s"] > 0 and "cpu" in run["machine"]
-    resumed = next(r for r in report["runs"] if r["run"] == "gpt-s1")
+    resumed = next(r for r in report["runs"] if r["run"] == "rnn-s0")
     assert resumed["resumed_at"] and 20 <= resumed["resumed_at"][0] <= 40
     md = (folder / "results.md").read_text()
     assert " ± " in md and "| 1 |" in md and "| 2 |" in md and md in out

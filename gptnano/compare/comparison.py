@@ -144,9 +144,12 @@ class Comparison:
                                           * int(trainer.get("accumulate_grad_batches") or 1)
                                           * runs.world_size(trainer, device, self.args.parallel))
         self.check_parallel()
+        # Seed by seed: every entry's seed 0, then every entry's seed 1, ... so that a machine whose pace
+        # drifts (minutes of a shared CPU, a laptop warming up) slows every entry's runs alike, not one
+        # entry's; and a comparison stopped early has every entry at the same number of seeds.
         self.runs = []
-        for p in self.points:
-            for seed in range(self.args.seeds):
+        for seed in range(self.args.seeds):
+            for p in self.points:
                 identity = runs.config_hash(p.facts["config"], self.budget, seed, self.args.validations,
                                        p.facts["text_sha256"])
                 self.runs.append(runs.Run(f"{p.label}-s{seed}", p, seed, identity))
