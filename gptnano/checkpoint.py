@@ -291,8 +291,8 @@ def run_config(ckpt: dict) -> dict:
 
 # ----- what a command starting from a checkpoint takes from it, and may not change -------------
 # The checkpoint's config (``run_config``) is the parser's base for fit --ckpt_path, validate, test
-# and predict (gptnano/cli/lightning.py); the command line applies over it, except these keys.
-# The command's own settings, and the machine's: a checkpoint never supplies them. (The
+# and predict (gptnano/cli/lightning.py); the command line applies over it, except the command's
+# own settings and the machine's, which a checkpoint never supplies. (The
 # precision of a run resumed on the same kind of device is kept by the facts, docs/reliability.md.)
 NEVER_FROM_CHECKPOINT = ("ckpt_path", "init_from", "trainer.fast_dev_run", "trainer.accelerator", "trainer.devices",
                          "trainer.strategy", "trainer.num_nodes", "trainer.precision")
@@ -312,7 +312,6 @@ REFUSED = {
     "data.test_fraction": ("fit", "it moves the validation split that best.ckpt's score was measured on"),
     "data.val_tokens": ("fit", "best.ckpt's score and early stopping compare losses on these validation windows"),
 }
-
 
 
 def without(config: dict, keys=NEVER_FROM_CHECKPOINT) -> dict:
