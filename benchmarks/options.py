@@ -22,6 +22,9 @@ from benchmarks.common import corpus_path, run_compare
 SWEEPS = {
     # The attention options, alone and together (configs/gpt.yaml's learned positions is the first point).
     "attention": (["configs/gpt.yaml"], ["model.net.rope=false,true", "model.net.qk_norm=false,true"], "60s"),
+    # RoPE again, from scratch in compare's seed-by-seed order (the attention sweep's default entry got less time
+    # than its budget), against the warmup that decides how soon the quick start passes 1.88.
+    "rope-warmup": (["configs/gpt.yaml"], ["model.net.rope=false,true", "model.warmup_steps=100,20"], "60s"),
     # The other two GPT options, on the config as shipped (learned positions, no QK-norm).
     "gpt-extras": (["configs/gpt.yaml"], ["model.net.embed_shortcut=false,true", "model.net.logit_softcap=null,30"],
                    "60s"),
