@@ -15,9 +15,14 @@ to the recipe's 2000 iterations: a lower bound of what nanoGPT's recipe costs on
 this machine at this moment, so machine speed cancels out of the ratio.
 Writes benchmarks/results/time_to_loss.json.
 
-    python -m benchmarks.time_to_loss [--target 1.88] [--runs default recipe]
+    python -m benchmarks.time_to_loss [--target 1.88] [--runs default recipe before-rope]
+                                      [--rounds N]        # the runs alternated N times
                                       [--extra ARGS...]   # appended to every run, e.g. a sweep
-                                      [--device cuda]
+                                      [--device cuda] [--name time_to_loss]
+
+before-rope is configs/gpt.yaml as it was before it took rotary positions (learned positions,
+warmup 100, 1000 steps, a validation every 250): `--runs default before-rope --rounds 3` times
+the two alternately, so that the machine's drift falls on both.
 
 --device cuda does the same on a GPU with configs/gpu/gpt.yaml (nanoGPT's "baby GPT") and a
 target of 1.47 (nanoGPT's documented 1.4697 for it): the recipe is then nanoGPT's GPU one
@@ -40,6 +45,9 @@ from gptnano.numbers import median
 
 RUNS = {
     "default": [],
+    # configs/gpt.yaml before it took RoPE (docs/results.md, "GPT options at equal wall time").
+    "before-rope": ["--model.net.rope", "false", "--model.warmup_steps", "100", "--trainer.max_steps", "1000",
+                    "--trainer.val_check_interval", "250"],
     "recipe": ["--model.optimizer", "adamw", "--trainer.precision", "32-true", "--data.batch_size", "12", "--model.learning_rate", "1e-3",
                "--model.min_lr", "1e-4", "--trainer.max_steps", "2000"],
 }
@@ -92,17 +100,23 @@ def main():
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--extra", default="", help="extra `gptnano fit` arguments for every run, as one string")
     ap.add_argument("--keep", help="folder for the runs' logs and checkpoints (default: a temporary one)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the --runs this many times, alternately")
+    ap.add_argument("--name", help="results file name (default: time_to_loss, time_to_loss_cuda on a GPU)")
     args = ap.parse_args()
     announce_machine()
     target, _, iterations = YARDSTICK[args.device]
     args.target = args.target or target
     runs = GPU_RUNS if args.device == "cuda" else RUNS
+    if set(args.runs) - set(runs):
+        raise SystemExit(f"--runs {' '.join(sorted(set(args.runs) - set(runs)))}: not on {args.device} "
+                         f"(there: {', '.join(runs)})")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in args.runs:
-            row = time_to_target(name, runs[name] + shlex.split(args.extra), args.target, folder, args.device)
+        for turn, name in ((r, n) for r in range(args.rounds) for n in args.runs):
+            label = f"{name}-{turn}" if args.rounds > 1 else name
+            row = time_to_target(label, runs[name] + shlex.split(args.extra), args.target, folder, args.device)
             print(row, flush=True)
             rows.append(row)
     pace = recipe_pace(args.device)
@@ -115,7 +129,7 @@ def main():
     print()
     print(markdown_table(rows, list(rows[0])))
     if not args.extra:
-        name = "time_to_loss" if args.device == "cpu" else f"time_to_loss_{args.device}"
+        name = args.name or ("time_to_loss" if args.device == "cpu" else f"time_to_loss_{args.device}")
         path = write_result(name, {"device": args.device, "target": args.target, "recipe_iterations": iterations,
                                    "recipe_plain_loop_s": round(yardstick, 1), "rows": rows})
         print(f"\nwrote {path}")

@@ -158,7 +158,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path, gptnano, monkeypatch):
     rope = trained(tmp_path / "rope.ckpt", rope=True, logit_softcap=5.0)
     ran = gptnano(["export", "--ckpt_path", str(rope), "--out", str(tmp_path / "x"), "--format", "hf"], tmp_path)
     assert error_line(ran).endswith("--format hf writes a GPT-2, which has no rotary positions (rope) and no logit "
-                                    "soft-cap (logit_softcap): export --format safetensors or onnx")
+                                    "soft-cap (logit_softcap): export --format safetensors or onnx, or train a GPT-2-shaped "
+                                    "model with --model.net.rope false --model.net.logit_softcap null")
     assert not (tmp_path / "x").exists()
     exported(gpt, tmp_path / "st")
     for out, says in [(tmp_path / "st", "already holds other files (config.json of another format)"),

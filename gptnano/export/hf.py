@@ -125,8 +125,10 @@ def write_hf(net: LanguageModel, init_args: dict, tokenizer, out: Path) -> list[
         raise UserError(f"--format hf is not available for {type(net).__name__}: use safetensors or onnx")
     lacks = [f"{what} ({name})" for name, what in GPT2_LACKS.items() if getattr(net, name)]
     if lacks:
+        off = " ".join(f"--model.net.{name} {'null' if name == 'logit_softcap' else 'false'}"
+                       for name in GPT2_LACKS if getattr(net, name))
         raise UserError(f"--format hf writes a GPT-2, which has no {' and no '.join(lacks)}: "
-                        "export --format safetensors or onnx")
+                        f"export --format safetensors or onnx, or train a GPT-2-shaped model with {off}")
     files = tokenizer_files(tokenizer, net.block_size)  # before writing anything: it may need a package
     written = [atomic_write(out / "model.safetensors", save(gpt2_weights(net), metadata={"format": "pt"}))]
     written.append(atomic_write(out / "config.json", json.dumps(gpt2_config(net, init_args), indent=2) + "\n"))
