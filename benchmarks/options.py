@@ -25,6 +25,9 @@ SWEEPS = {
     # RoPE again, from scratch in compare's seed-by-seed order (the attention sweep's default entry got less time
     # than its budget), against the warmup that decides how soon the quick start passes 1.88.
     "rope-warmup": (["configs/gpt.yaml"], ["model.net.rope=false,true", "model.warmup_steps=100,20"], "60s"),
+    # The two learning rates of the quick start as it is now (RoPE, warmup 20, 800 steps): losses are deterministic
+    # for a seed, so equal steps are equal wall time; what a higher rate buys is the early curve (time to 1.88).
+    "rates": (["configs/gpt.yaml"], ["model.muon_lr=0.02,0.035", "model.learning_rate=4e-3,8e-3"], "800steps"),
     # The other two GPT options, on the config as shipped (learned positions, no QK-norm).
     "gpt-extras": (["configs/gpt.yaml"], ["model.net.embed_shortcut=false,true", "model.net.logit_softcap=null,30"],
                    "60s"),
