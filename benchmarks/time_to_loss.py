@@ -21,7 +21,7 @@ Writes benchmarks/results/time_to_loss.json.
                                       [--device cuda] [--name time_to_loss]
 
 before-rope is configs/gpt.yaml as it was before it took rotary positions (learned positions,
-warmup 100, 1000 steps, a validation every 250): `--runs default before-rope --rounds 3` times
+warmup 100, AdamW's rate 4e-3, 1000 steps, a validation every 250): `--runs default before-rope --rounds 3` times
 the two alternately, so that the machine's drift falls on both.
 
 --device cuda does the same on a GPU with configs/gpu/gpt.yaml (nanoGPT's "baby GPT") and a
@@ -46,8 +46,8 @@ from gptnano.numbers import median
 RUNS = {
     "default": [],
     # configs/gpt.yaml before it took RoPE (docs/results.md, "GPT options at equal wall time").
-    "before-rope": ["--model.net.rope", "false", "--model.warmup_steps", "100", "--trainer.max_steps", "1000",
-                    "--trainer.val_check_interval", "250"],
+    "before-rope": ["--model.net.rope", "false", "--model.warmup_steps", "100", "--model.learning_rate", "4e-3",
+                    "--trainer.max_steps", "1000", "--trainer.val_check_interval", "250"],
     "recipe": ["--model.optimizer", "adamw", "--trainer.precision", "32-true", "--data.batch_size", "12", "--model.learning_rate", "1e-3",
                "--model.min_lr", "1e-4", "--trainer.max_steps", "2000"],
 }
