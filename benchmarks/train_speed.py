@@ -12,11 +12,13 @@ segments of
 and reports median tokens/s of each, the ratios, and model FLOPs utilisation
 against matrix-product peaks measured here. Writes benchmarks/results/train_speed.json.
 
-    python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3] [--compile]
+    python -m benchmarks.train_speed [--archs gpt rnn backpack cnn] [--steps 60] [--rounds 3] [--compile] [--matched]
                                      [--device cuda]
 
 --compile adds gptnano segments trained through torch.compile (--model.compile true), with
 the config's optimizer and with AdamW; compile time is not counted (the first steps are warm-up).
+--matched adds the plain loop in ours' precision with fused AdamW, eager and compiled: against
+ours with AdamW (compiled with --compile), it shows what Lightning itself costs a step.
 
 --device cuda times the GPU configs (configs/gpu/<arch>.yaml, nanoGPT's "baby GPT" dimensions)
 on the GPU, and the plain loop becomes what nanoGPT's train.py does there: torch.compile,
@@ -25,7 +27,6 @@ timed as a whole between two synchronisations (a step's host-side time is not it
 """
 
 import argparse
-import contextlib
 import copy
 import os
 import tempfile
@@ -40,6 +41,7 @@ from gptnano.cli.lightning import GPTNanoCLI
 from gptnano.data.windows import TrainWindows
 from gptnano.hardware import measured_peak, peak_flops
 from gptnano.numbers import median
+from gptnano.train.steps import autocast_for
 
 WARMUP = 5
 
@@ -137,15 +139,21 @@ def plain_setup(arch: str, batch_size: int | None = None, device: str = "cpu"):
     return probe, windows
 
 
-def plain_segment(net, windows: TrainWindows, steps: int, lr: float, device: str = "cpu"):
+def plain_segment(net, windows: TrainWindows, steps: int, lr: float, device: str = "cpu", precision: str | None = None,
+                  compiled: bool = False):
     """The loop a user writes by hand: AdamW, clip, step. On the CPU in fp32, as a user writes
     it; on a GPU as nanoGPT's train.py does: compiled, bf16 autocast, fused AdamW, batches
-    pinned and copied without blocking, TF32 for what stays in fp32."""
+    pinned and copied without blocking, TF32 for what stays in fp32. ``precision`` (a Lightning
+    precision, e.g. "bf16-mixed") runs it under that autocast with fused AdamW, and ``compiled``
+    through torch.compile: the plain loop matched to one of ours, to see what Lightning costs."""
     gpu = device == "cuda"
+    compiled = compiled or gpu
+    precision = precision or ("bf16-mixed" if gpu else "32-true")
     net = net.to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1, fused=gpu or None)
-    model = torch.compile(net) if gpu else net
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
+    fused = gpu or precision != "32-true" or None
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1, fused=fused)
+    model = torch.compile(net) if compiled else net
+    autocast = autocast_for(precision, device)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clock = Clock(device, steps)
@@ -171,6 +179,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time ours compiled (--model.compile true), config optimizer and AdamW")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="gptnano segments to time (default: ours, "
                     "ours AdamW, and the compiled two with --compile); the first is the one MFU is given for")
+    ap.add_argument("--matched", action="store_true", help="also time the plain loop in ours' precision with fused "
+                    "AdamW, eager and compiled, against ours AdamW (compiled with --compile): what Lightning costs")
     ap.add_argument("--name", default="train_speed", help="result file: benchmarks/results/NAME.json")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: the GPU configs on the GPU, against a compiled bf16 plain loop")
@@ -190,12 +200,17 @@ def main():
         state = copy.deepcopy(net0.state_dict())
         names = args.variants or ["ours", "ours AdamW"] + (["ours compiled", "ours compiled AdamW"] if args.compile else [])
         variants = {name: VARIANTS[name] for name in names}
-        plain, speeds = [], {name: [] for name in variants}
+        precision = str(probe.trainer.precision)  # as every "ours" segment resolves it
+        lr = probe.model.hparams.learning_rate
+        matched = {"plain matched": False, "plain matched compiled": True} if args.matched else {}
+        plain, speeds, plain_speeds = [], {name: [] for name in variants}, {name: [] for name in matched}
         for _ in range(args.rounds):
-            plain += plain_segment(plain_net, windows, args.steps, probe.model.hparams.learning_rate, device)
+            plain += plain_segment(plain_net, windows, args.steps, lr, device)
+            for name, compiled in matched.items():
+                plain_speeds[name] += plain_segment(copy.deepcopy(net0), windows, args.steps, lr, device, precision,
+                                                    compiled)
             for name, extra in variants.items():
                 speeds[name] += ours_segment(arch, args.steps, state, extra, device)[0]
-        precision = str(probe.trainer.precision)  # as every "ours" segment resolves it
         peak = peak_flops(device, precision)[0]
         plain_peak = peak_flops(device, "bf16-mixed" if device == "cuda" else "32-true")[0]  # the plain loop's
         fpt = net0.flops_per_token()
@@ -204,6 +219,11 @@ def main():
         for name, segment in speeds.items():
             row[f"{name} tok/s"] = round(median(segment))
             row[f"{name}/plain"] = round(median(segment) / median(plain), 2)
+        for name, segment in plain_speeds.items():  # ours AdamW against the plain loop at its precision
+            ours = speeds.get("ours compiled AdamW" if name.endswith("compiled") else "ours AdamW")
+            row[f"{name} tok/s"] = round(median(segment))
+            if ours:
+                row[f"ours/{name}"] = round(median(ours) / median(segment), 2)
         row["MFU plain"] = f"{100 * median(plain) * fpt / plain_peak:.1f}%"
         row[f"MFU {names[0]}"] = f"{100 * median(speeds[names[0]]) * fpt / peak:.1f}%"
         rows.append(row)

@@ -9,7 +9,10 @@ would be *copied* over on a rename across file systems, which a kill can cut in 
 
 A failed write (disk full, read-only file system, permission denied, a path that is a
 file where a folder is needed) is a ``WriteError``: one line naming the path and the
-OS's reason, and what is intact. No Lightning, no torch.
+OS's reason, and what is intact.
+
+And where what torch.compile compiled is kept between runs (``keep_compile_cache``).
+No Lightning, no torch.
 """
 
 import errno
@@ -23,6 +26,21 @@ from typing import BinaryIO
 from gptnano.errors import UserError, WriteError
 
 TEMP_SUFFIX = ".tmp"
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch.compile's on-disk cache (PyTorch's recipe "Compile Time Caching")
+
+
+def keep_compile_cache() -> None:
+    """Keep what torch.compile compiles where later runs find it, after a reboot too: unless
+    ``TORCHINDUCTOR_CACHE_DIR`` is set, it becomes gptnano's folder in the user's cache directory
+    (``~/.cache/gptnano/torch-compile`` on Linux, ``~/Library/Caches/gptnano/torch-compile`` on macOS,
+    ``%LOCALAPPDATA%\\gptnano\\Cache\\torch-compile`` on Windows: platformdirs' user cache directory)
+    instead of torch's default in the temporary folder, which many systems empty at boot. The
+    `gptnano` command calls it first: importing Lightning fixes torch's default in the variable, and
+    every process it starts (DDP's, compare's runs) inherits the variable."""
+    import platformdirs  # here: `gptnano --help` imports this module and should not wait for more
+
+    os.environ.setdefault(COMPILE_CACHE_ENV, os.path.join(platformdirs.user_cache_dir("gptnano", appauthor=False),
+                                                          "torch-compile"))
 
 
 def _reason(e: OSError) -> str:

@@ -61,7 +61,7 @@ def terminal_signals() -> None:
 
 
 def cli_env(env_extra: dict | None = None) -> dict:
-    """The environment of a `gptnano` subprocess: no GPTNANO_DATA from the outside, and
+    """The environment of a `gptnano` subprocess (``env_extra`` on top; None unsets): no GPTNANO_DATA from the outside, and
     every process of a test training in the same precision: the machine's verdict, measured
     once here (a probe in each process could differ on a busy machine, e.g. between the two
     halves of a resume test; tests/test_hardware.py tests the probe's decisions themselves)."""
@@ -70,7 +70,7 @@ def cli_env(env_extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GPTNANO_DATA"}
     env[FAST_BF16_ENV] = env.get(FAST_BF16_ENV) or ("1" if bf16_verdict("cpu").fast else "0")
     env.update(env_extra or {})
-    return env
+    return {k: v for k, v in env.items() if v is not None}  # None in env_extra: a variable left unset
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, env_extra: dict | None = None, check: bool = True):

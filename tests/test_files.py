@@ -3,6 +3,7 @@
 import errno
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -140,3 +141,20 @@ def test_a_probe_left_by_a_killed_process_goes_with_the_next_check(tmp_path):
     stale.write_bytes(b"ok")
     files.check_writable_folder(tmp_path, "checkpoints", create=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_cache_goes_to_the_user_cache_unless_the_variable_says_where(monkeypatch, tmp_path):
+    """torch.compile's cache: gptnano's folder of the user's cache directory (which a reboot keeps),
+    and a TORCHINDUCTOR_CACHE_DIR the user set is left alone."""
+    import platformdirs
+
+    monkeypatch.delenv(files.COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' user cache directory on Linux
+    files.keep_compile_cache()
+    expected = Path(platformdirs.user_cache_dir("gptnano", appauthor=False)) / "torch-compile"
+    assert Path(os.environ[files.COMPILE_CACHE_ENV]) == expected
+    if sys.platform.startswith("linux"):
+        assert expected == tmp_path / "gptnano" / "torch-compile"
+    monkeypatch.setenv(files.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    files.keep_compile_cache()
+    assert os.environ[files.COMPILE_CACHE_ENV] == str(tmp_path / "mine")

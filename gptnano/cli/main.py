@@ -4,7 +4,7 @@ Lightning's four commands (fit, validate, test, predict) go to LightningCLI
 (gptnano/cli/lightning.py); the table of commands is gptnano/cli/commands.py. The tools (generate, senses, plot) read a checkpoint or
 TensorBoard logs and train nothing, so they run without importing Lightning,
 which costs seconds of start-up; so does ``gptnano --help``. This module
-imports only the standard library: keep it that way.
+imports only the standard library and gptnano's own Lightning-free, torch-free modules: keep it that way.
 """
 
 import os
@@ -13,6 +13,7 @@ from importlib import import_module
 
 from gptnano.cli.commands import LIGHTNING, TOOLS
 from gptnano.errors import UserError
+from gptnano.files import keep_compile_cache
 
 VERBOSE_ENV = "GPTNANO_VERBOSE"
 
@@ -44,6 +45,7 @@ def wants_verbose(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 def dispatch(argv: list[str]) -> None:
+    keep_compile_cache()  # before anything imports Lightning, which fixes torch.compile's cache folder
     verbose, argv = wants_verbose(argv)
     command = argv[0] if argv else None
     if command in TOOLS:

@@ -9,6 +9,8 @@ non-finite guard).
 """
 
 import math
+import os
+import time
 from typing import Literal
 
 import lightning as L
@@ -16,13 +18,15 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
+from gptnano import lines
 from gptnano.data.tokenizer import make_tokenizer
 from gptnano.errors import UserError
+from gptnano.files import COMPILE_CACHE_ENV
 from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import check_settings, generate
 from gptnano.train.optim import build_optimizer, group_settings
-from gptnano.train.steps import next_token_loss
+from gptnano.train.steps import compiled_forward, next_token_loss
 
 
 def uses_fsdp(trainer) -> bool:
@@ -114,10 +118,11 @@ class LitLM(L.LightningModule):
         top_k: Sample only among the k most likely characters (None: all).
         top_p: Sample only from the smallest set of characters whose probability adds up to top_p (None: all).
         sample_seed: Seed for sampling, so `predict` is repeatable (None: the global seed).
-        compile: Train through torch.compile (validation and generation stay eager). It
-            compiles on the first step (tens of seconds, less when cached), then trains the
-            GPT, CNN and Backpack faster and the RNN slower (docs/results.md, "Training
-            speed"). Worth it for long runs only.
+        compile: Train through torch.compile (validation and generation stay eager). The first
+            step compiles: ~40 s for the GPT on a 2-core CPU the first time, ~3 s once cached
+            (in ~/.cache/gptnano/torch-compile unless TORCHINDUCTOR_CACHE_DIR says otherwise:
+            gptnano.files.keep_compile_cache). Then it trains the GPT, CNN and Backpack faster
+            and the RNN slower (docs/results.md, "Training speed"). Worth it for long runs only.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class LitLM(L.LightningModule):
         self.test_loss = MeanMetric()
         self._step_seed = None
         self._train_forward = None  # the compiled forward, built on the first training step
+        self._compiling_since = None  # when the first compiled step began (perf_counter), until it ends
         self._random = None  # whether a training step draws random numbers (active dropout)
 
     # ----- training -------------------------------------------------------
@@ -253,6 +259,16 @@ class LitLM(L.LightningModule):
         else:
             torch.manual_seed(seed)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._compiling_since is not None:
+            self._say_rank_zero(f"torch.compile: first step done in {lines.duration(time.perf_counter() - self._compiling_since)}",
+                                f"cache {os.environ.get(COMPILE_CACHE_ENV, 'in the temporary folder')}")
+            self._compiling_since = None
+
+    def _say_rank_zero(self, *fields: str) -> None:
+        if self._trainer is None or self.trainer.is_global_zero:
+            lines.say(*fields)
+
     def _draws_random_numbers(self) -> bool:
         if self._random is None:
             self._random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.net.modules())
@@ -262,9 +278,10 @@ class LitLM(L.LightningModule):
         forward = self.net
         if self.hparams.get("compile") and self.training:
             if self._train_forward is None:
-                # A compiled *function*, not a module attribute: the checkpoint keeps
-                # the plain state_dict keys of self.net.
-                self._train_forward = torch.compile(self.net.forward)
+                self._train_forward = compiled_forward(self.net)
+                self._compiling_since = time.perf_counter()
+                self._say_rank_zero("torch.compile: compiling at the first step",
+                                    "tens of seconds the first time on a machine, seconds once cached")
             forward = self._train_forward
         return next_token_loss(forward(idx), targets, reduction)
 
