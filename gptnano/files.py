@@ -36,11 +36,18 @@ def keep_compile_cache() -> None:
     ``%LOCALAPPDATA%\\gptnano\\Cache\\torch-compile`` on Windows: platformdirs' user cache directory)
     instead of torch's default in the temporary folder, which many systems empty at boot. The
     `gptnano` command calls it first: importing Lightning fixes torch's default in the variable, and
-    every process it starts (DDP's, compare's runs) inherits the variable."""
+    every process it starts (DDP's, compare's runs) inherits the variable. A cache folder that cannot
+    be made (a read-only home) leaves torch's default."""
+    if COMPILE_CACHE_ENV in os.environ:
+        return
     import platformdirs  # here: `gptnano --help` imports this module and should not wait for more
 
-    os.environ.setdefault(COMPILE_CACHE_ENV, os.path.join(platformdirs.user_cache_dir("gptnano", appauthor=False),
-                                                          "torch-compile"))
+    folder = os.path.join(platformdirs.user_cache_dir("gptnano", appauthor=False), "torch-compile")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return
+    os.environ[COMPILE_CACHE_ENV] = folder
 
 
 def _reason(e: OSError) -> str:

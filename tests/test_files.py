@@ -145,7 +145,8 @@ def test_a_probe_left_by_a_killed_process_goes_with_the_next_check(tmp_path):
 
 def test_compile_cache_goes_to_the_user_cache_unless_the_variable_says_where(monkeypatch, tmp_path):
     """torch.compile's cache: gptnano's folder of the user's cache directory (which a reboot keeps),
-    and a TORCHINDUCTOR_CACHE_DIR the user set is left alone."""
+    made there; torch's default where no folder can be made; a TORCHINDUCTOR_CACHE_DIR the user set
+    is left alone."""
     import platformdirs
 
     monkeypatch.delenv(files.COMPILE_CACHE_ENV, raising=False)
@@ -153,8 +154,13 @@ def test_compile_cache_goes_to_the_user_cache_unless_the_variable_says_where(mon
     files.keep_compile_cache()
     expected = Path(platformdirs.user_cache_dir("gptnano", appauthor=False)) / "torch-compile"
     assert Path(os.environ[files.COMPILE_CACHE_ENV]) == expected
-    if sys.platform.startswith("linux"):
+    assert expected.is_dir()
+    if sys.platform.startswith("linux"):  # where XDG_CACHE_HOME is the user cache directory
         assert expected == tmp_path / "gptnano" / "torch-compile"
+        monkeypatch.delenv(files.COMPILE_CACHE_ENV)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(files.atomic_write(tmp_path / "a-file", "")))  # no folder there
+        files.keep_compile_cache()
+        assert files.COMPILE_CACHE_ENV not in os.environ  # torch's default stays
     monkeypatch.setenv(files.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
     files.keep_compile_cache()
     assert os.environ[files.COMPILE_CACHE_ENV] == str(tmp_path / "mine")
