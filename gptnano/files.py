@@ -36,18 +36,16 @@ def keep_compile_cache() -> None:
     ``%LOCALAPPDATA%\\gptnano\\Cache\\torch-compile`` on Windows: platformdirs' user cache directory)
     instead of torch's default in the temporary folder, which many systems empty at boot. The
     `gptnano` command calls it first: importing Lightning fixes torch's default in the variable, and
-    every process it starts (DDP's, compare's runs) inherits the variable. A cache folder that cannot
-    be made (a read-only home) leaves torch's default."""
+    every process it starts (DDP's, compare's runs) inherits the variable. torch makes the folder when
+    it first compiles; where it could not (a read-only home), torch's default stays."""
     if COMPILE_CACHE_ENV in os.environ:
         return
     import platformdirs  # here: `gptnano --help` imports this module and should not wait for more
 
-    folder = os.path.join(platformdirs.user_cache_dir("gptnano", appauthor=False), "torch-compile")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return
-    os.environ[COMPILE_CACHE_ENV] = folder
+    folder = Path(platformdirs.user_cache_dir("gptnano", appauthor=False)) / "torch-compile"
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # a root always exists
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        os.environ[COMPILE_CACHE_ENV] = str(folder)
 
 
 def _reason(e: OSError) -> str:
