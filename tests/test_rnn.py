@@ -232,3 +232,19 @@ def test_configs_match_the_gpt_in_size(folder):
     rnn, gpt = (net_from_config(CONFIGS / folder / f"{name}.yaml") for name in ("rnn", "gpt"))
     assert isinstance(rnn, RNN) and rnn.block_size == gpt.block_size
     assert abs(rnn.num_params() / gpt.num_params() - 1) < 0.05, (rnn.num_params(), gpt.num_params())
+
+
+def test_training_the_rnn_compiled_is_refused_before_the_first_step():
+    """torch.compile unrolls the RNN's recurrence (minutes to compile, no faster after): `fit`
+    refuses it in one line when the fit starts, while a checkpoint trained compiled still loads."""
+    from gptnano.errors import UserError
+    from gptnano.train.module import LitLM
+
+    def net(cls):
+        return cls(vocab_size=11, block_size=8, n_layer=1, n_embd=16)
+
+    compiled_rnn = LitLM(net(RNN), compile=True)  # built (as predict and generate build it) ...
+    with pytest.raises(UserError, match=r"--model.compile true does not pay for the RNN: .*--model.compile false$"):
+        compiled_rnn.on_fit_start()  # ... but not trained
+    LitLM(net(RNN)).on_fit_start()
+    LitLM(GPT(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), compile=True).on_fit_start()

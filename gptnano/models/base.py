@@ -35,6 +35,9 @@ class LanguageModel(nn.Module):
     # or which kernel computes the same thing): a run started from trained weights
     # (``fit --init_from``) takes them from its own config. The weights fix every other one.
     run_settings: tuple[str, ...] = ("dropout", "use_sdpa", "fast")
+    # Why training through torch.compile does not pay for this architecture (None: it does).
+    # `fit --model.compile true` refuses such a model in one line, before the first step.
+    compile_refusal: str | None = None
 
     @property
     def max_context(self) -> int | None:

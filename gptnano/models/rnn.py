@@ -99,6 +99,9 @@ class RNN(LanguageModel):
 
     # The recurrence reads any length: block_size is only the length it trains on.
     run_settings = (*LanguageModel.run_settings, "block_size")
+    compile_refusal = ("its recurrence is a Python loop over the context (ElmanScan), which torch.compile unrolls "
+                       "step by step: on 2 CPU cores 250 s to compile, then 77 ms a step against 61-74 ms eager "
+                       "(docs/results.md, \"torch.compile\")")
 
     def __init__(
         self,

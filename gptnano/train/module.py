@@ -121,8 +121,9 @@ class LitLM(L.LightningModule):
         compile: Train through torch.compile (validation and generation stay eager). The first
             step compiles: ~40 s for the GPT on a 2-core CPU the first time, ~3 s once cached
             (in ~/.cache/gptnano/torch-compile unless TORCHINDUCTOR_CACHE_DIR says otherwise:
-            gptnano.files.keep_compile_cache). Then it trains the GPT, CNN and Backpack faster
-            and the RNN slower (docs/results.md, "Training speed"). Worth it for long runs only.
+            gptnano.files.keep_compile_cache). Then it trains the GPT, CNN and Backpack faster;
+            the RNN is refused (compiling unrolls its recurrence: minutes, and no faster). See
+            docs/results.md, "Training speed". Worth it for long runs only.
     """
 
     def __init__(
@@ -182,6 +183,12 @@ class LitLM(L.LightningModule):
         self._random = None  # whether a training step draws random numbers (active dropout)
 
     # ----- training -------------------------------------------------------
+    def on_fit_start(self) -> None:
+        reason = self.net.compile_refusal if self.hparams.get("compile") else None
+        if reason:  # here, not in __init__: predict and generate still read a checkpoint trained compiled
+            raise UserError(f"--model.compile true does not pay for the {type(self.net).__name__}: {reason}; "
+                            "train it with --model.compile false")
+
     def on_train_start(self) -> None:
         # Dropout is re-seeded at every step from (run seed, step, rank), so a run
         # resumed from a checkpoint draws the same dropout masks as an unbroken one.
