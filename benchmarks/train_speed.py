@@ -144,13 +144,14 @@ def plain_segment(net, windows: TrainWindows, steps: int, lr: float, device: str
     """The loop a user writes by hand: AdamW, clip, step. On the CPU in fp32, as a user writes
     it; on a GPU as nanoGPT's train.py does: compiled, bf16 autocast, fused AdamW, batches
     pinned and copied without blocking, TF32 for what stays in fp32. ``precision`` (a Lightning
-    precision, e.g. "bf16-mixed") runs it under that autocast with fused AdamW, and ``compiled``
-    through torch.compile: the plain loop matched to one of ours, to see what Lightning costs."""
-    gpu = device == "cuda"
-    compiled = compiled or gpu
+    precision, e.g. "bf16-mixed") runs it under that autocast with AdamW fused as LitLM fuses it,
+    eager unless ``compiled``: the plain loop matched to one of ours, to see what Lightning costs."""
+    gpu, matched = device == "cuda", precision is not None
+    compiled = compiled or (gpu and not matched)
     precision = precision or ("bf16-mixed" if gpu else "32-true")
     net = net.to(device).train()
-    fused = gpu or precision != "32-true" or None
+    # Matched: fused AdamW wherever LitLM fuses it (not under 16-mixed, whose loss scaling the loop lacks).
+    fused = (not precision.startswith("16")) if matched else (gpu or None)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1, fused=fused)
     model = torch.compile(net) if compiled else net
     autocast = autocast_for(precision, device)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -28,11 +27,10 @@ import torch
 
 from gptnano import lines
 from gptnano.errors import UserError
-from gptnano.files import atomic_write
+from gptnano.files import atomic_write, cache_folder
 from gptnano.hardware import _mps_available, cpu_model, device_sync, time_steps
 from gptnano.numbers import median
 
-CACHE_ENV = "GPTNANO_CACHE_DIR"  # the folder of remembered verdicts (default: the per-user cache folder)
 DEVICE_ENV = "GPTNANO_DEVICE"  # a verdict handed down to the processes a run launches (DDP ranks)
 CACHE_FILE = "devices.json"
 PROBE_SECONDS = 2.5  # of timed steps, both sides together; the sum stays near 3 s with the warm-ups
@@ -148,19 +146,6 @@ def rates_phrase(winner: str, rates: dict[str, float]) -> str:
 
 
 # ----- the per-user memory of verdicts ---------------------------------------------------
-
-def cache_folder() -> Path:
-    """Where verdicts are remembered: ``$GPTNANO_CACHE_DIR``, else the per-user cache folder of
-    the OS (``~/.cache/gptnano``, ``~/Library/Caches/gptnano``, ``%LOCALAPPDATA%\\gptnano\\Cache``)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    home = Path.home()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "gptnano" / "Cache"
-    if sys.platform == "darwin":
-        return home / "Library" / "Caches" / "gptnano"
-    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "gptnano"
-
 
 def machine() -> dict:
     """What makes a verdict this machine's: host, CPU and threads, the accelerator, torch."""

@@ -11,8 +11,8 @@ A failed write (disk full, read-only file system, permission denied, a path that
 file where a folder is needed) is a ``WriteError``: one line naming the path and the
 OS's reason, and what is intact.
 
-And where what torch.compile compiled is kept between runs (``keep_compile_cache``).
-No Lightning, no torch.
+And gptnano's per-user cache folder (``cache_folder``), where torch.compile's cache is kept
+between runs (``keep_compile_cache``). No Lightning, no torch.
 """
 
 import errno
@@ -26,26 +26,44 @@ from typing import BinaryIO
 from gptnano.errors import UserError, WriteError
 
 TEMP_SUFFIX = ".tmp"
+CACHE_ENV = "GPTNANO_CACHE_DIR"  # gptnano's per-user cache folder (default: the OS's, see cache_folder)
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch.compile's on-disk cache (PyTorch's recipe "Compile Time Caching")
+
+
+def cache_folder() -> Path:
+    """gptnano's per-user cache folder (remembered device verdicts, torch.compile's cache):
+    ``$GPTNANO_CACHE_DIR``, else the OS's per-user cache folder (``$XDG_CACHE_HOME/gptnano`` or
+    ``~/.cache/gptnano``, ``~/Library/Caches/gptnano``, ``%LOCALAPPDATA%\\gptnano\\Cache``).
+
+    Raises:
+        RuntimeError: no home folder can be found (``Path.home``).
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    home = Path.home()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "gptnano" / "Cache"
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "gptnano"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "gptnano"
 
 
 def keep_compile_cache() -> None:
     """Keep what torch.compile compiles where later runs find it, after a reboot too: unless
-    ``TORCHINDUCTOR_CACHE_DIR`` is set, it becomes gptnano's folder in the user's cache directory
-    (``~/.cache/gptnano/torch-compile`` on Linux, ``~/Library/Caches/gptnano/torch-compile`` on macOS,
-    ``%LOCALAPPDATA%\\gptnano\\Cache\\torch-compile`` on Windows: platformdirs' user cache directory)
-    instead of torch's default in the temporary folder, which many systems empty at boot. The
-    `gptnano` command calls it first: importing Lightning fixes torch's default in the variable, and
-    every process it starts (DDP's, compare's runs) inherits the variable. torch makes the folder when
-    it first compiles; where it could not (a read-only home), torch's default stays."""
+    ``TORCHINDUCTOR_CACHE_DIR`` is set, it becomes ``torch-compile`` in gptnano's per-user cache
+    folder (``cache_folder``) instead of torch's default in the temporary folder, which many systems
+    empty at boot. The `gptnano` command calls it first: importing Lightning fixes torch's default in
+    the variable (torch makes that folder as it imports), and every process the command starts
+    (DDP's, compare's runs) inherits the variable. Best effort: where the folder cannot be made (no
+    home, a read-only one, a full disk), torch's default stays and nothing is said."""
     if COMPILE_CACHE_ENV in os.environ:
         return
-    import platformdirs  # here: `gptnano --help` imports this module and should not wait for more
-
-    folder = Path(platformdirs.user_cache_dir("gptnano", appauthor=False)) / "torch-compile"
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # a root always exists
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        os.environ[COMPILE_CACHE_ENV] = str(folder)
+    try:
+        folder = cache_folder() / "torch-compile"
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError):
+        return
+    os.environ[COMPILE_CACHE_ENV] = str(folder)
 
 
 def _reason(e: OSError) -> str:

@@ -74,7 +74,7 @@ def one_thread():
 def device_verdicts_in_a_temporary_folder(tmp_path_factory):
     """Device choices are remembered in a per-user cache folder: the tests' own go to a
     temporary one (every gptnano process a test starts inherits it)."""
-    from gptnano.devices import CACHE_ENV
+    from gptnano.files import CACHE_ENV
 
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user-cache"))
 

@@ -77,8 +77,8 @@ def test_help_shows_docstrings(tmp_path):
 def test_compiled_training_matches_eager_and_keeps_plain_checkpoints(text_file, tmp_path):
     """--model.compile true trains through torch.compile (hand-written attention inside)
     to the same losses as eager, up to float rounding, and writes the same checkpoint keys. What
-    it compiles is kept in gptnano's folder of the user's cache directory (here XDG_CACHE_HOME),
-    which a reboot keeps, and two lines say when the compiling step starts and ends."""
+    it compiles is kept in gptnano's per-user cache folder (here GPTNANO_CACHE_DIR), which a
+    reboot keeps, and two lines say when the compiling step starts and ends."""
     from tests.test_reliability import _train_losses
 
     losses, keys, err = {}, {}, {}
@@ -89,14 +89,14 @@ def test_compiled_training_matches_eager_and_keeps_plain_checkpoints(text_file, 
         err[mode] = run_cli(["fit", *TINY_GPT, "--data.path", str(text_file), "--model.compile", mode,
                              "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
                              "--trainer.val_check_interval", "4"], folder,
-                            env_extra={"XDG_CACHE_HOME": str(user_cache), "TORCHINDUCTOR_CACHE_DIR": None}).stderr
+                            env_extra={"GPTNANO_CACHE_DIR": str(user_cache), "TORCHINDUCTOR_CACHE_DIR": None}).stderr
         losses[mode] = _train_losses(folder)
         keys[mode] = set(torch.load(folder / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)["state_dict"])
     assert keys["true"] == keys["false"]
     assert sorted(losses["true"]) == sorted(losses["false"]) == [0, 1, 2, 3]
     for step, eager in losses["false"].items():
         assert abs(losses["true"][step] - eager) < 1e-4, (step, losses)
-    compiled_cache = user_cache / "gptnano" / "torch-compile"
+    compiled_cache = user_cache / "torch-compile"
     assert "gptnano: torch.compile: compiling at the first step | tens of seconds the first time" in err["true"]
     assert "torch.compile: first step done in " in err["true"] and f" | cache {compiled_cache}\n" in err["true"]
     assert "torch.compile" not in err["false"]

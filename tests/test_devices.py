@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from gptnano import devices, hardware
+from gptnano import devices, files, hardware
 from tests.helpers import TINY_GPT
 
 
@@ -26,7 +26,7 @@ def sleeper(seconds: float, calls: list | None = None):
 def machine(monkeypatch, tmp_path):
     """``machine(accelerator)``: this process sees that accelerator ("mps", "cuda" or None), its
     steps need no sync, and verdicts go to a fresh cache folder. Returns the folder."""
-    monkeypatch.setenv(devices.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
     for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
@@ -159,18 +159,18 @@ def test_the_probe_leaves_the_seeded_random_stream_alone(machine):
 
 
 def test_the_cache_folder_follows_the_os(monkeypatch, tmp_path):
-    monkeypatch.delenv(devices.CACHE_ENV, raising=False)
-    monkeypatch.setattr(devices.Path, "home", lambda: tmp_path)
+    monkeypatch.delenv(files.CACHE_ENV, raising=False)
+    monkeypatch.setattr(files.Path, "home", lambda: tmp_path)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     for platform, expected in [("linux", tmp_path / ".cache" / "gptnano"),
                                ("darwin", tmp_path / "Library" / "Caches" / "gptnano")]:
-        monkeypatch.setattr(devices.sys, "platform", platform)
-        assert devices.cache_folder() == expected
-    monkeypatch.setattr(devices.sys, "platform", "win32")
+        monkeypatch.setattr(files.sys, "platform", platform)
+        assert files.cache_folder() == expected
+    monkeypatch.setattr(files.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
-    assert devices.cache_folder() == tmp_path / "Local" / "gptnano" / "Cache"
-    monkeypatch.setenv(devices.CACHE_ENV, str(tmp_path / "mine"))
-    assert devices.cache_folder() == tmp_path / "mine"
+    assert files.cache_folder() == tmp_path / "Local" / "gptnano" / "Cache"
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "mine"))
+    assert files.cache_folder() == tmp_path / "mine"
 
 
 def test_mfu_on_mps_is_measured_against_a_measured_peak(monkeypatch):

@@ -3,7 +3,6 @@
 import errno
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -144,23 +143,31 @@ def test_a_probe_left_by_a_killed_process_goes_with_the_next_check(tmp_path):
 
 
 def test_compile_cache_goes_to_the_user_cache_unless_the_variable_says_where(monkeypatch, tmp_path):
-    """torch.compile's cache: gptnano's folder of the user's cache directory (which a reboot keeps),
-    made there; torch's default where no folder can be made; a TORCHINDUCTOR_CACHE_DIR the user set
-    is left alone."""
-    import platformdirs
-
+    """torch.compile's cache: torch-compile/ in gptnano's per-user cache folder (which a reboot
+    keeps), made there; torch's default where no folder can be made or no home found; a
+    TORCHINDUCTOR_CACHE_DIR the user set is left alone."""
     monkeypatch.delenv(files.COMPILE_CACHE_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' user cache directory on Linux
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
     files.keep_compile_cache()
-    expected = Path(platformdirs.user_cache_dir("gptnano", appauthor=False)) / "torch-compile"
-    assert Path(os.environ[files.COMPILE_CACHE_ENV]) == expected
-    assert not expected.exists()  # made by torch when it first compiles, not by every gptnano command
-    if sys.platform.startswith("linux"):  # where XDG_CACHE_HOME is the user cache directory
-        assert expected == tmp_path / "gptnano" / "torch-compile"
-        monkeypatch.delenv(files.COMPILE_CACHE_ENV)
-        monkeypatch.setenv("XDG_CACHE_HOME", str(files.atomic_write(tmp_path / "a-file", "")))  # no folder there
-        files.keep_compile_cache()
-        assert files.COMPILE_CACHE_ENV not in os.environ  # torch's default stays
+    assert os.environ[files.COMPILE_CACHE_ENV] == str(tmp_path / "cache" / "torch-compile")
+    assert (tmp_path / "cache" / "torch-compile").is_dir()
+
+    monkeypatch.delenv(files.COMPILE_CACHE_ENV)
+    monkeypatch.setenv(files.CACHE_ENV, str(files.atomic_write(tmp_path / "a-file", "")))  # no folder there
+    files.keep_compile_cache()
+    assert files.COMPILE_CACHE_ENV not in os.environ  # torch's default stays, and no error
+
+    monkeypatch.delenv(files.CACHE_ENV)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(files.Path, "home", no_home)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("LOCALAPPDATA", raising=False)
+    files.keep_compile_cache()
+    assert files.COMPILE_CACHE_ENV not in os.environ
+
     monkeypatch.setenv(files.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
     files.keep_compile_cache()
     assert os.environ[files.COMPILE_CACHE_ENV] == str(tmp_path / "mine")

@@ -248,3 +248,17 @@ def test_training_the_rnn_compiled_is_refused_before_the_first_step():
         compiled_rnn.on_fit_start()  # ... but not trained
     LitLM(net(RNN)).on_fit_start()
     LitLM(GPT(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), compile=True).on_fit_start()
+
+
+def test_fit_refuses_the_rnn_compiled_before_building_anything(tmp_path):
+    """The command line's refusal comes before any class is built (so `gptnano compare`, which resolves
+    every config first, refuses it up front too): one line, exit status 2, no run folder."""
+    from tests.helpers import TINY_GPT, make_text, run_cli
+
+    (tmp_path / "t.txt").write_text(make_text(), encoding="utf-8")
+    rnn = [a if a != "GPT" else "RNN" for a in TINY_GPT if a not in ("--model.net.n_head", "2")]
+    proc = run_cli(["fit", *rnn, "--data.path", "t.txt", "--model.compile", "true"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gptnano: error: --model.compile true does not pay for the RNN: ")
+    assert not (tmp_path / "checkpoints").exists()

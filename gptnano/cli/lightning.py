@@ -39,7 +39,7 @@ from gptnano.train.callbacks import PredictionWriter, ResumableEarlyStopping, Te
 from gptnano.train.checkpointing import STOP, AtomicCheckpointIO, Checkpoint, check_run_folder, stop_exit_status
 from gptnano.train.guard import NonFiniteGuard
 from gptnano.train.logger import RunSettings, place_board
-from gptnano.train.module import LitLM
+from gptnano.train.module import LitLM, compile_refused
 from gptnano.train.progress import LogLines, is_terminal
 from gptnano.train.record import RunConfig, dump_config
 from gptnano.train.report import RunReport
@@ -171,6 +171,9 @@ class GPTNanoCLI(LightningCLI):
             self._from_checkpoint(cfg, sub)
         elif self._saved is not None:
             self._start_from(cfg)
+        net_class = checkpoint._known_architectures().get(cfg.model.net.class_path)  # None: the user's own
+        if sub == "fit" and cfg.model.get("compile") and net_class and compile_refused(net_class):
+            raise UserError(compile_refused(net_class))  # before anything is built; compare asks here too
         name = cfg.run_name = cfg.run_name or cfg.model.net.class_path.rsplit(".", 1)[-1].lower()
         root = cfg.trainer.default_root_dir
         dirpath = cfg.checkpoint.dirpath if "checkpoint.dirpath" in self._typed or not (

@@ -34,6 +34,14 @@ def uses_fsdp(trainer) -> bool:
     return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
 
 
+def compile_refused(net_class: type) -> str | None:
+    """The one line that refuses `fit --model.compile true` for an architecture torch.compile does
+    not pay for (its ``LanguageModel.compile_refusal``), or None where it does."""
+    reason = getattr(net_class, "compile_refusal", None)
+    return (f"--model.compile true does not pay for the {net_class.__name__}: {reason}; train it with "
+            "--model.compile false") if reason else None
+
+
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup to 1, cosine decay to ``min_ratio`` at ``decay_steps``, then flat."""
     if step < warmup_steps:
@@ -120,7 +128,8 @@ class LitLM(L.LightningModule):
         sample_seed: Seed for sampling, so `predict` is repeatable (None: the global seed).
         compile: Train through torch.compile (validation and generation stay eager). The first
             step compiles: ~40 s for the GPT on a 2-core CPU the first time, ~3 s once cached
-            (in ~/.cache/gptnano/torch-compile unless TORCHINDUCTOR_CACHE_DIR says otherwise:
+            (by the `gptnano` command in torch-compile/ of gptnano's per-user cache folder, e.g.
+            ~/.cache/gptnano, unless TORCHINDUCTOR_CACHE_DIR says otherwise:
             gptnano.files.keep_compile_cache). Then it trains the GPT, CNN and Backpack faster;
             the RNN is refused (compiling unrolls its recurrence: minutes, and no faster). See
             docs/results.md, "Training speed". Worth it for long runs only.
@@ -184,10 +193,9 @@ class LitLM(L.LightningModule):
 
     # ----- training -------------------------------------------------------
     def on_fit_start(self) -> None:
-        reason = self.net.compile_refusal if self.hparams.get("compile") else None
-        if reason:  # here, not in __init__: predict and generate still read a checkpoint trained compiled
-            raise UserError(f"--model.compile true does not pay for the {type(self.net).__name__}: {reason}; "
-                            "train it with --model.compile false")
+        refusal = compile_refused(type(self.net)) if self.hparams.get("compile") else None
+        if refusal:  # here, not in __init__: predict and generate still read a checkpoint trained compiled
+            raise UserError(refusal)
 
     def on_train_start(self) -> None:
         # Dropout is re-seeded at every step from (run seed, step, rank), so a run
