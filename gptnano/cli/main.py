@@ -45,9 +45,10 @@ def wants_verbose(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 def dispatch(argv: list[str]) -> None:
-    keep_compile_cache()  # before anything imports Lightning, which fixes torch.compile's cache folder
     verbose, argv = wants_verbose(argv)
     command = argv[0] if argv else None
+    if command not in (None, "-h", "--help"):
+        keep_compile_cache()  # before anything imports Lightning, which fixes torch.compile's cache folder
     if command in TOOLS:
         import_module(TOOLS[command][0]).main(argv[1:])
     elif command in ("-h", "--help"):
