@@ -26,7 +26,7 @@ from gptnano.hardware import fast_dtype
 from gptnano.models.base import LanguageModel
 from gptnano.sampling import check_settings, generate
 from gptnano.train.optim import build_optimizer, group_settings
-from gptnano.train.steps import compiled_forward, next_token_loss
+from gptnano.train.steps import next_token_loss
 
 
 def uses_fsdp(trainer) -> bool:
@@ -293,7 +293,9 @@ class LitLM(L.LightningModule):
         forward = self.net
         if self.hparams.get("compile") and self.training:
             if self._train_forward is None:
-                self._train_forward = compiled_forward(self.net)
+                # A compiled *function*, not a module attribute: the checkpoint keeps
+                # the plain state_dict keys of self.net.
+                self._train_forward = torch.compile(self.net.forward)
                 self._compiling_since = time.perf_counter()
                 self._say_rank_zero("torch.compile: compiling at the first step",
                                     "tens of seconds the first time on a machine, seconds once cached")

@@ -26,14 +26,6 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str 
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
-def compiled_forward(net: LanguageModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``net.forward`` through ``torch.compile``. A compiled function, not a compiled module: ``net``'s
-    state_dict keeps its plain keys. The first call compiles: on a 2-core CPU ~30-40 s for the GPT with
-    nothing cached, 2-4 s from the cache (``gptnano.files.keep_compile_cache``;
-    docs/results.md, "Training speed")."""
-    return torch.compile(net.forward)
-
-
 def autocast_for(precision: str, device_type: str):
     """The autocast context of a Lightning precision setting ("bf16-mixed", "16-mixed", "32-true"...)."""
     p = str(precision)
