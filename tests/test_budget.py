@@ -115,3 +115,50 @@ def test_a_run_behind_its_plan_at_a_validation_is_planned_shorter(tmp_path, monk
     from gptnano.logs import read_run
 
     assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [30, 32]
+
+
+def test_the_training_clock_counts_training_only_and_carries_over_a_resume():
+    """compare's wall-time budgets count Lightning's training time (Timer's "train"), not start-up:
+    TimeBudget's training clock starts at on_train_start and a resumed run adds what it trained before."""
+    with pytest.raises(UserError, match="clock is 'launch' or 'training'"):
+        budget.TimeBudget(clock="wall")
+    clock = budget.TimeBudget(clock="training")
+    assert clock.elapsed() == 0.0  # before training: start-up is not counted
+    clock.load_state_dict({"planned": None, "every": None, "trained_s": 12.5})  # saved before its first plan
+    assert clock.elapsed() == 12.5
+    clock.on_train_start(None, None)
+    time.sleep(0.05)
+    assert 12.5 + 0.04 < clock.elapsed() < 12.5 + 5
+    assert clock.state_dict()["trained_s"] == pytest.approx(clock.elapsed(), abs=0.5)
+    assert "trained_s" not in budget.TimeBudget().state_dict()  # the launch clock restarts with each process
+
+
+def test_a_validation_inside_the_probe_is_not_counted_as_training(tmp_path, monkeypatch):
+    """A run validated before its plan (compare's short runs validate every few steps) timed the
+    validation as training: its steps looked slower and the plan too short."""
+    from gptnano.cli.lightning import GPTNanoCLI
+    from gptnano.train.module import LitLM
+
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    paces, real_validation_step = [], LitLM.validation_step
+
+    def slow_validation_step(self, *args, **kwargs):
+        if not self.trainer.sanity_checking:
+            time.sleep(2.0)  # one batch per validation: 2 s, against a few ms per tiny training step
+        return real_validation_step(self, *args, **kwargs)
+
+    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+        paces.append(step_s)
+        return 20, 10
+
+    monkeypatch.setattr(LitLM, "validation_step", slow_validation_step)
+    monkeypatch.setattr(budget, "plan", fake_plan)
+    args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
+            "adamw", "--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "1",
+            "--trainer.callbacks+=gptnano.train.budget.TimeBudget", "--trainer.callbacks.probe_steps", "10",
+            "--trainer.callbacks.validations", "2", "--trainer.callbacks.clock", "training"]
+    cli = GPTNanoCLI(args=args)
+    assert cli.trainer.global_step == 20
+    # steps 2 to 10 hold the step-5 validation: counted, it alone would make 2 s / 8 = 0.25 s a step
+    assert paces[0] < 0.125

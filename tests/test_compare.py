@@ -103,7 +103,7 @@ def test_an_entry_s_later_seeds_are_planned_from_its_first_seed_s_real_pace():
     from gptnano.compare.comparison import Comparison
 
     def run(label, done, train_s=None, slowdown=1.2):
-        record = {"plan": {"predicted_s": 50.0 * slowdown}, "result": {"train_s": train_s},
+        record = {"plan": {"predicted_s": 50.0 * slowdown, "steps": 500}, "result": {"train_s": train_s, "steps": 500},
                   "pace": {"probe": {"step_s": 0.05, "validation_s": 1.0}, "slowdown": slowdown}}
         return SimpleNamespace(point=SimpleNamespace(label=label), done=done, record=record)
 
@@ -113,6 +113,11 @@ def test_an_entry_s_later_seeds_are_planned_from_its_first_seed_s_real_pace():
                                                                run("rnn", True, 500.0)]), point)
     assert probe == budgets.Probe(step_s=0.05, validation_s=1.0)
     assert ratio == pytest.approx(75.0 / 50.0)  # the (upper) median, against what the probe alone predicted
+    # A run that planned itself again (TimeBudget) and trained 1000 steps in its 75 s ran at 0.075 s a step
+    # against the probe's 50 s / 500 steps = 0.1: 0.75, whatever its whole time.
+    replanned = run("gpt", True, 75.0)
+    replanned.record["result"]["steps"] = 1000
+    assert Comparison.entry_pace(SimpleNamespace(runs=[replanned]), point)[1] == pytest.approx(0.75)
     plan = budgets.fit_to_time(budgets.parse_budget("60s"), probe, tokens_per_step=1536, flops_per_token=5e6,
                                warmup=10, validations=4, slowdown=ratio)
     assert plan.predicted_s == pytest.approx(60, rel=0.1)
@@ -287,6 +292,36 @@ def test_compare_writes_mean_and_spread_and_resumes_instead_of_training_twice(tm
         f"gptnano: error: {Path('compare', 't')} holds run gpt-s0 of another command (its configuration, budget, "
         f"seed or text differ): give another --name, or delete {Path('compare', 't')}"]
     assert first.stat().st_mtime_ns == first_written
+
+
+def test_a_wall_time_run_plans_its_steps_again_from_its_own_pace(tmp_path):
+    """Before: a wall-time run trained the steps compare's probe planned, and a probe 35 % off the run's
+    real pace (seen on a shared 2-core CPU) gave it 33 s of a 60 s budget. Now each run gets TimeBudget on
+    the training clock: it plans again from its own steps, its schedule decays over what it planned,
+    and compare reads the steps it ended at from its checkpoint."""
+    configs = write_configs(tmp_path)
+    folder = tmp_path / "compare" / "t"
+    proc = subprocess.run([sys.executable, "-m", "gptnano", "compare", configs[0], "--budget", "8s", "--seeds", "1",
+                           "--validations", "2", "--name", "t", "--model.optimizer", "adamw", "--data.val_tokens",
+                           "2048"], cwd=tmp_path,
+                          env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((folder / "runs" / "gpt-s0.json").read_text())
+    argv = record["argv"]
+    assert "--model.lr_decay_steps" not in argv
+    budget = [json.loads(a.split("=", 1)[1]) for a in argv if "TimeBudget" in a]
+    assert budget == [{"class_path": "gptnano.train.budget.TimeBudget",
+                       "init_args": {"minutes": 8 / 60, "validations": 2, "margin": 0.0, "clock": "training"}}]
+    ckpt = torch.load(folder / "checkpoints" / "gpt-s0" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("TimeBudget"))
+    steps = state["planned"]
+    assert ckpt["global_step"] == steps == record["result"]["steps"] and state["trained_s"] > 0
+    assert record["result"]["curve"][-1][0] == steps and steps % state["every"] == 0
+    min_lr = ckpt["hyper_parameters"]["min_lr"]
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(min_lr)  # decayed over its plan
+    report = json.loads((folder / "results.json").read_text())
+    assert report["entries"]["gpt"]["steps"] == steps
+    assert report["entries"]["gpt"]["tokens"] == steps * record["plan"]["tokens_per_step"]
 
 
 def test_a_run_is_known_by_its_configuration_budget_seed_and_text():

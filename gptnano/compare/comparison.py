@@ -28,12 +28,23 @@ ROOT = Path("compare")
 # Lightning's Timer measures each run's training time, and a resumed run carries it on. Its interval is
 # given as text: the enum default would stop fit's SaveConfigCallback from writing config.yaml.
 TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
+
 HEARTBEAT_S = 60.0  # a progress line at least this often while a run trains
 POLL_S = 0.25
 # Signals that stop a comparison as Ctrl-C does: each running fit is asked to stop after its step, saving
 # last.ckpt (SIGTERM for Ctrl-C, since a fit in the same terminal got the Ctrl-C too, and a second one
 # would stop it at once, unsaved), and compare exits as a shell reports the signal (128 + its number).
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+def time_budget(seconds: float, validations: int) -> dict:
+    """The callback every run of a wall-time budget gets: gptnano's TimeBudget on the training clock
+    (Timer's "train" time, which the budget counts), so that a run whose pace is not what compare's
+    probe predicted (a probe has been seen 35 % off on a shared 2-core CPU) plans itself again from
+    its own steps: at its 30th step, a fifth of the way in, and at a validation that finds it behind.
+    Its schedule decays over the steps it plans; the record's plan is the first guess."""
+    return {"class_path": "gptnano.train.budget.TimeBudget",
+            "init_args": {"minutes": seconds / 60, "validations": validations, "margin": 0.0, "clock": "training"}}
 
 
 class Stopped(Exception):
@@ -273,9 +284,9 @@ class Comparison:
         return budgets.Probe(probe.step_s * accumulate, probe.validation_s)
 
     def slowdown(self) -> float:
-        """Real over predicted training time of the wall-time runs done so far (1 before any):
-        what the probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
-        ratios = [r.record["result"]["train_s"] / r.record["plan"]["predicted_s"] for r in self.runs
+        """Real over predicted time per step of the wall-time runs done so far (1 before any): what the
+        probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
+        ratios = [stats.real_over_predicted(r.record) for r in self.runs
                   if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
         return median(ratios) if ratios else 1.0
 
@@ -291,7 +302,7 @@ class Comparison:
         if not done:
             return None, 1.0
         # real time over what the probe alone predicted (the plan's prediction carries the slowdown it used)
-        ratio = median([d["result"]["train_s"] * d["pace"]["slowdown"] / d["plan"]["predicted_s"] for d in done])
+        ratio = median([stats.real_over_predicted(d) * d["pace"]["slowdown"] for d in done])
         return budgets.Probe(**done[0]["pace"]["probe"]), ratio
 
     # ----- records ---------------------------------------------------------------------
@@ -324,10 +335,14 @@ class Comparison:
                 *(a for key in p.facts.get("turned_off", ()) if key != "trainer.logger" for a in (f"--{key}", "null")),
                 "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
                 "--trainer.max_steps", str(plan.steps), "--trainer.val_check_interval", str(plan.val_every),
-                "--model.warmup_steps", str(plan.warmup), "--model.lr_decay_steps", str(plan.steps),
+                "--model.warmup_steps", str(plan.warmup),
                 "--early_stopping.patience", str(plan.validations + 1),  # never stops a run early
                 "--run_name", run.name, "--checkpoint.dirpath", str(self.checkpoints(run)),
                 "--trainer.logger", json.dumps(logger), "--trainer.callbacks+=" + json.dumps(TIMER)]
+        if self.budget.machine_dependent:  # the plan is remade inside the run from its own pace (time_budget)
+            argv += ["--trainer.callbacks+=" + json.dumps(time_budget(self.budget.amount, plan.validations))]
+        else:  # the learning rate decays over the budget's steps
+            argv += ["--model.lr_decay_steps", str(plan.steps)]
         if not p.facts["precision_given"]:  # one choice for every run, made once here
             argv += ["--trainer.precision", p.facts["precision"]]
         if p.facts.get("accelerator"):  # likewise the device (runs.pinned_accelerator)
@@ -416,7 +431,7 @@ class Comparison:
         self.write_record(run)
         self.done_now.append(run)
         lines.say(f"compare {self.name}", f"done {where}", f"final val loss {result['final_val_loss']:.4f}",
-                  f"trained {lines.duration(result['train_s'])}", self.eta())
+                  f"{result['steps']} steps", f"trained {lines.duration(result['train_s'])}", self.eta())
 
     def fail(self, run: runs.Run, where: str, why: str) -> None:
         run.record.update(status="failed", failure=why)

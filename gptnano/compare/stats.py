@@ -64,12 +64,17 @@ def median_of(runs: list[dict], tag: str) -> float | None:
 
 
 def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
-    """A finished run's numbers, or a UserError saying why it is not finished."""
+    """A finished run's numbers, or a UserError saying why it is not finished. ``steps`` is the run's
+    planned last step, unless its TimeBudget (a wall-time budget) planned it again during the run:
+    then the last plan, saved in its checkpoint, is the step it must have validated at."""
     from gptnano.checkpoint import read_checkpoint
 
     runs = read_versions(logs)
     ckpt = read_checkpoint(last_ckpt)
-    timer = (ckpt.get("callbacks") or {}).get("Timer") or {}
+    callbacks = ckpt.get("callbacks") or {}
+    replanned = [state.get("planned") for key, state in callbacks.items() if key.startswith("TimeBudget")]
+    steps = int(replanned[0]) if replanned and replanned[0] else steps
+    timer = callbacks.get("Timer") or {}
     train_s = float((timer.get("time_elapsed") or {}).get("train", math.nan))
     points = curve(runs, train_s, steps) if runs else []
     final = [v for s, _, v in points if s == steps]
@@ -81,6 +86,14 @@ def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
             "global_step": int(ckpt.get("global_step", -1)), "train_s": train_s,
             "tok_s": median_of(runs, "perf/tok_s"), "mfu": median_of(runs, "perf/mfu"),
             "curve": [[s, round(t, 3), v] for s, t, v in points]}
+
+
+def real_over_predicted(record: dict) -> float:
+    """A finished wall-time run's real time per step over what its plan predicted. The run plans its
+    steps again from its own pace (TimeBudget), so its whole time says nothing of the probe's error;
+    its time per step does."""
+    plan, result = record["plan"], record["result"]
+    return (result["train_s"] / result.get("steps", plan["steps"])) / (plan["predicted_s"] / plan["steps"])
 
 
 # ----- over seeds ------------------------------------------------------------------------
@@ -101,15 +114,16 @@ def entry_stats(runs: list[dict]) -> dict:
         return statistics.fmean(known) if known else None
 
     plan = runs[0]["plan"]
+    steps = [r["result"].get("steps", r["plan"]["steps"]) for r in runs]  # a wall-time run plans its own
     return {
         "final_val_loss": spread(final),
         "bpc": spread([v / LN2 for v in final]),
         "best_val_loss": spread([x["best_val_loss"] for x in results]),
         "seeds": [r["seed"] for r in runs],
         "params": runs[0]["facts"]["params"],
-        "steps": statistics.fmean(r["plan"]["steps"] for r in runs),
-        "tokens": statistics.fmean(r["plan"]["steps"] * plan["tokens_per_step"] for r in runs),
-        "flops": statistics.fmean(r["plan"]["steps"] * plan["tokens_per_step"] * plan["flops_per_token"] for r in runs),
+        "steps": statistics.fmean(steps),
+        "tokens": statistics.fmean(steps) * plan["tokens_per_step"],
+        "flops": statistics.fmean(steps) * plan["tokens_per_step"] * plan["flops_per_token"],
         "train_s": mean_of("train_s"),
         "tok_s": mean_of("tok_s"),
         "mfu": mean_of("mfu"),

@@ -7,7 +7,8 @@ times the run's own first steps (and its sanity validation), then plans the rest
 optimizer steps, as `gptnano compare` plans its time budgets from a probe: ``max_steps``
 becomes the planned count, the schedule decays over it (LitLM reads ``trainer.max_steps``),
 and validations fall evenly with the last at the last step. The plan is saved in
-checkpoints, so a resumed run keeps it. configs/gpt-5min.yaml uses it.
+checkpoints, so a resumed run keeps it. configs/gpt-5min.yaml uses it; `gptnano compare` gives
+it to every run of a wall-time budget, counting training time only (``clock="training"``).
 """
 
 import math
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 
@@ -65,7 +67,8 @@ def replan_step(probe_end: int, planned: int, every: int, probe_steps: int) -> i
 
 
 class TimeBudget(L.Callback):
-    """Plan a fit's steps so that it ends, last validation included, within ``minutes`` of its launch.
+    """Plan a fit's steps so that it ends, last validation included, within ``minutes`` of its launch
+    (or of training: ``clock``).
 
     The run trains ``probe_steps`` optimizer steps as configured (keep the learning-rate warmup at least
     that long), then one line says the plan (made once more, from the steadier pace since, a fifth of
@@ -75,8 +78,12 @@ class TimeBudget(L.Callback):
     learning-rate schedule decays over the planned steps (unless ``--model.lr_decay_steps`` is given).
 
     Args:
-        minutes: The run's whole wall time, from the command's launch: imports, data, every validation
-            and the last checkpoint included.
+        minutes: The run's wall time. With ``clock="launch"``, from the command's launch: imports, data,
+            every validation and the last checkpoint included.
+        clock: What the budget counts. "launch": the whole command, from the process's start.
+            "training": the time inside Lightning's training loop, validations included (what
+            Lightning's ``Timer`` calls "train"; the sanity check and start-up left out), summed over
+            a run and its resumes; `gptnano compare`'s wall-time budgets count this.
         validations: Validations in the run; the last one is at its last step.
         probe_steps: Optimizer steps timed before planning (the first two, which warm up, are left out).
         margin: Share of the budget kept back for what the plan cannot see (the last checkpoint, the
@@ -86,24 +93,39 @@ class TimeBudget(L.Callback):
         UserError: settings it cannot plan with (validation counted in epochs; too few probe steps).
     """
 
-    def __init__(self, minutes: float = 5.0, validations: int = 4, probe_steps: int = 30, margin: float = 0.05):
+    def __init__(self, minutes: float = 5.0, validations: int = 4, probe_steps: int = 30, margin: float = 0.05,
+                 clock: Literal["launch", "training"] = "launch"):
         if minutes <= 0 or validations < 1 or probe_steps < 4 or not 0 <= margin < 1:
             raise UserError("TimeBudget needs minutes > 0, validations >= 1, probe_steps >= 4 and 0 <= margin < 1")
+        if clock not in ("launch", "training"):
+            raise UserError(f"TimeBudget's clock is 'launch' or 'training', got {clock!r}")
         self.minutes, self.validations, self.probe_steps, self.margin = minutes, validations, probe_steps, margin
+        self.clock = clock
         self.planned: int | None = None
         self.every: int | None = None
+        self._trained_before = 0.0  # training clock: seconds trained before this process (a resumed run)
+        self._train_start: float | None = None
         self._start: float | None = None  # when the third optimizer step began (after two warm-up steps)
         self._validation_batch_s: float | None = None
         self._probe_end: tuple[int, float] | None = None  # (step, time) of the first plan, for the one re-plan
         self._since: tuple[int, float] | None = None  # (step, time) the pace is measured from: a plan, a validation
         self._pace: float | None = None  # seconds a step since then
         self._validation_start = 0.0
+        self._validated_s = 0.0  # seconds of validation since training began (left out of the probe's pace)
 
     def state_dict(self) -> dict:
-        return {"planned": self.planned, "every": self.every}
+        state = {"planned": self.planned, "every": self.every}
+        return state if self.clock == "launch" else {**state, "trained_s": self.elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.planned, self.every = state_dict.get("planned"), state_dict.get("every")
+        self._trained_before = float(state_dict.get("trained_s") or 0.0)
+
+    def elapsed(self) -> float:
+        """Seconds of the budget spent: since launch, or (training clock) inside the training loop."""
+        if self.clock == "launch":
+            return seconds_since_launch()
+        return self._trained_before + (0.0 if self._train_start is None else time.perf_counter() - self._train_start)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.check_val_every_n_epoch is not None:
@@ -118,6 +140,7 @@ class TimeBudget(L.Callback):
         self._validation_batch_s = (time.perf_counter() - self._sanity) / batches
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._train_start = time.perf_counter()
         if self.planned is not None:  # a resumed run keeps its plan
             self._apply(trainer, pl_module)
 
@@ -133,9 +156,10 @@ class TimeBudget(L.Callback):
                 self._plan(trainer, pl_module, step, (time.perf_counter() - began) / (step - first), "re-planned")
             return
         if step == 2:
-            self._start = time.perf_counter()
+            self._start = time.perf_counter() - self._validated_s  # validations from here on are left out below
         elif step >= self.probe_steps and self._start is not None:
-            self._plan(trainer, pl_module, step, (time.perf_counter() - self._start) / (step - 2), "")
+            trained = time.perf_counter() - self._start - self._validated_s
+            self._plan(trainer, pl_module, step, trained / (step - 2), "")
             self._probe_end = (step, time.perf_counter())
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -147,10 +171,12 @@ class TimeBudget(L.Callback):
         """Behind the plan (a machine that slowed down, a validation slower than the sanity check's):
         the plan is made again from the pace since the last validation, if that ends the run sooner."""
         now, step = time.perf_counter(), trainer.global_step
+        if not trainer.sanity_checking:
+            self._validated_s += now - self._validation_start
         if trainer.sanity_checking or self.planned is None or self._pace is None or step >= self.planned:
             return
         validation_s = now - self._validation_start
-        left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
+        left = self.minutes * 60 * (1 - self.margin) - self.elapsed()
         more = self.planned - step
         needed = more * self._pace + math.ceil(more / self.every) * validation_s
         if trainer.strategy.broadcast(needed > left):  # rank 0's verdict and plan, so all processes take it or none
@@ -162,7 +188,7 @@ class TimeBudget(L.Callback):
     def _plan(self, trainer, pl_module, step: int, step_s: float, again: str) -> None:
         batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
         validation_s = (self._validation_batch_s or step_s) * batches
-        left = self.minutes * 60 * (1 - self.margin) - seconds_since_launch()
+        left = self.minutes * 60 * (1 - self.margin) - self.elapsed()
         # one plan for every process (each timed its own steps): rank 0's, or the ranks would stop apart
         planned, every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
         self._take(trainer, pl_module, step, planned, every, step_s, validation_s, again)
@@ -172,10 +198,10 @@ class TimeBudget(L.Callback):
         self.planned, self.every = planned, every
         self._apply(trainer, pl_module)
         if trainer.is_global_zero:
-            end = seconds_since_launch() + (self.planned - step) * step_s + self.validations * validation_s
+            end = self.elapsed() + (self.planned - step) * step_s + self.validations * validation_s
             lines.say(f"time budget {lines.duration(self.minutes * 60)}" + (f", {again} at step {step:,}" if again else "")
                       + f": {self.planned:,} steps from {step_s:.3g} s a step", f"validations every {self.every:,} "
-                      f"steps ({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after launch",
+                      f"steps ({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after " + ("launch" if self.clock == "launch" else "training began"),
                       file=sys.stderr)
 
     def _apply(self, trainer, pl_module) -> None:
