@@ -16,6 +16,9 @@ def test_the_plan_fills_the_budget_with_whole_validation_intervals():
     assert budget.plan(30, 0.1, 2.5, 100.0, 4) == (928, 232)  # floor(930 / 4) = 232, 4 x 232
     assert budget.plan(30, 0.1, 0.0, 100.0, 1) == (1030, 1030)
     # spent already: stop at the next validation point, never before the steps taken
+    # later in a run only the validations still to come cost time: at step 500 of validations every 166,
+    # three are done (166, 332, 498) and one is left, at 664 (counting all four would stop at 620)
+    assert budget.plan(500, 0.1, 2.0, 20.0, 4) == (664, 166)
     last, every = budget.plan(30, 0.1, 2.5, -5.0, 4)
     assert last >= 31 and last == 4 * every
     with pytest.raises(UserError, match="TimeBudget needs"):
@@ -49,7 +52,8 @@ def test_a_planned_run_ends_at_its_plan_with_the_schedule_and_validations_on_it(
             "--trainer.callbacks.probe_steps", "10", "--trainer.callbacks.validations", "2",
             "--trainer.log_every_n_steps", "1"]
     cli = GPTNanoCLI(args=args)
-    assert plans == [(10, 2)] and cli.trainer.global_step == 40 and cli.trainer.max_steps == 40
+    # planned at step 10; the step-20 validation finds the same plan and keeps it
+    assert plans == [(10, 2), (20, 2)] and cli.trainer.global_step == 40 and cli.trainer.max_steps == 40
     ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
     lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
     assert lr == pytest.approx(1e-4)  # min_lr at the planned end: the cosine decayed over 40 steps
@@ -81,7 +85,7 @@ def test_the_plan_is_made_once_more_from_the_steadier_pace_a_fifth_of_the_way_in
             "adamw", "--model.warmup_steps", "5", "--trainer.callbacks+=gptnano.train.budget.TimeBudget",
             "--trainer.callbacks.probe_steps", "5", "--trainer.callbacks.validations", "2"]
     cli = GPTNanoCLI(args=args)
-    assert plans == [5, 20] and cli.trainer.global_step == 60
+    assert plans == [5, 20, 30] and cli.trainer.global_step == 60  # the step-30 validation keeps the plan
     ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # decayed over 60 steps
     from gptnano.logs import read_run
@@ -162,3 +166,31 @@ def test_a_validation_inside_the_probe_is_not_counted_as_training(tmp_path, monk
     assert cli.trainer.global_step == 20
     # steps 2 to 10 hold the step-5 validation: counted, it alone would make 2 s / 8 = 0.25 s a step
     assert paces[0] < 0.125
+
+
+def test_a_run_ahead_of_its_plan_at_a_validation_is_planned_longer(tmp_path, monkeypatch):
+    """Before: a plan only ever got shorter after the fifth of the way, and the first plan counts the
+    sanity check's validations, seen 50 % dearer than the real ones: compare's 70 s runs trained 58-65 s.
+    Now a validation that finds the run well ahead plans it longer, while a validation is left to
+    correct it."""
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    plans, real_plan = [], budget.plan
+
+    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+        plans.append(step)  # the probe plans 40 steps; every validation after finds room for 100
+        return real_plan(step, 1.0, 0.0, 40.0 - step, validations) if len(plans) == 1 else (100, 50)
+
+    monkeypatch.setattr(budget, "plan", fake_plan)
+    args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
+            "adamw", "--trainer.callbacks+=gptnano.train.budget.TimeBudget", "--trainer.callbacks.probe_steps", "10",
+            "--trainer.callbacks.validations", "2"]
+    cli = GPTNanoCLI(args=args)
+    assert plans == [10, 20, 50] and cli.trainer.global_step == 100
+    ckpt = torch.load(tmp_path / "checkpoints" / "gpt" / "last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # decayed over 100
+    from gptnano.logs import read_run
+
+    assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [20, 50, 100]

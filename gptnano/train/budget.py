@@ -39,21 +39,23 @@ def seconds_since_launch() -> float:
 
 
 def plan(step: int, step_s: float, validation_s: float, seconds_left: float, validations: int) -> tuple[int, int]:
-    """The run's last step and the steps between validations: as many steps as ``seconds_left`` holds
-    at ``step_s`` seconds a step after ``validations`` validations of ``validation_s`` seconds each,
-    rounded down to a multiple of ``validations`` (the last validation at the last step), and never
-    before ``step`` (the steps already taken).
+    """The run's last step and the steps between validations: as many steps after ``step`` (the steps
+    already taken) as ``seconds_left`` holds at ``step_s`` seconds a step, together with the
+    validations still to come (of ``validation_s`` seconds each; those at or before ``step`` are
+    done), the last step a multiple of ``validations`` (the last validation at the last step).
 
     Returns:
         (planned last step, optimizer steps between validations).
     """
-    more = max(0.0, (seconds_left - validations * validation_s) / step_s)
-    every = max(1, math.floor((step + more) / validations))
-    last = every * validations
-    if last <= step:  # the budget is spent already: stop at the next validation point
+    def cost(every: int) -> float:  # seconds from ``step`` to the end of the run validated every ``every``
+        return (every * validations - step) * step_s + (validations - step // every) * validation_s
+
+    every = max(1, math.floor((step + max(0.0, seconds_left) / step_s) / validations))  # no validation cost yet
+    while every > 1 and every * validations > step and cost(every) > seconds_left:
+        every -= 1
+    if every * validations <= step:  # the budget is spent already: stop at the next validation point
         every = max(1, math.ceil((step + 1) / validations))
-        last = every * validations
-    return last, every
+    return every * validations, every
 
 
 def replan_step(probe_end: int, planned: int, every: int, probe_steps: int) -> int:
@@ -76,6 +78,8 @@ class TimeBudget(L.Callback):
     step, validations every 370 steps (3.1 s each), ending about 4m51s after launch``. From then on
     ``trainer.max_steps`` is the planned step and ``val_check_interval`` the planned spacing; the
     learning-rate schedule decays over the planned steps (unless ``--model.lr_decay_steps`` is given).
+    Each validation checks the plan against the pace since the last one and its own time, and plans
+    the run shorter when it is behind, longer when it is well ahead (``on_validation_end``).
 
     Args:
         minutes: The run's wall time. With ``clock="launch"``, from the command's launch: imports, data,
@@ -92,6 +96,8 @@ class TimeBudget(L.Callback):
     Raises:
         UserError: settings it cannot plan with (validation counted in epochs; too few probe steps).
     """
+
+    AHEAD = 0.03  # a validation that finds the run this share of its steps ahead of its plan plans it longer
 
     def __init__(self, minutes: float = 5.0, validations: int = 4, probe_steps: int = 30, margin: float = 0.05,
                  clock: Literal["launch", "training"] = "launch"):
@@ -112,6 +118,7 @@ class TimeBudget(L.Callback):
         self._pace: float | None = None  # seconds a step since then
         self._validation_start = 0.0
         self._validated_s = 0.0  # seconds of validation since training began (left out of the probe's pace)
+        self._validation_s: float | None = None  # the last validation's seconds
 
     def state_dict(self) -> dict:
         state = {"planned": self.planned, "every": self.every}
@@ -168,26 +175,34 @@ class TimeBudget(L.Callback):
         self._validation_start = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        """Behind the plan (a machine that slowed down, a validation slower than the sanity check's):
-        the plan is made again from the pace since the last validation, if that ends the run sooner."""
+        """At each validation the plan is checked against the pace since the last one and the time the
+        validation really took (the first plan's, from the sanity check, was seen 50 % dear). Behind it
+        (a machine that slowed down), the run is planned shorter; ahead of it by more than ``AHEAD`` (a
+        plan from a slow stretch or dear validations), longer, while a validation is still to come to
+        correct it. Plans differ only by their rounding otherwise: those keep the plan."""
         now, step = time.perf_counter(), trainer.global_step
-        if not trainer.sanity_checking:
-            self._validated_s += now - self._validation_start
-        if trainer.sanity_checking or self.planned is None or self._pace is None or step >= self.planned:
+        if trainer.sanity_checking:
             return
-        validation_s = now - self._validation_start
+        self._validation_s = now - self._validation_start
+        self._validated_s += self._validation_s
+        self._probe_end = None  # from here on the validations check the plan (the re-plan would span this one)
+        if self.planned is None or self._pace is None or step >= self.planned:
+            return
         left = self.minutes * 60 * (1 - self.margin) - self.elapsed()
         more = self.planned - step
-        needed = more * self._pace + math.ceil(more / self.every) * validation_s
-        if trainer.strategy.broadcast(needed > left):  # rank 0's verdict and plan, so all processes take it or none
-            planned, every = trainer.strategy.broadcast(plan(step, self._pace, validation_s, left, self.validations))
-            if planned < self.planned:
-                self._take(trainer, pl_module, step, planned, every, self._pace, validation_s, "behind the plan")
+        behind = more * self._pace + math.ceil(more / self.every) * self._validation_s > left
+        planned, every = plan(step, self._pace, self._validation_s, left, self.validations)
+        ahead = planned > self.planned * (1 + self.AHEAD) and step + every < planned  # a validation left before its end
+        # rank 0's verdict and plan, so that all processes take it or none
+        behind, ahead, planned, every = trainer.strategy.broadcast((behind, ahead, planned, every))
+        if (behind and planned < self.planned) or ahead:
+            self._take(trainer, pl_module, step, planned, every, self._pace, self._validation_s,
+                       "behind the plan" if behind else "ahead of the plan")
         self._since = (step, time.perf_counter())
 
     def _plan(self, trainer, pl_module, step: int, step_s: float, again: str) -> None:
         batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
-        validation_s = (self._validation_batch_s or step_s) * batches
+        validation_s = self._validation_s or (self._validation_batch_s or step_s) * batches
         left = self.minutes * 60 * (1 - self.margin) - self.elapsed()
         # one plan for every process (each timed its own steps): rank 0's, or the ranks would stop apart
         planned, every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
@@ -198,7 +213,7 @@ class TimeBudget(L.Callback):
         self.planned, self.every = planned, every
         self._apply(trainer, pl_module)
         if trainer.is_global_zero:
-            end = self.elapsed() + (self.planned - step) * step_s + self.validations * validation_s
+            end = self.elapsed() + (planned - step) * step_s + (self.validations - step // every) * validation_s
             lines.say(f"time budget {lines.duration(self.minutes * 60)}" + (f", {again} at step {step:,}" if again else "")
                       + f": {self.planned:,} steps from {step_s:.3g} s a step", f"validations every {self.every:,} "
                       f"steps ({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after " + ("launch" if self.clock == "launch" else "training began"),
