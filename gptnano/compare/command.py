@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
                        + ", ".join(f"--{k}" for k in OWNED) + ".")
     ap.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML configs of `gptnano fit` to compare")
     ap.add_argument("--budget", required=True, help="what every run gets: " + budgets.EXAMPLES + ". Steps, warmup "
-                    "and learning-rate decay are fitted to it; only wall time depends on the machine")
+                    "and learning-rate decay are fitted to it; only wall time depends on the machine (each run of a "
+                    "wall-time budget plans its steps again from its own pace while it trains)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per entry, seeds 0..N-1; a seed sets seed_everything "
                     "and data.seed (initialisation, dropout, order of training windows) (default: 3)")
     ap.add_argument("--name", help="folder under compare/ (default: the configs' names and the budget)")

@@ -78,8 +78,8 @@ class TimeBudget(L.Callback):
     step, validations every 370 steps (3.1 s each), ending about 4m51s after launch``. From then on
     ``trainer.max_steps`` is the planned step and ``val_check_interval`` the planned spacing; the
     learning-rate schedule decays over the planned steps (unless ``--model.lr_decay_steps`` is given).
-    Each validation checks the plan against the pace since the last one and its own time, and plans
-    the run shorter when it is behind, longer when it is well ahead (``on_validation_end``).
+    After each validation the plan is checked against the pace since the last one and the validation's
+    own time, and the run planned shorter when it is behind, longer when it is well ahead (``_check``).
 
     Args:
         minutes: The run's wall time. With ``clock="launch"``, from the command's launch: imports, data,
@@ -97,7 +97,8 @@ class TimeBudget(L.Callback):
         UserError: settings it cannot plan with (validation counted in epochs; too few probe steps).
     """
 
-    AHEAD = 0.03  # a validation that finds the run this share of its steps ahead of its plan plans it longer
+    TOLERANCE = 0.03  # a validation that finds the run this share of its steps off its plan plans it again
+    MIN_PACE_STEPS = 10  # the fewest steps between validations whose pace a new plan is made from
 
     def __init__(self, minutes: float = 5.0, validations: int = 4, probe_steps: int = 30, margin: float = 0.05,
                  clock: Literal["launch", "training"] = "launch"):
@@ -118,7 +119,9 @@ class TimeBudget(L.Callback):
         self._pace: float | None = None  # seconds a step since then
         self._validation_start = 0.0
         self._validated_s = 0.0  # seconds of validation since training began (left out of the probe's pace)
-        self._validation_s: float | None = None  # the last validation's seconds
+        self._validation_s: float | None = None  # the last validation's seconds, what follows it included
+        self._validating = False  # a validation ended, and training has not started again
+        self._pace_steps = 0
 
     def state_dict(self) -> dict:
         state = {"planned": self.planned, "every": self.every}
@@ -172,33 +175,44 @@ class TimeBudget(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and self._since is not None and trainer.global_step > self._since[0]:
             self._pace = (time.perf_counter() - self._since[1]) / (trainer.global_step - self._since[0])
+            self._pace_steps = trainer.global_step - self._since[0]
         self._validation_start = time.perf_counter()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        """At each validation the plan is checked against the pace since the last one and the time the
-        validation really took (the first plan's, from the sanity check, was seen 50 % dear). Behind it
-        (a machine that slowed down), the run is planned shorter; ahead of it by more than ``AHEAD`` (a
-        plan from a slow stretch or dear validations), longer, while a validation is still to come to
-        correct it. Plans differ only by their rounding otherwise: those keep the plan."""
-        now, step = time.perf_counter(), trainer.global_step
-        if trainer.sanity_checking:
+        if not trainer.sanity_checking:
+            self._validating = True  # until the next training batch: the checkpoint and text sample count too
+            self._probe_end = None  # from here on the validations check the plan (the re-plan would span this one)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """After a validation, what it cost (the pass, and the checkpoints and text sample that follow
+        it: ~0.7 s on a 2-core CPU, which counted as training made a short interval's steps look 3x
+        dearer) and a check of the plan against the pace since the last one (``_check``)."""
+        if not self._validating:
             return
+        self._validating = False
+        now = time.perf_counter()
         self._validation_s = now - self._validation_start
         self._validated_s += self._validation_s
-        self._probe_end = None  # from here on the validations check the plan (the re-plan would span this one)
-        if self.planned is None or self._pace is None or step >= self.planned:
+        self._check(trainer, pl_module, trainer.global_step)
+        self._since = (trainer.global_step, time.perf_counter())
+
+    def _check(self, trainer, pl_module, step: int) -> None:
+        """The plan against the pace since the last validation and the time validations really take
+        (the first plan's, from the sanity check, was seen 50 % dear): a run more than ``TOLERANCE``
+        of its steps behind (a machine that slowed down) is planned shorter; one as far ahead (a plan
+        from a slow stretch, dear validations), longer, while a validation is still to come to correct
+        it. A pace over fewer than ``MIN_PACE_STEPS`` steps is too noisy to plan from."""
+        if self.planned is None or self._pace is None or step >= self.planned or self._pace_steps < self.MIN_PACE_STEPS:
             return
         left = self.minutes * 60 * (1 - self.margin) - self.elapsed()
-        more = self.planned - step
-        behind = more * self._pace + math.ceil(more / self.every) * self._validation_s > left
         planned, every = plan(step, self._pace, self._validation_s, left, self.validations)
-        ahead = planned > self.planned * (1 + self.AHEAD) and step + every < planned  # a validation left before its end
+        behind = planned < self.planned * (1 - self.TOLERANCE)
+        ahead = planned > self.planned * (1 + self.TOLERANCE) and step + every < planned  # a validation left
         # rank 0's verdict and plan, so that all processes take it or none
         behind, ahead, planned, every = trainer.strategy.broadcast((behind, ahead, planned, every))
-        if (behind and planned < self.planned) or ahead:
+        if behind or ahead:
             self._take(trainer, pl_module, step, planned, every, self._pace, self._validation_s,
                        "behind the plan" if behind else "ahead of the plan")
-        self._since = (step, time.perf_counter())
 
     def _plan(self, trainer, pl_module, step: int, step_s: float, again: str) -> None:
         batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
