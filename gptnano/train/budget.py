@@ -115,7 +115,8 @@ class TimeBudget(L.Callback):
         self._start: float | None = None  # when the third optimizer step began (after two warm-up steps)
         self._validation_batch_s: float | None = None
         self._probe_end: tuple[int, float] | None = None  # (step, time) of the first plan, for the one re-plan
-        self._since: tuple[int, float] | None = None  # (step, time) the pace is measured from: a plan, a validation
+        self._since: tuple[int, float] | None = None  # (step, time) the pace is measured from: the probe's end, then
+        # the first step after each validation (a re-plan a fifth of the way in keeps the longer stretch)
         self._pace: float | None = None  # seconds a step since then
         self._validation_start = 0.0
         self._validated_s = 0.0  # seconds of validation since training began (left out of the probe's pace)
@@ -221,7 +222,8 @@ class TimeBudget(L.Callback):
         # one plan for every process (each timed its own steps): rank 0's, or the ranks would stop apart
         planned, every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
         self._take(trainer, pl_module, step, planned, every, step_s, validation_s, again)
-        self._since = (step, time.perf_counter())
+        if self._since is None:  # the probe's plan: the pace is measured from here to the first validation
+            self._since = (step, time.perf_counter())
 
     def _take(self, trainer, pl_module, step, planned, every, step_s, validation_s, again: str) -> None:
         self.planned, self.every = planned, every
@@ -230,7 +232,8 @@ class TimeBudget(L.Callback):
             end = self.elapsed() + (planned - step) * step_s + (self.validations - step // every) * validation_s
             lines.say(f"time budget {lines.duration(self.minutes * 60)}" + (f", {again} at step {step:,}" if again else "")
                       + f": {self.planned:,} steps from {step_s:.3g} s a step", f"validations every {self.every:,} "
-                      f"steps ({validation_s:.2g} s each)", f"ending about {lines.duration(end)} after " + ("launch" if self.clock == "launch" else "training began"),
+                      f"steps ({validation_s:.2g} s each)",
+                      f"ending about {lines.duration(end)} after {'launch' if self.clock == 'launch' else 'training began'}",
                       file=sys.stderr)
 
     def _apply(self, trainer, pl_module) -> None:
