@@ -567,3 +567,11 @@ def test_a_path_is_shown_relative_to_the_working_folder_or_by_its_name(tmp_path,
     assert outputs.portable('{"save_dir": "/home/me/x/logs", "name": "a"}') == '{"save_dir": "logs", "name": "a"}'
     kept = "compare/t/logs/gpt-s0.log: 12.3k tok/s, val/loss 1/4 ../data/input.txt"
     assert outputs.portable(kept) == kept
+
+
+def test_the_seed_band_ends_at_every_seed_s_final_validation():
+    """Under a wall-time budget each run plans its own validations, so seeds may validate once more or
+    less: the band is counted from the end, and its last point is the mean of the final losses."""
+    xs, mean, low, high = outputs.band([[(1, 3.0), (2, 2.0), (3, 1.0)], [(1, 3.2), (3, 1.2)]])
+    assert list(xs) == [1.5, 3.0] and list(mean) == pytest.approx([2.6, 1.1])
+    assert list(low) == [2.0, 1.0] and list(high) == [3.2, 1.2]

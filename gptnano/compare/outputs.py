@@ -133,12 +133,14 @@ def write_json(path: Path, report: dict) -> Path:
 def band(curves: list[list[tuple[float, float]]]):
     """Mean x, and mean, min and max loss, over seeds, validation by validation: the i-th
     validation of every seed together (the seeds of an entry validate at the same steps, except
-    under a wall-time budget, where the i-th validation is still at the same share of each run)."""
+    under a wall-time budget, where each run plans its own). Counted from the end, so that the
+    last point is every seed's final validation, the loss the results table gives, where a
+    re-planned seed validated once more or less."""
     import numpy as np
 
     n = min(len(c) for c in curves)
-    xs = np.array([[c[i][0] for i in range(n)] for c in curves]).mean(0)
-    ys = np.array([[c[i][1] for i in range(n)] for c in curves])
+    xs = np.array([[c[len(c) - n + i][0] for i in range(n)] for c in curves]).mean(0)
+    ys = np.array([[c[len(c) - n + i][1] for i in range(n)] for c in curves])
     return xs, ys.mean(0), ys.min(0), ys.max(0)
 
 

@@ -94,7 +94,8 @@ class TimeBudget(L.Callback):
             end-of-run line, a slower stretch).
 
     Raises:
-        UserError: settings it cannot plan with (validation counted in epochs; too few probe steps).
+        UserError: settings it cannot plan with (validation counted in epochs; too few probe steps; a clock
+            other than "launch" or "training").
     """
 
     TOLERANCE = 0.03  # a validation that finds the run this share of its steps off its plan plans it again
