@@ -575,3 +575,12 @@ def test_the_seed_band_ends_at_every_seed_s_final_validation():
     xs, mean, low, high = outputs.band([[(1, 3.0), (2, 2.0), (3, 1.0)], [(1, 3.2), (3, 1.2)]])
     assert list(xs) == [1.5, 3.0] and list(mean) == pytest.approx([2.6, 1.1])
     assert list(low) == [2.0, 1.0] and list(high) == [3.2, 1.2]
+
+
+def test_a_run_s_planned_steps_are_its_time_budget_s_when_it_has_one():
+    """A wall-time run resumed said 'resuming from step 218 of 560', compare's first plan, while the run
+    had planned 436 itself: the steps it plans are read from its checkpoint."""
+    assert stats.planned_steps({"callbacks": {"TimeBudget{'minutes': 0.5}": {"planned": 436, "every": 109},
+                                              "Timer": {}}}, 560) == 436
+    assert stats.planned_steps({"callbacks": {"Timer": {}}}, 560) == 560  # steps, tokens, FLOPs budgets
+    assert stats.planned_steps({"callbacks": {"TimeBudget": {"planned": None}}}, 560) == 560  # before its first plan

@@ -356,9 +356,10 @@ class Comparison:
         if resume:
             from gptnano.checkpoint import read_checkpoint
 
-            step = int(read_checkpoint(last).get("global_step", 0))
+            ckpt = read_checkpoint(last)
+            step = int(ckpt.get("global_step", 0))
             run.record.setdefault("resumed_at", []).append(step)
-            what = f"resuming from step {step} of {run.record['plan']['steps']}"
+            what = f"resuming from step {step} of {stats.planned_steps(ckpt, run.record['plan']['steps'])}"
             if run.failed:  # --retry_failed: from its last checkpoint, written before it failed
                 run.record.setdefault("earlier_failures", []).append(run.record.pop("failure", None))
                 what = f"retrying: {what}"

@@ -63,6 +63,14 @@ def median_of(runs: list[dict], tag: str) -> float | None:
     return median(values) if values else None
 
 
+def planned_steps(ckpt: dict, steps: int) -> int:
+    """The last step a run's checkpoint plans: its TimeBudget's plan (a wall-time run plans its own),
+    else ``steps``, the plan it was launched with."""
+    callbacks = ckpt.get("callbacks") or {}
+    replanned = [state.get("planned") for key, state in callbacks.items() if key.startswith("TimeBudget")]
+    return int(replanned[0]) if replanned and replanned[0] else steps
+
+
 def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
     """A finished run's numbers, or a UserError saying why it is not finished. ``steps`` is the run's
     planned last step, unless its TimeBudget (a wall-time budget) planned it again during the run:
@@ -71,10 +79,8 @@ def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
 
     runs = read_versions(logs)
     ckpt = read_checkpoint(last_ckpt)
-    callbacks = ckpt.get("callbacks") or {}
-    replanned = [state.get("planned") for key, state in callbacks.items() if key.startswith("TimeBudget")]
-    steps = int(replanned[0]) if replanned and replanned[0] else steps
-    timer = callbacks.get("Timer") or {}
+    steps = planned_steps(ckpt, steps)
+    timer = (ckpt.get("callbacks") or {}).get("Timer") or {}
     train_s = float((timer.get("time_elapsed") or {}).get("train", math.nan))
     points = curve(runs, train_s, steps) if runs else []
     final = [v for s, _, v in points if s == steps]
