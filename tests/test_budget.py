@@ -19,6 +19,12 @@ def test_the_plan_fills_the_budget_with_whole_validation_intervals():
     # later in a run only the validations still to come cost time: at step 500 of validations every 166,
     # three are done (166, 332, 498) and one is left, at 664 (counting all four would stop at 620)
     assert budget.plan(500, 0.1, 2.0, 20.0, 4) == (664, 166)
+    # ... and one at ``step`` itself is still to come when the plan is made before it (the probe's)
+    assert budget.plan(500, 0.1, 2.0, 20.0, 4, validated=False) == (664, 166)
+    assert budget.plan(498, 0.1, 2.0, 20.0, 4, validated=False) == (660, 165)  # 498 = 3 x 166: not done yet
+    # a spacing whose next validation would follow a few steps after ``step`` is passed over: at step 145 of
+    # 0.1 s steps with 50 s left, every 151 fits (but validates again at 151, 6 steps on); 145 validates at 290
+    assert budget.plan(145, 0.1, 1.0, 50.0, 4) == (580, 145)
     last, every = budget.plan(30, 0.1, 2.5, -5.0, 4)
     assert last >= 31 and last == 4 * every
     with pytest.raises(UserError, match="TimeBudget needs"):
@@ -42,9 +48,9 @@ def test_a_planned_run_ends_at_its_plan_with_the_schedule_and_validations_on_it(
     monkeypatch.chdir(tmp_path)
     plans, real_plan = [], budget.plan
 
-    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+    def fake_plan(step, step_s, validation_s, seconds_left, validations, validated=True):
         plans.append((step, validations))
-        return real_plan(step, 1.0, 0.0, 40.0 - step, validations)  # a clock where a step takes 1 s
+        return real_plan(step, 1.0, 0.0, 40.0 - step, validations, validated=validated)  # a clock where a step takes 1 s
 
     monkeypatch.setattr(budget, "plan", fake_plan)
     args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
@@ -76,9 +82,9 @@ def test_the_plan_is_made_once_more_from_the_steadier_pace_a_fifth_of_the_way_in
     monkeypatch.chdir(tmp_path)
     plans, real_plan = [], budget.plan
 
-    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+    def fake_plan(step, step_s, validation_s, seconds_left, validations, validated=True):
         plans.append(step)  # first from step 5: 100 steps; then at step 20 the pace says 60
-        return real_plan(step, 1.0, 0.0, (100.0 if len(plans) == 1 else 60.0) - step, validations)
+        return real_plan(step, 1.0, 0.0, (100.0 if len(plans) == 1 else 60.0) - step, validations, validated=validated)
 
     monkeypatch.setattr(budget, "plan", fake_plan)
     args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
@@ -102,11 +108,11 @@ def test_a_run_behind_its_plan_at_a_validation_is_planned_shorter(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     plans, real_plan = [], budget.plan
 
-    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+    def fake_plan(step, step_s, validation_s, seconds_left, validations, validated=True):
         plans.append(step)  # from step 5: 100 steps; at step 20: 60; then the real plan, out of time
         if len(plans) <= 2:
-            return real_plan(step, 1.0, 0.0, (100.0 if len(plans) == 1 else 60.0) - step, validations)
-        return real_plan(step, step_s, validation_s, seconds_left, validations)
+            return real_plan(step, 1.0, 0.0, (100.0 if len(plans) == 1 else 60.0) - step, validations, validated=validated)
+        return real_plan(step, step_s, validation_s, seconds_left, validations, validated=validated)
 
     monkeypatch.setattr(budget, "plan", fake_plan)
     monkeypatch.setattr(budget, "seconds_since_launch", lambda: 10_000.0 if len(plans) >= 2 else 0.0)
@@ -130,7 +136,9 @@ def test_the_training_clock_counts_training_only_and_carries_over_a_resume():
     assert clock.elapsed() == 0.0  # before training: start-up is not counted
     clock.load_state_dict({"planned": None, "every": None, "trained_s": 12.5})  # saved before its first plan
     assert clock.elapsed() == 12.5
-    clock.on_train_start(None, None)
+    from types import SimpleNamespace
+
+    clock.on_train_start(SimpleNamespace(global_step=0), None)
     time.sleep(0.05)
     assert 12.5 + 0.04 < clock.elapsed() < 12.5 + 5
     assert clock.state_dict()["trained_s"] == pytest.approx(clock.elapsed(), abs=0.5)
@@ -152,7 +160,7 @@ def test_a_validation_inside_the_probe_is_not_counted_as_training(tmp_path, monk
             time.sleep(2.0)  # one batch per validation: 2 s, against a few ms per tiny training step
         return real_validation_step(self, *args, **kwargs)
 
-    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+    def fake_plan(step, step_s, validation_s, seconds_left, validations, validated=True):
         paces.append(step_s)
         return 20, 10
 
@@ -179,9 +187,9 @@ def test_a_run_ahead_of_its_plan_at_a_validation_is_planned_longer(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     plans, real_plan = [], budget.plan
 
-    def fake_plan(step, step_s, validation_s, seconds_left, validations):
+    def fake_plan(step, step_s, validation_s, seconds_left, validations, validated=True):
         plans.append(step)  # the probe plans 40 steps; every validation after finds room for 100
-        return real_plan(step, 1.0, 0.0, 40.0 - step, validations) if len(plans) == 1 else (100, 50)
+        return real_plan(step, 1.0, 0.0, 40.0 - step, validations, validated=validated) if len(plans) == 1 else (100, 50)
 
     monkeypatch.setattr(budget, "plan", fake_plan)
     args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--trainer.max_steps", "100000", "--model.optimizer",
@@ -194,3 +202,26 @@ def test_a_run_ahead_of_its_plan_at_a_validation_is_planned_longer(tmp_path, mon
     from gptnano.logs import read_run
 
     assert [s for _, s, _ in read_run(tmp_path / "lightning_logs" / "gpt")["series"]["val/loss"]] == [20, 50, 100]
+
+
+def test_a_run_resumed_before_its_plan_probes_again_from_where_it_goes_on(tmp_path, monkeypatch):
+    """Before: the probe started only at step 2, so a run stopped (Ctrl-C, compare's SIGTERM) before its
+    plan and resumed kept the steps it was launched with and never planned."""
+    from gptnano.cli.lightning import GPTNanoCLI
+
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    plans, real_plan = [], budget.plan
+
+    def fake_plan(step, step_s, validation_s, seconds_left, validations, validated=True):
+        plans.append(step)
+        return real_plan(step, 1.0, 0.0, 40.0 - step, validations, validated=validated)
+
+    monkeypatch.setattr(budget, "plan", fake_plan)
+    args = ["fit", *TINY_GPT, "--data.path", "tiny.txt", "--model.optimizer", "adamw",
+            "--trainer.callbacks+=gptnano.train.budget.TimeBudget", "--trainer.callbacks.probe_steps", "10",
+            "--trainer.callbacks.validations", "2", "--trainer.callbacks.clock", "training"]
+    GPTNanoCLI(args=[*args, "--trainer.max_steps", "5"])  # stopped before its plan
+    assert plans == []
+    cli = GPTNanoCLI(args=[*args, "--trainer.max_steps", "100000", "--ckpt_path", "last"])
+    assert plans[0] == 15 and cli.trainer.global_step == 40  # probed from step 5 + 2 to 5 + 10, then planned

@@ -41,7 +41,8 @@ def time_budget(seconds: float, validations: int) -> dict:
     """The callback every run of a wall-time budget gets: gptnano's TimeBudget on the training clock
     (Timer's "train" time, which the budget counts), so that a run whose pace is not what compare's
     probe predicted (a probe has been seen 35 % off on a shared 2-core CPU) plans itself again from
-    its own steps: at its 30th step, a fifth of the way in, and at a validation that finds it behind.
+    its own steps: at its 30th step, a fifth of the way in, and after a validation that finds it more than
+    3 % behind or ahead.
     Its schedule decays over the steps it plans; the record's plan is the first guess."""
     return {"class_path": "gptnano.train.budget.TimeBudget",
             "init_args": {"minutes": seconds / 60, "validations": validations, "margin": 0.0, "clock": "training"}}
@@ -336,13 +337,14 @@ class Comparison:
                 "--seed_everything", str(run.seed), "--data.seed", str(run.seed),
                 "--trainer.max_steps", str(plan.steps), "--trainer.val_check_interval", str(plan.val_every),
                 "--model.warmup_steps", str(plan.warmup),
-                "--early_stopping.patience", str(plan.validations + 1),  # never stops a run early
+                # never stops a run early (a wall-time run that plans itself again may validate more often)
+                "--early_stopping.patience", str(10 * plan.validations + 1),
                 "--run_name", run.name, "--checkpoint.dirpath", str(self.checkpoints(run)),
                 "--trainer.logger", json.dumps(logger), "--trainer.callbacks+=" + json.dumps(TIMER)]
         if self.budget.machine_dependent:  # the plan is remade inside the run from its own pace (time_budget)
             argv += ["--trainer.callbacks+=" + json.dumps(time_budget(self.budget.amount, plan.validations))]
-        else:  # the learning rate decays over the budget's steps
-            argv += ["--model.lr_decay_steps", str(plan.steps)]
+        # the learning rate decays over the budget's steps, or (null) over those the run plans
+        argv += ["--model.lr_decay_steps", "null" if self.budget.machine_dependent else str(plan.steps)]
         if not p.facts["precision_given"]:  # one choice for every run, made once here
             argv += ["--trainer.precision", p.facts["precision"]]
         if p.facts.get("accelerator"):  # likewise the device (runs.pinned_accelerator)
@@ -562,7 +564,8 @@ class Comparison:
             print(line)
         if self.budget.machine_dependent:
             print("\nSteps of a wall-time budget come from a probe of real steps: these from one just now; "
-                  "each run is probed again just before it starts.")
+                  "each run is probed again just before it starts, and plans its steps again from its own pace "
+                  "while it trains.")
 
     def report(self) -> list[Path]:
         """Write results.md, results.json, results.png (and results_scaling.png over a grid of sizes, or

@@ -38,20 +38,30 @@ def seconds_since_launch() -> float:
         return time.time() - _IMPORTED
 
 
-def plan(step: int, step_s: float, validation_s: float, seconds_left: float, validations: int) -> tuple[int, int]:
+def plan(step: int, step_s: float, validation_s: float, seconds_left: float, validations: int,
+         validated: bool = True) -> tuple[int, int]:
     """The run's last step and the steps between validations: as many steps after ``step`` (the steps
     already taken) as ``seconds_left`` holds at ``step_s`` seconds a step, together with the
-    validations still to come (of ``validation_s`` seconds each; those at or before ``step`` are
-    done), the last step a multiple of ``validations`` (the last validation at the last step).
+    validations still to come (of ``validation_s`` seconds each; those before ``step`` are done, and
+    one at ``step`` too if ``validated``), the last step a multiple of ``validations`` (the last
+    validation at the last step). Right after a validation (``validated``), a spacing whose next
+    validation would come less than half a spacing after ``step`` is passed over: it would cost a
+    whole validation for a few steps.
 
     Returns:
         (planned last step, optimizer steps between validations).
     """
+    step_s = max(step_s, 1e-9)
+
     def cost(every: int) -> float:  # seconds from ``step`` to the end of the run validated every ``every``
-        return (every * validations - step) * step_s + (validations - step // every) * validation_s
+        done = step // every if validated else (step - 1) // every
+        return (every * validations - step) * step_s + (validations - done) * validation_s
+
+    def too_soon(every: int) -> bool:  # right after a validation, the next one within half a spacing
+        return validated and step > 0 and 0 < every - step % every < every / 2
 
     every = max(1, math.floor((step + max(0.0, seconds_left) / step_s) / validations))  # no validation cost yet
-    while every > 1 and every * validations > step and cost(every) > seconds_left:
+    while every > 1 and every * validations > step and (cost(every) > seconds_left or too_soon(every)):
         every -= 1
     if every * validations <= step:  # the budget is spent already: stop at the next validation point
         every = max(1, math.ceil((step + 1) / validations))
@@ -113,11 +123,13 @@ class TimeBudget(L.Callback):
         self.every: int | None = None
         self._trained_before = 0.0  # training clock: seconds trained before this process (a resumed run)
         self._train_start: float | None = None
-        self._start: float | None = None  # when the third optimizer step began (after two warm-up steps)
+        self._first_step = 0  # the step this process started from (a resumed run's is its checkpoint's)
+        self._start: float | None = None  # when the probe began (two warm-up steps after the first)
         self._validation_batch_s: float | None = None
         self._probe_end: tuple[int, float] | None = None  # (step, time) of the first plan, for the one re-plan
-        self._since: tuple[int, float] | None = None  # (step, time) the pace is measured from: the probe's end, then
-        # the first step after each validation (a re-plan a fifth of the way in keeps the longer stretch)
+        # (step, time) the pace is measured from: the probe's end (or a resume), then the first step after each
+        # validation (one inside the probe sets it first); a re-plan a fifth of the way in keeps the longer stretch
+        self._since: tuple[int, float] | None = None
         self._pace: float | None = None  # seconds a step since then
         self._validation_start = 0.0
         self._validated_s = 0.0  # seconds of validation since training began (left out of the probe's pace)
@@ -153,8 +165,10 @@ class TimeBudget(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._train_start = time.perf_counter()
-        if self.planned is not None:  # a resumed run keeps its plan
+        self._first_step = trainer.global_step  # 0, or where a resumed run goes on from
+        if self.planned is not None:  # a resumed run keeps its plan, and its first validation checks it
             self._apply(trainer, pl_module)
+            self._since = (trainer.global_step, time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not update_ended(trainer, batch_idx):
@@ -165,13 +179,15 @@ class TimeBudget(L.Callback):
                                                                    self.probe_steps):
                 first, began = self._probe_end
                 self._probe_end = None
-                self._plan(trainer, pl_module, step, (time.perf_counter() - began) / (step - first), "re-planned")
+                self._plan(trainer, pl_module, step, (time.perf_counter() - began) / (step - first), "re-planned",
+                           validated=False)
             return
-        if step == 2:
+        # the probe: from the third step this process takes (a run resumed before its plan probes again)
+        if step == self._first_step + 2:
             self._start = time.perf_counter() - self._validated_s  # validations from here on are left out below
-        elif step >= self.probe_steps and self._start is not None:
+        elif step >= self._first_step + self.probe_steps and self._start is not None:
             trained = time.perf_counter() - self._start - self._validated_s
-            self._plan(trainer, pl_module, step, trained / (step - 2), "")
+            self._plan(trainer, pl_module, step, trained / (step - self._first_step - 2), "", validated=False)
             self._probe_end = (step, time.perf_counter())
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -216,12 +232,13 @@ class TimeBudget(L.Callback):
             self._take(trainer, pl_module, step, planned, every, self._pace, self._validation_s,
                        "behind the plan" if behind else "ahead of the plan")
 
-    def _plan(self, trainer, pl_module, step: int, step_s: float, again: str) -> None:
+    def _plan(self, trainer, pl_module, step: int, step_s: float, again: str, validated: bool) -> None:
         batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
         validation_s = self._validation_s or (self._validation_batch_s or step_s) * batches
         left = self.minutes * 60 * (1 - self.margin) - self.elapsed()
         # one plan for every process (each timed its own steps): rank 0's, or the ranks would stop apart
-        planned, every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations))
+        planned, every = trainer.strategy.broadcast(plan(step, step_s, validation_s, left, self.validations,
+                                                         validated=validated))
         self._take(trainer, pl_module, step, planned, every, step_s, validation_s, again)
         if self._since is None:  # the probe's plan: the pace is measured from here to the first validation
             self._since = (step, time.perf_counter())
