@@ -41,9 +41,9 @@ def time_budget(seconds: float, validations: int) -> dict:
     """The callback every run of a wall-time budget gets: gptnano's TimeBudget on the training clock
     (Timer's "train" time, which the budget counts), so that a run whose pace is not what compare's
     probe predicted (a probe has been seen 35 % off on a shared 2-core CPU) plans itself again from
-    its own steps: at its 30th step, a fifth of the way in, and after a validation that finds it more than
-    3 % behind or ahead.
-    Its schedule decays over the steps it plans; the record's plan is the first guess."""
+    its own steps: at its 30th step, a fifth of the way in, and after a validation that finds it
+    more than 3 % behind or ahead. Its schedule decays over the steps it plans; the record's plan is
+    the first guess."""
     return {"class_path": "gptnano.train.budget.TimeBudget",
             "init_args": {"minutes": seconds / 60, "validations": validations, "margin": 0.0, "clock": "training"}}
 
