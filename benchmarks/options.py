@@ -37,6 +37,9 @@ SWEEPS = {
     # ... then on the other three architectures: the trapezoid against the cosine.
     "schedule-others": (["configs/rnn.yaml", "configs/backpack.yaml", "configs/cnn.yaml"],
                         ["model.lr_schedule=cosine,wsd"], "600steps"),
+    # The GPT's 20-step warmup (a schedule lever, not GPT-specific) on the other three, against their 100.
+    "warmup-others": (["configs/rnn.yaml", "configs/backpack.yaml", "configs/cnn.yaml"],
+                      ["model.warmup_steps=100,20"], "600steps"),
     # The batch: at these sizes a 2-core CPU's step costs little more at batch 48 than at 24 (single runs: ~1.45x),
     # so a wider batch may buy more in the quick start's ~70 s of training than it costs in steps.
     "batch": (["configs/gpt.yaml"], ["data.batch_size=24,48,64"], "70s"),
