@@ -210,3 +210,24 @@ def test_divergence_in_pure_fp16_names_the_cause(tmp_path, gptnano):
     last = ran.stderr.strip().splitlines()[-1]
     assert ran.returncode == 2 and "Traceback" not in ran.stderr
     assert last.startswith("gptnano: error: training stopped: the ") and "pure fp16 (--trainer.precision 16-true)" in last, last
+
+
+@pytest.mark.parametrize("flag, missing", [("--trainer.logger+=CSVLogger", "trainer.logger.save_dir"),
+                                           ("--trainer.callbacks+=EarlyStopping", "trainer.callbacks.monitor")])
+def test_a_lightning_class_missing_an_argument_is_one_line_naming_the_flag(tmp_path, gptnano, flag, missing):
+    """jsonargparse explains such a value over a dozen lines (why it fits none of the key's types);
+    the CLI says the one that matters, and the flag that fixes it, before any training."""
+    (tmp_path / "tiny.txt").write_text(make_text(), encoding="utf-8")
+    ran = gptnano(["fit", *TINY_GPT, "--data.path", "tiny.txt", flag, "--trainer.max_steps", "2"], tmp_path)
+    error = [line for line in ran.stderr.splitlines() if "error:" in line]
+    assert ran.returncode == 2 and len(error) == 1 and "Subtypes" not in ran.stderr, ran.stderr
+    assert error[0].endswith(f"the following arguments are required: {missing.rsplit('.', 1)[1]} (give --{missing} "
+                             "VALUE after it)"), error[0]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_one_problem_leaves_other_messages_alone():
+    from gptnano.cli.lightning import one_problem
+
+    assert one_problem("unrecognized arguments: --x 2") == "unrecognized arguments: --x 2"
+    assert one_problem('Parser key "a":\n  Expected a <class \'int\'>') == 'Parser key "a":\n  Expected a <class \'int\'>'

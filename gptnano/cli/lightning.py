@@ -12,6 +12,7 @@ when the output is a file; and one-line errors instead of tracebacks for mistake
 """
 
 import os
+import re
 import sys
 import threading
 from argparse import ArgumentError
@@ -52,6 +53,27 @@ class Parser(LightningArgumentParser):
     def print_usage(self, file=None) -> None:
         # The full usage runs to a hundred lines and buries the error under it.
         (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
+
+    def error(self, message: str, ex: Exception | None = None):
+        super().error(one_problem(message), ex)
+
+
+def one_problem(message: str) -> str:
+    """jsonargparse's error for a class a flag names (``--trainer.logger+=CSVLogger``), which lists
+    why the value fits none of the flag's types over a dozen lines, as the one line that matters:
+    what the named class refused, with the flag that supplies a missing argument. Any other
+    message is returned as it is."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    problem = re.search(r"Problem with given class_path '([^']+)':\s*(.+?)(?:\n\s*- |\n\s*Given value|\Z)", message,
+                        re.S)
+    if "\n" not in message or not (key and problem):
+        return message
+    reason = " ".join(problem.group(2).split())
+    required = re.fullmatch(r"the following arguments are required: (.+)", reason)
+    if required:
+        flags = " ".join(f"--{key.group(1)}.{name.strip()} VALUE" for name in required.group(1).split(","))
+        reason += f" (give {flags} after it)"
+    return f"Parser key \"{key.group(1)}\": Problem with given class_path '{problem.group(1)}': {reason}"
 
 
 def _say(text: str) -> None:
