@@ -102,21 +102,26 @@ def test_an_entry_s_later_seeds_are_planned_from_its_first_seed_s_real_pace():
 
     from gptnano.compare.comparison import Comparison
 
-    def run(label, done, train_s=None, slowdown=1.2):
-        record = {"plan": {"predicted_s": 50.0 * slowdown, "steps": 500}, "result": {"train_s": train_s, "steps": 500},
-                  "pace": {"probe": {"step_s": 0.05, "validation_s": 1.0}, "slowdown": slowdown}}
+    def run(label, done, train_s=None, slowdown=1.2):  # planned: 500 steps x 0.09 s + 5 validations x 1 s = 50 s
+        curve = [[100 * i, 10.0 * i, 2.0] for i in range(1, 6)]
+        record = {"plan": {"predicted_s": 50.0 * slowdown, "steps": 500},
+                  "result": {"train_s": train_s, "steps": 500, "curve": curve},
+                  "pace": {"probe": {"step_s": 0.09, "validation_s": 1.0}, "slowdown": slowdown}}
         return SimpleNamespace(point=SimpleNamespace(label=label), done=done, record=record)
 
     point = SimpleNamespace(label="gpt")
     assert Comparison.entry_pace(SimpleNamespace(runs=[run("gpt", False), run("rnn", True, 70.0)]), point) == (None, 1.0)
     probe, ratio = Comparison.entry_pace(SimpleNamespace(runs=[run("gpt", True, 75.0), run("gpt", True, 65.0, 1.0),
                                                                run("rnn", True, 500.0)]), point)
-    assert probe == budgets.Probe(step_s=0.05, validation_s=1.0)
+    assert probe == budgets.Probe(step_s=0.09, validation_s=1.0)
     assert ratio == pytest.approx(75.0 / 50.0)  # the (upper) median, against what the probe alone predicted
-    # A run that planned itself again (TimeBudget) and trained 1000 steps in its 75 s ran at 0.075 s a step
-    # against the probe's 50 s / 500 steps = 0.1: 0.75, whatever its whole time.
+    # A run that planned itself again (TimeBudget) and trained 1000 steps and its 5 validations in 75 s, where
+    # the probe prices those at 1000 x 0.09 + 5 x 1 = 95 s: 75 / 95, whatever its first plan. (Per step against
+    # the first plan, 0.075 / 0.1 = 0.75, its validations' time spread over the first plan's 500 steps.)
     replanned = run("gpt", True, 75.0)
     replanned.record["result"]["steps"] = 1000
+    assert Comparison.entry_pace(SimpleNamespace(runs=[replanned]), point)[1] == pytest.approx(75.0 / 95.0)
+    del replanned.record["result"]["curve"]  # a record without its curve: per step, as before
     assert Comparison.entry_pace(SimpleNamespace(runs=[replanned]), point)[1] == pytest.approx(0.75)
     plan = budgets.fit_to_time(budgets.parse_budget("60s"), probe, tokens_per_step=1536, flops_per_token=5e6,
                                warmup=10, validations=4, slowdown=ratio)
