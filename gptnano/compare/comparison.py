@@ -285,8 +285,8 @@ class Comparison:
         return budgets.Probe(probe.step_s * accumulate, probe.validation_s)
 
     def slowdown(self) -> float:
-        """Real over predicted time per step of the wall-time runs done so far (1 before any): what the
-        probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
+        """The median of real over predicted training time of the wall-time runs done so far
+        (``stats.real_over_predicted``; 1 before any): what the probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
         ratios = [stats.real_over_predicted(r.record) for r in self.runs
                   if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
         return median(ratios) if ratios else 1.0
