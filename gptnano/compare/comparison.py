@@ -286,7 +286,8 @@ class Comparison:
 
     def slowdown(self) -> float:
         """The median of real over predicted training time of the wall-time runs done so far
-        (``stats.real_over_predicted``; 1 before any): what the probe does not see (Lightning's own work per step, checkpoints, a busy machine)."""
+        (``stats.real_over_predicted``; 1 before any): what the probe does not see (Lightning's own
+        work per step, checkpoints, a busy machine)."""
         ratios = [stats.real_over_predicted(r.record) for r in self.runs
                   if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
         return median(ratios) if ratios else 1.0
