@@ -126,6 +126,10 @@ def test_an_entry_s_later_seeds_are_planned_from_its_first_seed_s_real_pace():
     plan = budgets.fit_to_time(budgets.parse_budget("60s"), probe, tokens_per_step=1536, flops_per_token=5e6,
                                warmup=10, validations=4, slowdown=ratio)
     assert plan.predicted_s == pytest.approx(60, rel=0.1)
+    # The correction for a new entry's first run: real over the probe alone, never over a plan that already
+    # carried a correction (a run planned with 1.2 that trained its 60 s took 1.2x what its probe said).
+    assert Comparison.slowdown(SimpleNamespace(runs=[run("rnn", True, 60.0), run("gpt", False)])) == pytest.approx(1.2)
+    assert Comparison.slowdown(SimpleNamespace(runs=[])) == 1.0
 
 
 def test_the_probe_times_real_steps():

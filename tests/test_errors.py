@@ -226,8 +226,37 @@ def test_a_lightning_class_missing_an_argument_is_one_line_naming_the_flag(tmp_p
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_one_problem_leaves_other_messages_alone():
+class _Base:
+    pass
+
+
+class _Needs(_Base):
+    def __init__(self, save_dir: str, threshold: float | None = None):
+        self.save_dir, self.threshold = save_dir, threshold
+
+
+def test_one_problem_condenses_only_a_class_s_one_line_reason():
+    """On jsonargparse's own messages: a missing argument becomes one line; a nested reason (a value
+    of the class's own argument that fits none of its types) and any other message stay whole."""
+    from argparse import ArgumentError
+
+    from jsonargparse import ArgumentParser
+
     from gptnano.cli.lightning import one_problem
 
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--thing", type=_Base | bool | None)
+    name = f"{__name__}._Needs"
+
+    def message(*args: str) -> str:
+        with pytest.raises(ArgumentError) as raised:
+            parser.parse_args(list(args))
+        return str(raised.value)
+
+    missing = message(f"--thing={name}")
+    assert len(missing.splitlines()) > 5
+    assert one_problem(missing) == (f"Parser key \"thing\": Problem with given class_path '{name}': the following "
+                                    "arguments are required: save_dir (give --thing.save_dir VALUE after it)")
+    nested = message(f"--thing={name}", "--thing.save_dir=x", "--thing.threshold=abc")
+    assert "Given value: abc" in nested and one_problem(nested) == nested
     assert one_problem("unrecognized arguments: --x 2") == "unrecognized arguments: --x 2"
-    assert one_problem('Parser key "a":\n  Expected a <class \'int\'>') == 'Parser key "a":\n  Expected a <class \'int\'>'

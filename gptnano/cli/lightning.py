@@ -18,6 +18,7 @@ import threading
 from argparse import ArgumentError
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import yaml
@@ -54,26 +55,28 @@ class Parser(LightningArgumentParser):
         # The full usage runs to a hundred lines and buries the error under it.
         (file or sys.stdout).write(f"usage: {self.prog} [options]\n")
 
-    def error(self, message: str, ex: Exception | None = None):
-        super().error(one_problem(message), ex)
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # Only where the message is printed: jsonargparse's parsers of the classes a flag names are of this
+        # class too (never exiting), and their keys are relative to the flag. Without exits, main() condenses.
+        super().error(one_problem(message) if self.exit_on_error else message, ex)
 
 
 def one_problem(message: str) -> str:
     """jsonargparse's error for a class a flag names (``--trainer.logger+=CSVLogger``), which lists
     why the value fits none of the flag's types over a dozen lines, as the one line that matters:
     what the named class refused, with the flag that supplies a missing argument. Any other
-    message is returned as it is."""
-    key = re.search(r'Parser key "([^"]+)"', message)
+    message, and one whose class's own reason runs over several lines, is returned as it is."""
     problem = re.search(r"Problem with given class_path '([^']+)':\s*(.+?)(?:\n\s*- |\n\s*Given value|\Z)", message,
                         re.S)
-    if "\n" not in message or not (key and problem):
+    keys = [k.group(1) for k in re.finditer(r'Parser key "([^"]+)"', message) if problem and k.start() < problem.start()]
+    if "\n" not in message or not keys or "\n" in problem.group(2).strip():
         return message
-    reason = " ".join(problem.group(2).split())
+    key, reason = keys[-1], problem.group(2).strip()
     required = re.fullmatch(r"the following arguments are required: (.+)", reason)
     if required:
-        flags = " ".join(f"--{key.group(1)}.{name.strip()} VALUE" for name in required.group(1).split(","))
+        flags = " ".join(f"--{key}.{name.strip()} VALUE" for name in required.group(1).split(","))
         reason += f" (give {flags} after it)"
-    return f"Parser key \"{key.group(1)}\": Problem with given class_path '{problem.group(1)}': {reason}"
+    return f"Parser key \"{key}\": Problem with given class_path '{problem.group(1)}': {reason}"
 
 
 def _say(text: str) -> None:
@@ -442,7 +445,7 @@ def run(argv: list[str], verbose: bool = False, exits: bool = True) -> GPTNanoCL
     except SIGTERMException:
         stopped()
     except ArgumentError as e:  # only without exits: jsonargparse exits by itself otherwise
-        raise UserError(" ".join(part.strip() for part in str(e).splitlines())) from None
+        raise UserError(" ".join(part.strip() for part in one_problem(str(e)).splitlines())) from None
     except SystemExit as e:
         if exits or e.code in (0, None):
             raise

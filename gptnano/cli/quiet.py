@@ -33,6 +33,8 @@ WARNINGS = {  # regular expression matching the start of the message -> why it i
 MESSAGES = {  # start of a Lightning info line -> why it is hidden
     "💡 Tip:": "advertisements for Lightning's cloud services",
     "TPU available: False": "no TPU, nothing to decide",
+    "Trainer already configured with model summary callbacks":
+        "the ModelSummary is gptnano's own (its table without the empty FLOPs column), or the user's",
     "`Trainer.fit` stopped:": "gptnano's own end-of-run line (gptnano/train/report.py) says why, and where the "
                               "checkpoints are",
     "Time limit reached.": "the end-of-run line says so (max_time)",

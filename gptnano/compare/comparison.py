@@ -285,9 +285,9 @@ class Comparison:
         return budgets.Probe(probe.step_s * accumulate, probe.validation_s)
 
     def slowdown(self) -> float:
-        """The median of real over predicted training time of the wall-time runs done so far
-        (``stats.real_over_predicted``; 1 before any): what the probe does not see (Lightning's own
-        work per step, checkpoints, a busy machine)."""
+        """The median of real training time over what the probe alone predicted, of the wall-time
+        runs done so far (``stats.real_over_predicted``; 1 before any): what the probe does not see
+        (Lightning's own work per step, checkpoints, a busy machine)."""
         ratios = [stats.real_over_predicted(r.record) for r in self.runs
                   if r.done and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
         return median(ratios) if ratios else 1.0
@@ -303,8 +303,7 @@ class Comparison:
                 and r.record["plan"].get("predicted_s") and math.isfinite(r.record["result"]["train_s"])]
         if not done:
             return None, 1.0
-        # real time over what the probe alone predicted (the plan's prediction carries the slowdown it used)
-        ratio = median([stats.real_over_predicted(d) * d["pace"]["slowdown"] for d in done])
+        ratio = median([stats.real_over_predicted(d) for d in done])  # real over what the probe alone predicts
         return budgets.Probe(**done[0]["pace"]["probe"]), ratio
 
     # ----- records ---------------------------------------------------------------------

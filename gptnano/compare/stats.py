@@ -95,18 +95,18 @@ def read_result(logs: Path, last_ckpt: Path, steps: int) -> dict:
 
 
 def real_over_predicted(record: dict) -> float:
-    """A finished wall-time run's real training time over what its probe predicts for the steps and
-    validations the run really made. The run plans its steps again from its own pace (TimeBudget),
-    so its whole time against compare's first plan says nothing of the probe's error; the same
-    steps and validations priced at the probe's rates do. A record without its probe or its curve
-    is compared per step with its plan's prediction."""
+    """A finished wall-time run's real training time over what its probe alone (no slowdown
+    correction) prices the steps and validations the run really made at. The run plans its steps
+    again from its own pace (TimeBudget), so its whole time against compare's first plan says
+    nothing of the probe's error; the same steps and validations at the probe's rates do. A record
+    without its probe or its curve is compared per step with its plan's prediction."""
     plan, result = record["plan"], record["result"]
-    steps, pace = result.get("steps", plan["steps"]), record.get("pace")
+    steps, pace = result.get("steps", plan["steps"]), record.get("pace") or {}
     if pace and result.get("curve"):
         probe = pace["probe"]
-        predicted = (steps * probe["step_s"] + len(result["curve"]) * probe["validation_s"]) * pace["slowdown"]
-        return result["train_s"] / predicted
-    return (result["train_s"] / steps) / (plan["predicted_s"] / plan["steps"])
+        return result["train_s"] / (steps * probe["step_s"] + len(result["curve"]) * probe["validation_s"])
+    # the plan's prediction carries the slowdown it used: taken out, to compare with the probe alone
+    return (result["train_s"] / steps) / (plan["predicted_s"] / plan["steps"]) * pace.get("slowdown", 1.0)
 
 
 # ----- over seeds ------------------------------------------------------------------------
