@@ -115,6 +115,28 @@ def test_resume_is_bit_exact_across_epochs(accumulate, stop, end, tmp_path):
     _assert_equal_state(a, b)
 
 
+def test_a_run_ended_by_max_epochs_resumes_whole_epochs(tmp_path):
+    """Epochs of 7 batches (--trainer.limit_train_batches) validated every 5 steps, so the first epoch
+    ends on no validation: ended by max_epochs 1, then resumed with max_epochs 2, the run trains the
+    whole second epoch as an unbroken 2-epoch run does. Before, last.ckpt came only from the end of
+    training, which Lightning resumed as an epoch with its batches done: the second epoch got 1 step."""
+    from tests.helpers import make_text
+
+    common = ["fit", *TINY_GPT, "--data.path", "short.txt", "--model.lr_decay_steps", "14",
+              "--trainer.limit_train_batches", "7", "--trainer.val_check_interval", "5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for folder in (straight, split):
+        folder.mkdir()
+        (folder / "short.txt").write_text(make_text(3000), encoding="utf-8")
+    run_cli([*common, "--trainer.max_epochs", "2"], straight)
+    run_cli([*common, "--trainer.max_epochs", "1"], split)
+    assert _state(split / "checkpoints" / "gpt" / "last.ckpt")["global_step"] == 7
+    run_cli([*common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], split)
+    a, b = (_state(d / "checkpoints" / "gpt" / "last.ckpt") for d in (straight, split))
+    assert a["global_step"] == b["global_step"] == 14
+    _assert_equal_state(a, b)
+
+
 def test_a_resumed_run_keeps_its_arithmetic(text_file, tmp_path):
     """Started where bf16 was slow (fp32, fp32 Newton-Schulz), resumed where the probe says it
     is fast: the run goes on in the arithmetic it started with (resume stays bit-exact)."""

@@ -158,7 +158,12 @@ class Checkpoint(ModelCheckpoint):
             STOP.set("SIGINT")  # on every process (one that saw no signal itself exits as after Ctrl-C)
             request_stop(trainer)  # Lightning's loop ends after this step, then on_exception saves
             return
-        if (self.save_last and not validation_follows(trainer, batch_idx) and self._refresh_due(trainer)
+        # An epoch's last step is saved here too when no validation follows it: Lightning's restart logic
+        # resumes a checkpoint of this point as the next epoch's start. Saved only at on_train_end (the
+        # epoch counted complete, its batches still counted done), a resume with more max_epochs ran
+        # the next epoch for a single batch.
+        epoch_end = batch_idx + 1 >= trainer.num_training_batches
+        if (self.save_last and not validation_follows(trainer, batch_idx) and (epoch_end or self._refresh_due(trainer))
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
